@@ -1,0 +1,86 @@
+"""Run configuration: presets, coercion by annotation, dotted overrides, and readable errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ft_desk.trainer.config import ConfigError, RunConfig, config_from_dict, describe_fields
+from ft_desk.trainer.presets import available_presets, load_config, read_preset, save_preset
+
+
+@pytest.mark.parametrize("name", sorted(available_presets()))
+def test_every_shipped_preset_loads_and_opens_with_what_it_is_for(name):
+    path = available_presets()[name]
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith(f"# {name}:"), f"{path} must open with '# {name}: what it is for'"
+    cfg = load_config([name])
+    assert isinstance(cfg, RunConfig)
+    assert config_from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_strategy_presets_cover_the_four_kinds_of_fine_tuning():
+    assert load_config(["qlora"]).train.method == "qlora"
+    assert load_config(["qlora"]).quant.quant_type == "nf4" and load_config(["qlora"]).quant.double_quant
+    assert load_config(["qlora"]).lora.target_modules == ("all-linear",)
+    assert load_config(["lora"]).train.method == "lora"
+    assert load_config(["full"]).train.method == "full"
+    instruction = load_config(["instruction"])
+    assert instruction.data.chat_template == "model" and instruction.data.train_on == "assistant"
+    few = load_config(["few-shot"])
+    assert few.eval.early_stop_patience > 0 and few.train.epochs > load_config(["qlora"]).train.epochs
+
+
+def test_yaml_exponent_floats_are_coerced_by_annotation(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  lr: 1e-5\ntrain:\n  epochs: 3\n", encoding="utf-8")
+    assert read_preset(path)["optim"]["lr"] == "1e-5"  # PyYAML's YAML 1.1 reading: a string
+    cfg = load_config([str(path)])
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 3.0
+
+
+def test_dotted_overrides_win_and_are_typed():
+    cfg = load_config(["demo"], ["lora.r=32", "train.gradient_checkpointing=yes",
+                                 "lora.target_modules=q_proj,v_proj", "optim.betas=[0.9, 0.95]"])
+    assert cfg.lora.r == 32
+    assert cfg.train.gradient_checkpointing is True
+    assert cfg.lora.target_modules == ("q_proj", "v_proj")
+    assert cfg.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.r=x", "lora.r must be an int, got 'x'"),
+    ("lora.r=0", "lora.r must be a positive int, got 0"),
+    ("train.method=dpo", "train.method must be one of 'qlora', 'lora', 'full', got 'dpo'"),
+    ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+    ("lora.rank=8", "unknown key lora.rank; allowed in lora: r, alpha, dropout, target_modules, use_dora"),
+    ("loraa.r=8", "unknown section 'loraa'"),
+    ("lora.r", "--set takes section.key=value"),
+])
+def test_bad_values_name_the_dotted_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(["demo"], [override])
+    assert message in str(info.value)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="no preset named 'nope'; available: .*qlora"):
+        load_config(["nope"])
+
+
+def test_saved_preset_round_trips_and_never_overwrites(session_home):
+    cfg = load_config(["qlora"], ["lora.r=8"])
+    path = save_preset(cfg, "my-recipe", note="my-recipe: r=8 for my laptop")
+    assert load_config(["my-recipe"]) == cfg
+    with pytest.raises(ConfigError, match="already exists"):
+        save_preset(cfg, "my-recipe")
+    path.unlink()
+
+
+def test_every_field_has_help_text():
+    help_ = describe_fields()
+    for section, cls in RunConfig.__dataclass_fields__.items():
+        for key in cls.default_factory().__dataclass_fields__:  # type: ignore[misc]
+            assert help_.get(f"{section}.{key}"), f"{section}.{key} has no docstring"
