@@ -95,7 +95,9 @@ def _check(args) -> int:
         return EXIT_BAD_INPUT
     ok = report.ok(cfg.data.skip_bad_rows)
     if args.json:
-        print(json.dumps({"ok": ok, "model": cfg.model.name, **report.to_dict()}, ensure_ascii=False))
+        # "hint" mirrors the failure form ({"ok", "error", "where", "hint"}) so a reader handles both alike.
+        out = {"ok": ok, "model": cfg.model.name, **report.to_dict(), "hint": report.error_hint}
+        print(json.dumps(out, ensure_ascii=False))
     else:
         colour = sys.stdout.isatty()
         print(format_report(report, cfg.model.name, cfg.data.skip_bad_rows, colour))

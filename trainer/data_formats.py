@@ -477,9 +477,8 @@ def scan_file(path: Path, fmt: str = "auto") -> ScanResult:
                     raise _unknown_format(row, where)
             elif isinstance(row, dict) and fmt == "auto":
                 mine = detect_row_format(row)
-                if mine is None:
-                    raise _unknown_format(row, where)
-                if mine != chosen:
+                # A row matching no format is read as the file's format, so it fails naming the missing field.
+                if mine is not None and mine != chosen:
                     raise RowError(
                         where,
                         f"the row is in {mine} format but the file is in {chosen} format "
