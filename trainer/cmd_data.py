@@ -14,10 +14,11 @@ import json
 import math
 import sys
 
+from .data_formats import FORMATS
 from .errors import DataError, ModelError, UserError
 from .events import EXIT_BAD_INPUT, EXIT_OK
 
-FORMAT_CHOICES = ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
+FORMAT_CHOICES = ("auto",) + FORMATS
 BAR_WIDTH = 40
 
 
@@ -127,17 +128,27 @@ def _sample_text(segments, colour: bool) -> str:
     return "".join(out)
 
 
-def _locations(items) -> str:
-    shown = [i if isinstance(i, str) else f"{i['where']} (= {i['same_as']})" for i in items]
-    return ", ".join(shown)
+def _locations(report, items, count: int) -> str:
+    """`at 12, 40 (= 3), ...`: locations inside the checked file shown by line (or #index) only."""
+
+    def short(where: str) -> str:
+        prefix = f"{report.path}:"
+        return where[len(prefix):] if where.startswith(prefix) else where
+
+    shown = [short(i) if isinstance(i, str) else f"{short(i['where'])} (= {short(i['same_as'])})" for i in items]
+    more = ", ..." if count > len(shown) else ""
+    return "at " + ", ".join(shown) + more
 
 
 def format_report(report, model: str, skip_bad_rows: bool, colour: bool = False) -> str:
     """The human-readable report."""
     lines = [f"{report.path}: {report.format} format, {report.rows} rows, {report.usable_rows} usable"]
     if report.rendering:
-        rendering = "the model's chat template" if report.rendering == "chat_template" else "plain text"
-        target = "assistant replies only" if report.train_on == "assistant" else "every token"
+        if report.format == "text":
+            rendering, target = "raw text + EOS", "every token"
+        else:
+            rendering = "the model's chat template" if report.rendering == "chat_template" else "plain text"
+            target = "assistant replies only" if report.train_on == "assistant" else "every token"
         lines.append(f"model {model}: rendered with {rendering}; loss on {target}; max length {report.max_length}")
     if report.token_stats:
         s = report.token_stats
@@ -148,15 +159,15 @@ def format_report(report, model: str, skip_bad_rows: bool, colour: bool = False)
         lines += _histogram_lines(report)
     if report.rendering:
         lines.append(f"truncated rows: {report.truncated}" + (
-            f" (e.g. {_locations(report.truncated_where)})" if report.truncated else ""))
+            f" ({_locations(report, report.truncated_where, report.truncated)})" if report.truncated else ""))
     if report.no_target:
         lines.append(f"rows with no reply within max length (dropped in training): {report.no_target}"
-                     f" (e.g. {_locations(report.no_target_where)})")
+                     f" ({_locations(report, report.no_target_where, report.no_target)})")
     action = "dropped in training" if report.dedupe else "kept: data.dedupe is off"
     lines.append(f"duplicates: {report.duplicates}" + (
-        f" ({action}; e.g. {_locations(report.duplicates_where)})" if report.duplicates else ""))
+        f" ({action}; {_locations(report, report.duplicates_where, report.duplicates)})" if report.duplicates else ""))
     lines.append(f"empty turns: {report.empty_turns}" + (
-        f" (e.g. {_locations(report.empty_turns_where)})" if report.empty_turns else ""))
+        f" ({_locations(report, report.empty_turns_where, report.empty_turns)})" if report.empty_turns else ""))
     lines.append(f"broken rows: {report.broken_count}" + (
         " (" + ", ".join(f"{k}: {n}" for k, n in sorted(report.broken_by_reason.items())) + ")"
         if report.broken_count else ""))

@@ -138,6 +138,6 @@ def test_cli_human_report_lists_broken_rows(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert code == 2
     assert f"{messy}:6: broken JSON" in out and f"{messy}:7: the conversation has no assistant turn" in out
-    assert "duplicates: 1" in out and f"{messy}:3 (= {messy}:1)" in out
+    assert "duplicates: 1 (dropped in training; at 3 (= 1))" in out and "empty turns: 1 (at 4)" in out
     assert ">64 |" in out and "truncated rows: 1" in out
     assert "not usable as is" in out

@@ -211,6 +211,8 @@ def test_skip_bad_rows_counts_by_reason(tmp_path):
         ("broken.json", b'[\n {"text": "a"},\n {"text": }\n]', ":3", "broken JSON"),
         ("rows.txt", b"hello\n", "", "unsupported file type '.txt'"),
         ("many.json", b'{"a": [], "b": []}', "", "one key holding that list"),
+        ("header.csv", b"prompt,completion\n", "", "the file is empty"),
+        ("junk.parquet", b"not parquet at all", "", "not a readable Parquet file"),
     ],
 )
 def test_file_level_problems(tmp_path, name, content, where_suffix, reason):
@@ -228,6 +230,17 @@ def test_wrong_encoding_says_how_to_convert(tmp_path):
     with pytest.raises(DataError) as info:
         load_examples(path)
     assert "iconv" in info.value.hint and "UTF-8" in info.value.hint
+
+
+def test_windows_line_endings(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b'{"text": "one"}\r\n{"text": "two"}\r\n')
+    examples, _, _ = load_examples(path)
+    assert [e.text for e in examples] == ["one", "two"]
+    csv_path = tmp_path / "crlf.csv"
+    csv_path.write_bytes(b"prompt,completion\r\nQ1,A1\r\nQ2,\r\n")
+    with pytest.raises(DataError, match=r"crlf\.csv:3: 'completion' is empty"):
+        load_examples(csv_path)
 
 
 def test_utf8_bom_is_accepted(tmp_path):
