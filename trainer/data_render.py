@@ -97,10 +97,6 @@ class Renderer:
         self.source = source
         self.eos = _eos_text(tokenizer, source)
 
-    @property
-    def description(self) -> str:
-        return "the model's chat template" if self.use_template else "plain text (turns joined, EOS after replies)"
-
     @classmethod
     def for_data(cls, tokenizer, mode: str, train_on: str, examples: list[Example], source: str) -> "Renderer":
         """Choose how conversations are rendered (data.chat_template auto|model|none) and check the data fits."""
