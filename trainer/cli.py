@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ft_desk.trainer.cmd_train", "fine-tune a model (QLoRA by default); --resume RUN_DIR continues a run"),
     "runs": ("ft_desk.trainer.cmd_runs", "list runs and their status"),
     "data": ("ft_desk.trainer.cmd_data", "check a data file: format, token lengths, duplicates, broken rows"),
+    "models": ("ft_desk.trainer.cmd_models", "search, inspect, download, list and remove base models (Hub + local cache)"),
 }
 
 
