@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -131,8 +132,8 @@ def _search(args) -> int:
     for m in result["models"]:
         fit = (m.get("fit") or {}).get("verdict") or ""
         flags = " ".join(f for f, on in (("curated", m.get("curated")), ("cached", m.get("cached"))) if on)
-        rows.append([m["id"], _params(m.get("params")), format_bytes(m.get("size_bytes")) if m.get("size_bytes")
-                     else "?", m.get("license") or "?", "gated" if m.get("gated") else "", _date(m.get("last_modified")),
+        size = ("~" if m.get("size_estimated") else "") + format_bytes(m["size_bytes"]) if m.get("size_bytes") else "?"
+        rows.append([m["id"], _params(m.get("params")), size, m.get("license") or "?", "gated" if m.get("gated") else "", _date(m.get("last_modified")),
                      fit, flags])
     if not rows:
         print("no text-generation models found" + (f" for {args.query!r}" if args.query else ""))
@@ -143,12 +144,13 @@ def _search(args) -> int:
 
 
 def _list(args) -> int:
-    from .hub_cache import cached_models, hf_cache_dir
+    from .hub_cache import cached_models, hf_cache_dir, partial_download_bytes
 
     models = cached_models()
+    partial = partial_download_bytes()
     if args.json:
         _print_json({"cache_dir": str(hf_cache_dir()), "total_bytes": sum(m.size_bytes for m in models),
-                     "models": [m.to_dict() for m in models]})
+                     "partial_download_bytes": partial, "models": [m.to_dict() for m in models]})
         return 0
     if not models:
         print(f"no models in the Hugging Face cache ({hf_cache_dir()})")
@@ -164,6 +166,8 @@ def _list(args) -> int:
                          r.commit[:12], ",".join(r.refs), _date(r.last_modified), status])
     print(_table(rows, ["MODEL", "SIZE", "COMMIT", "REFS", "MODIFIED", "STATUS"]))
     print(f"\n{len(models)} model(s), {format_bytes(sum(m.size_bytes for m in models))} in {hf_cache_dir()}")
+    if partial:
+        print(f"{format_bytes(partial)} of unfinished downloads are left in the cache (`hf cache prune` cleans them)")
     return 0
 
 
@@ -252,11 +256,18 @@ class DownloadBar:
         self._write("")
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _download(args) -> int:
     from .hub_download import download_model
 
     jsonl = args.json or args.events == "jsonl"
     sink = JsonlSink(sys.stdout) if jsonl else DownloadBar()
+    # The TUI cancels a download with SIGTERM: turn it into KeyboardInterrupt so huggingface_hub removes its
+    # partial file instead of leaving it in the cache.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         result = download_model(args.model_id, args.revision, allow_pickle=args.allow_pickle,
                                 trust_remote_code=args.trust_remote_code, sink=sink,
@@ -264,9 +275,16 @@ def _download(args) -> int:
     except UserError as err:
         if jsonl:
             sink.emit(make_event("download_failed", repo_id=args.model_id, error=redact(err.message),
-                                 hint=redact(err.hint)))
+                                 hint=redact(err.hint), cancelled=False))
+        raise
+    except KeyboardInterrupt:
+        if jsonl:
+            sink.emit(make_event("download_failed", repo_id=args.model_id, error="download cancelled",
+                                 hint="run the same command again to continue with the files still missing",
+                                 cancelled=True))
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sink.close()
     if jsonl:
         return 0

@@ -121,6 +121,14 @@ def cached_models(check: bool = True) -> list[CachedModel]:
     return sorted(out, key=lambda m: (-m.size_bytes, m.repo_id))
 
 
+def partial_download_bytes() -> int:
+    """Bytes of unfinished downloads (huggingface_hub's *.incomplete files) left in the cache by killed processes."""
+    root = hf_cache_dir()
+    if not root.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in root.glob("models--*/blobs/*.incomplete") if f.is_file())
+
+
 def cached_ids() -> set[str]:
     """Ids of models with at least one snapshot in the cache (cheap: folder names only)."""
     root = hf_cache_dir()

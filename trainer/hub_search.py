@@ -49,7 +49,9 @@ class CatalogEntry:
     note: str
 
     def row(self) -> dict[str, Any]:
-        return {"id": self.id, "params": self.params, "size_bytes": None, "license": self.license,
+        # Until the Hub or the cache says better: bf16 weights, 2 bytes per nominal parameter.
+        return {"id": self.id, "params": self.params, "size_bytes": self.params * 2, "size_estimated": True,
+                "license": self.license,
                 "gated": self.gated, "last_modified": None, "downloads": None, "likes": None, "curated": True,
                 "family": self.family, "chat_template": self.chat_template,
                 "lora_target_modules": list(self.lora_target_modules), "max_length": self.max_length,
@@ -271,6 +273,7 @@ def search_models(query: str | None = None, sort: str = "downloads", limit: int 
             for key in ("params", "size_bytes", "last_modified", "downloads", "likes", "weights"):
                 if live.get(row["id"], {}).get(key) is not None:
                     row[key] = live[row["id"]][key]
+                    row["size_estimated"] = row["size_estimated"] and key != "size_bytes"
         rows = curated_rows + [r for r in hub_rows if r["id"] not in curated_ids]
         source = "curated+hub"
     for row in rows:

@@ -11,7 +11,8 @@ Misses are 404s with X-Error-Code EntryNotFound (+ X-Repo-Commit), RevisionNotFo
 answers 401 (no token) or 403 (a token without access) with X-Error-Code GatedRepo on file downloads.
 
 Every request is recorded (method, path, headers) so tests can assert what was - or was not - asked. `cut_once`
-makes the first GET of a file send half its bytes and drop the connection, to exercise resume with Range.
+makes the first GET of a file send half its bytes and drop the connection, to exercise resume with Range;
+`slow` trickles a file out, so a test can cancel a download half-way.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class FakeHub:
         self.requests: list[Request] = []
         self.page_size = page_size
         self.cut_once: set[tuple[str, str]] = set()
+        self.slow: dict[tuple[str, str], float] = {}  # (repo, path) -> seconds to wait between 16 KB pieces
         self.connections: set = set()  # open client sockets (keep-alive), closed by stop()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -360,7 +362,27 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "GET" and status == 200 and key in self.fake.cut_once:
             self.fake.cut_once.discard(key)
             return self._cut(body, headers)
+        if self.command == "GET" and key in self.fake.slow:
+            return self._trickle(status, body, headers, self.fake.slow[key])
         self._send(status, body, headers, content_type="application/octet-stream")
+
+    def _trickle(self, status: int, body: bytes, headers: dict[str, str], pause: float) -> None:
+        """Send a file slowly (a slow link), so a test can interrupt the transfer half-way."""
+        import time
+
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for start in range(0, len(body), 16 * 1024):
+                self.wfile.write(body[start:start + 16 * 1024])
+                self.wfile.flush()
+                time.sleep(pause)
+        except OSError:  # the client went away
+            self.close_connection = True
 
     def _cut(self, body: bytes, headers: dict[str, str]) -> None:
         """Promise the whole file, send half, and drop the connection (a network cut mid-transfer)."""

@@ -180,3 +180,33 @@ def test_list_and_remove_cached_models(hub, cli, monkeypatch):
     assert code == 0 and json.loads(out)["freed_bytes"] > 500_000
     assert json.loads(cli("models", "list", "--json")[1])["models"] == []
     assert cli("models", "rm", "acme/tiny-sharded", "--yes")[0] == 2  # nothing left to remove
+
+
+def test_cancelled_download_leaves_no_partial_file_and_continues_later(hub, cli):
+    import signal
+    import subprocess
+    import sys
+
+    hub.server.slow[("acme/tiny-sharded", "model-00001-of-00002.safetensors")] = 0.05
+    child = subprocess.Popen([sys.executable, "-m", "ft_desk.trainer.cli", "models", "download", "acme/tiny-sharded",
+                              "--json"], env=hub.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:  # cancel (as the TUI does) once the slow shard is half-way through
+        event = json.loads(line)
+        if event["type"] == "download_progress" and event["file"] == "model-00001-of-00002.safetensors" \
+                and event["bytes_done"] > event["bytes_total"] // 2:
+            child.send_signal(signal.SIGTERM)
+            break
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    failed = json.loads(out.splitlines()[-1])
+    assert failed["type"] == "download_failed" and failed["cancelled"] is True
+    assert not list(hub.cache.rglob("*.incomplete"))  # huggingface_hub cleaned up its partial file
+    with pytest.raises(ModelError):
+        resolve_model_dir(ModelConfig(name="acme/tiny-sharded"))
+
+    del hub.server.slow[("acme/tiny-sharded", "model-00001-of-00002.safetensors")]
+    before = hub.server.count()
+    code, out, _ = cli("models", "download", "acme/tiny-sharded", "--json")
+    assert code == 0 and resolve_model_dir(ModelConfig(name="acme/tiny-sharded")).is_dir()
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hub.server.requests[before:] if r.method == "GET" and "/resolve/" in r.path}
+    assert "model-00001-of-00002.safetensors" in fetched and "tokenizer.json" not in fetched  # finished files kept
