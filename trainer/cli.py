@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ft_desk.trainer.cmd_train", "run the demo: a tiny local model fine-tuned on bundled data, offline"),
     "train": ("ft_desk.trainer.cmd_train", "fine-tune a model (QLoRA by default); --resume RUN_DIR continues a run"),
     "runs": ("ft_desk.trainer.cmd_runs", "list runs and their status"),
+    "chat": ("ft_desk.trainer.cmd_chat", "chat with a trained model (adapter on, or off with /base) in the terminal"),
     "data": ("ft_desk.trainer.cmd_data", "check a data file: format, token lengths, duplicates, broken rows"),
     "models": ("ft_desk.trainer.cmd_models", "search, inspect, download, list and remove base models (Hub + local cache)"),
 }

@@ -1,0 +1,238 @@
+"""Fidelity verification: does the exported model behave like the model the run trained?
+
+1. The reference is the trained model exactly as evaluation sees it (`load_trained`: the adapter on the 4-bit
+   base for QLoRA). It scores a few validation rows; the full next-token log-probabilities go to disk, one file per
+   row, and it generates greedily from up to three held-out prompts, stopping at EOS or the turn-end token.
+2. The export is reloaded in a child process by reload_check.py, which uses only transformers / peft / gguf (no
+   ft-desk code), scores the same token ids and generates from the same prompts with its own saved stop settings.
+3. The numbers: mean KL(reference || export) of next-token distributions, the validation loss delta, top-1
+   agreement, greedy agreement, whether generation stops at the turn-end token, and whether the export's own
+   tokenizer reproduces the token ids.
+
+Only one model is in memory at a time in each process; the log-probs on disk are bounded by
+`VERIFY_LOGPROB_BYTES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from .source import RunSource, read_val_rows
+
+# Note: validation rows scored, and the token cap per row. A few hundred tokens already measure KL well; more
+# only costs time.
+VERIFY_ROWS = 8
+VERIFY_MAX_TOKENS_PER_ROW = 256
+# Note: the reference log-probs are stored in fp32 (KL at 1e-6 needs it); this caps their total size on disk,
+# which for a 150k vocabulary is about 880 tokens.
+VERIFY_LOGPROB_BYTES = 512 * 1024 * 1024
+GENERATION_PROMPTS = 3
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass marks for one comparison."""
+
+    mean_kl: float
+    loss_delta: float
+
+
+# Why these numbers (mean KL in nats per token, loss delta in nats):
+# - An export that stores the exact training-time weights (the adapter itself) can differ only by float
+#   summation order: KL ~1e-9, so 1e-5 leaves four orders of margin and still catches a wrong scale or layer.
+# - A bf16/fp16 merge rounds every weight once (relative error <= 2^-9 for bf16, 2^-11 for fp16). Measured on the
+#   test models: KL 1e-7..1e-5. A real model with sharper distributions lands near 1e-4. 1e-3 is 10x above that
+#   and still 10-100x below what a wrong merge costs (merging into the 16-bit original instead of the NF4 weights
+#   the adapter learned against measures 1e-2..1e-1, a missing adapter far more).
+# - GGUF q8_0 adds about as much as bf16; q5_0 / q4_0 are lossy by design, so they are held to loose marks
+#   that still catch a broken file (wrong tensor layout or tokenizer gives KL > 1).
+THRESHOLDS = {
+    "exact": Thresholds(mean_kl=1e-5, loss_delta=1e-3),
+    "bf16": Thresholds(mean_kl=1e-3, loss_delta=2e-2),
+    "fp16": Thresholds(mean_kl=1e-3, loss_delta=2e-2),
+    "f16": Thresholds(mean_kl=1e-3, loss_delta=2e-2),
+    "q8_0": Thresholds(mean_kl=2e-3, loss_delta=3e-2),
+    "q5_0": Thresholds(mean_kl=5e-2, loss_delta=0.15),
+    "q4_0": Thresholds(mean_kl=0.1, loss_delta=0.3),
+}
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Reference:
+    folder: Path
+    data: dict[str, Any]
+    device: str
+    stop_ids: list[int]
+    turn_end_ids: list[int]
+
+
+def _device(source: RunSource) -> str:
+    from ft_desk.quant.device import resolve_device
+
+    try:
+        return resolve_device(source.cfg.train.device)
+    except UserError:
+        return resolve_device("auto")
+
+
+def build_reference(source: RunSource, folder: Path, note: Progress | None = None) -> Reference:
+    """Score validation rows and generate from held-out prompts with the model as trained; save to folder."""
+    import torch  # heavy imports
+    from safetensors.torch import save_file
+
+    from ..model import load_trained
+    from .chat import stop_token_ids, turn_end_tokens, verify_examples
+
+    folder.mkdir(parents=True, exist_ok=True)
+    device = _device(source)
+    if note:
+        note("loading the trained model (reference)")
+    model, tokenizer, cfg = load_trained(source.run_dir, source.checkpoint, device=device)
+    rows = read_val_rows(source, VERIFY_ROWS)
+    examples = verify_examples(rows, tokenizer, VERIFY_MAX_TOKENS_PER_ROW)
+    if not examples:
+        raise UserError(f"run {source.run_name} has no usable validation rows in data/val.jsonl to verify against",
+                        hint="pass --no-verify to export without the fidelity check")
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    budget = max(64, VERIFY_LOGPROB_BYTES // (4 * vocab))
+    stops = stop_token_ids(tokenizer)
+    turn_end = [tokenizer.convert_tokens_to_ids(t) for t in turn_end_tokens(tokenizer)]
+    batches = []
+    used = 0
+    nll = 0.0
+    with torch.no_grad():
+        for i, ex in enumerate(examples):
+            if used >= budget:
+                break
+            ids = ex.input_ids[: max(2, budget - used)]
+            tensor = torch.tensor([ids], dtype=torch.long, device=device)
+            logp = torch.log_softmax(model(input_ids=tensor).logits[0].float(), dim=-1).cpu()
+            nll += float(-logp[:-1].double().gather(1, torch.tensor(ids[1:]).unsqueeze(1)).sum())
+            name = f"batch-{i:03d}.safetensors"
+            save_file({"input_ids": torch.tensor(ids, dtype=torch.int64), "logprobs": logp.contiguous()},
+                      str(folder / name))
+            batches.append({"file": name, "tokens": len(ids) - 1, "text": ex.text,
+                            "add_special_tokens": ex.add_special_tokens})
+            used += len(ids)
+        prompts = []
+        max_new = cfg.eval.max_new_tokens
+        for ex in [e for e in examples if e.prompt_ids][:GENERATION_PROMPTS]:
+            input_ids = torch.tensor([ex.prompt_ids], dtype=torch.long, device=device)
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                 else stops[0])
+            new = out[0, input_ids.shape[1]:].tolist()
+            prompts.append({"prompt_ids": ex.prompt_ids, "output_ids": new,
+                            "stopped": bool(new) and new[-1] in stops,
+                            "text": tokenizer.decode(new, skip_special_tokens=False)})
+    tokens = sum(b["tokens"] for b in batches)
+    data = {"batches": batches, "prompts": prompts, "max_new_tokens": max_new, "loss": nll / max(tokens, 1),
+            "tokens": tokens, "stop_ids": stops, "turn_end_ids": turn_end, "device": device}
+    (folder / "reference.json").write_text(json.dumps(data), encoding="utf-8")
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return Reference(folder=folder, data=data, device=device, stop_ids=stops, turn_end_ids=turn_end)
+
+
+def run_reload_check(args: dict[str, Any], workdir: Path, label: str) -> dict[str, Any]:
+    """Run reload_check.py in a child process and return its result."""
+    args = dict(args)
+    args["result"] = str(workdir / f"result-{label}.json")
+    args_path = workdir / f"args-{label}.json"
+    args_path.write_text(json.dumps(args), encoding="utf-8")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    script = Path(__file__).with_name("reload_check.py")
+    proc = subprocess.run([sys.executable, str(script), str(args_path)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not Path(args["result"]).is_file():
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
+        raise UserError(f"reloading the {label} export with plain transformers failed:\n{tail}",
+                        hint="the export files are not loadable as they are; pass --no-verify to keep them anyway")
+    return json.loads(Path(args["result"]).read_text(encoding="utf-8"))
+
+
+def judge(result: dict[str, Any], reference: Reference, thresholds: Thresholds, label: str = "reference",
+          expect_stop_ids: list[int] | None = None) -> dict[str, Any]:
+    """The fidelity report for one reloaded export: numbers, checks, and an overall pass."""
+    comp = result["comparisons"][label]
+    loss_ref = reference.data["loss"] if label == "reference" else comp["loss_other"]
+    loss_delta = result["loss"] - loss_ref
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, ok: bool | None, detail: str) -> None:
+        checks.append({"name": name, "ok": ok, "detail": detail})
+
+    check("mean_kl", comp["mean_kl"] <= thresholds.mean_kl,
+          f"mean KL {comp['mean_kl']:.2e} (limit {thresholds.mean_kl:.0e}) over {result['tokens']} tokens")
+    check("loss_delta", abs(loss_delta) <= thresholds.loss_delta,
+          f"val loss {result['loss']:.4f} vs {loss_ref:.4f} (delta {loss_delta:+.4f}, limit "
+          f"{thresholds.loss_delta})")
+    tok = result["tokenizer"]
+    if tok["checked"]:
+        check("tokenizer", tok["mismatched"] == 0,
+              f"export tokenizer reproduces the token ids of {tok['checked'] - tok['mismatched']}/"
+              f"{tok['checked']} rows")
+    turn_end = reference.turn_end_ids
+    wanted = expect_stop_ids if expect_stop_ids is not None else turn_end
+    if wanted:
+        missing = [t for t in wanted if t not in result["eos_token_ids"]]
+        check("stop_tokens", not missing,
+              f"generation stops on {result['eos_token_ids']}" + (f"; missing turn-end id(s) {missing}"
+                                                                  if missing else ""))
+    gens = result["generations"]
+    ref_prompts = reference.data["prompts"]
+    if gens:
+        ref_stopped = sum(1 for p in ref_prompts if p["stopped"])
+        exp_stopped = sum(1 for g in gens if g["stopped"])
+        identical = sum(1 for g in gens if g["identical"])
+        broke = [i for i, (g, p) in enumerate(zip(gens, ref_prompts)) if p["stopped"] and not g["stopped"]]
+        if ref_stopped:
+            check("stops_like_trained", not broke,
+                  f"trained model stopped on {ref_stopped}/{len(gens)} prompts, export on {exp_stopped}/{len(gens)}")
+        else:
+            check("stops_like_trained", None,
+                  f"the trained model itself did not stop within {reference.data['max_new_tokens']} tokens on any "
+                  f"of {len(gens)} prompts (it has not learned to end its turn), so stopping could not be observed; "
+                  f"export stopped on {exp_stopped}")
+        check("greedy_match", None, f"greedy output identical to the trained model on {identical}/{len(gens)} "
+                                    f"prompts (shared prefix {[g['same_prefix'] for g in gens]} tokens)")
+    if result.get("ft_desk_modules"):
+        check("plain_reload", False, f"reload imported ft-desk code: {result['ft_desk_modules'][:3]}")
+    passed = all(c["ok"] is not False for c in checks)
+    return {
+        "passed": passed,
+        "compared_with": label,
+        "mean_kl": comp["mean_kl"],
+        "max_kl": comp["max_kl"],
+        "top1_agreement": comp["top1_agreement"],
+        "val_loss": result["loss"],
+        "val_loss_reference": loss_ref,
+        "val_loss_delta": loss_delta,
+        "tokens": result["tokens"],
+        "thresholds": {"mean_kl": thresholds.mean_kl, "loss_delta": thresholds.loss_delta},
+        "checks": checks,
+        "generations": [{"stopped": g["stopped"], "identical": g["identical"], "same_prefix": g["same_prefix"],
+                         "text": g["text"]} for g in gens],
+        "reload_seconds": result["seconds"],
+    }
+
+
+def describe(report: dict[str, Any], title: str) -> list[str]:
+    """Readable lines for one judged comparison."""
+    verdict = "PASS" if report["passed"] else "FAIL"
+    lines = [f"{title}: {verdict}  mean KL {report['mean_kl']:.2e}, top-1 agreement "
+             f"{report['top1_agreement'] * 100:.1f}%, val loss delta {report['val_loss_delta']:+.4f}"]
+    for c in report["checks"]:
+        mark = {True: "ok  ", False: "FAIL", None: "note"}[c["ok"]]
+        lines.append(f"  [{mark}] {c['detail']}")
+    return lines
