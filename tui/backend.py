@@ -1,0 +1,85 @@
+"""Everything the screens ask of the outside world, behind one object the app is given.
+
+`CliBackend` answers by running the headless CLI (`ft-desk ... --json`) as a child process, so the app never
+imports torch and a crash in a tool cannot take the UI down. Tests hand the app a backend that returns recorded
+answers instead, which keeps snapshots deterministic. Every method blocks: the screens call them from thread
+workers. Failures raise `CommandFailed` (message + fix), which the app shows as a notification.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from . import commands
+from .draft import Draft
+from .launch import Launch, resume_training, start_training, stop_training
+from .runs import RunSummary, list_runs
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+def _recipe_args(draft: Draft) -> list[str]:
+    args: list[str] = []
+    for name in draft.presets():
+        args += ["--preset", name]
+    for item in draft.set_args():
+        if not item.startswith(("model.name=", "data.train_file=")):
+            args += ["--set", item]
+    return args
+
+
+class CliBackend:
+    """The real thing: child processes of `python -m ft_desk.trainer.cli`."""
+
+    def __init__(self, runs_dir: str | None = None) -> None:
+        self.runs_dir = runs_dir
+
+    # Runs (read in-process: the same light code as `ft-desk runs --json`).
+    def list_runs(self) -> list[RunSummary]:
+        return list_runs(self.runs_dir)
+
+    def start_training(self, draft: Draft) -> Launch:
+        return start_training(draft.cli_args(), draft.config())
+
+    def resume_training(self, run_dir: Path) -> Launch:
+        return resume_training(run_dir)
+
+    def stop_training(self, pid: int, force: bool = False) -> None:
+        stop_training(pid, force)
+
+    # Tools with a one-shot JSON answer.
+    def check_data(self, draft: Draft) -> dict[str, Any]:
+        args = ["data", "check", draft.train_file or "demo", "--model", draft.model or "demo"]
+        return commands.run_json(args + _recipe_args(draft) + ["--json"])
+
+    def plan(self, draft: Draft, model: str | None = None) -> dict[str, Any]:
+        return commands.run_json(["plan", model or draft.model or "demo"] + _recipe_args(draft) + ["--json"])
+
+    def doctor(self) -> dict[str, Any]:
+        return commands.run_json(["doctor", "--json"])
+
+    def local_models(self) -> dict[str, Any]:
+        return commands.run_json(["models", "list", "--json"])
+
+    def search_models(self, query: str, draft: Draft) -> dict[str, Any]:
+        """Curated list first (no query), Hub results otherwise; each row with its fit for the draft's recipe."""
+        args = ["models", "search"] + ([query] if query else [])
+        return commands.run_json(args + _recipe_args(draft) + ["--json"], timeout=120)
+
+    def model_info(self, model_id: str, draft: Draft) -> dict[str, Any]:
+        return commands.run_json(["models", "info", model_id] + _recipe_args(draft) + ["--json"], timeout=120)
+
+    # Tools that report progress as events.
+    def download_model(self, model_id: str, on_event: EventCallback, should_stop: Callable[[], bool] = lambda: False,
+                       trust_remote_code: bool = False) -> dict[str, Any]:
+        extra = ["--trust-remote-code"] if trust_remote_code else []
+        return commands.stream(["models", "download", model_id, *extra, "--json"], on_event, should_stop)
+
+    def export(self, run_dir: Path, options: list[str], on_event: EventCallback,
+               should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        return commands.stream(["export", str(run_dir), *options, "--json"], on_event, should_stop)
+
+    def evaluate(self, run_dir: Path, on_event: EventCallback,
+                 should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        return commands.stream(["eval", str(run_dir), "--json"], on_event, should_stop)

@@ -1,0 +1,128 @@
+"""Running the headless CLI as child processes: the only way the app does anything heavy.
+
+`ft-desk <command> ... --json` prints one JSON object on stdout; tools with progress (download, export, eval,
+chat) print events as JSON lines first. A failed command prints `ft-desk: <message>` and `  fix: <hint>` on
+stderr and exits non-zero; that becomes a `CommandFailed` with the message and hint kept apart, so the app can
+show them as a readable notification. These functions block: call them from thread workers, never the UI thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ft_desk.trainer.events import parse_line
+
+
+def cli_argv(*args: str) -> list[str]:
+    """The command line of the headless CLI with this interpreter (works without `ft-desk` on PATH)."""
+    return [sys.executable, "-m", "ft_desk.trainer.cli", *args]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+@dataclass
+class CommandFailed(Exception):
+    """A CLI command exited non-zero. `message` and `hint` are what it printed for the user."""
+
+    message: str
+    hint: str = ""
+    exit_code: int = 1
+    stderr: str = ""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def parse_failure(stderr: str, exit_code: int) -> CommandFailed:
+    """Split the CLI's `ft-desk: message` / `  fix: hint` lines out of stderr (anything else is context)."""
+    message, hint = "", ""
+    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("ft-desk: "):
+            message = line[len("ft-desk: "):]
+            rest = lines[i + 1:]
+            if rest and rest[0].strip().startswith("fix:"):
+                hint = rest[0].strip()[len("fix:"):].strip()
+    if not message:
+        tail = [line for line in lines if not line.startswith(" ")] or lines
+        message = tail[-1] if tail else f"the command exited with code {exit_code}"
+        if message.startswith("usage:") or "error:" in message:
+            message = message.split("error:", 1)[-1].strip()
+    return CommandFailed(message, hint, exit_code, stderr)
+
+
+def run_json(args: list[str], timeout: float = 600.0) -> dict[str, Any]:
+    """Run `ft-desk ARGS` (ARGS should include --json) and return its JSON object. A command that exits non-zero
+    but still printed its JSON answer (a data check that found broken rows) returns it, with `exit_code` added."""
+    proc = subprocess.run(cli_argv(*args), capture_output=True, text=True, timeout=timeout, env=child_env(),
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        try:
+            return {**last_object(proc.stdout), "exit_code": proc.returncode}
+        except CommandFailed:
+            raise parse_failure(proc.stderr, proc.returncode) from None
+    return last_object(proc.stdout)
+
+
+def last_object(stdout: str) -> dict[str, Any]:
+    """The result object of a --json command: the whole stdout, or its last JSON line that is not an event."""
+    text = stdout.strip()
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return data
+    except json.JSONDecodeError:
+        pass
+    for line in reversed(text.splitlines()):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            return data
+    raise CommandFailed("the command printed no JSON result", exit_code=0, stderr=stdout[-2000:])
+
+
+def stream(args: list[str], on_event: Callable[[dict[str, Any]], None],
+           should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Run a command that prints JSON-lines events, calling `on_event` for each; returns the final result
+    (the last object without a "type", or the last event). `should_stop` returning True interrupts the child."""
+    proc = subprocess.Popen(cli_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(), stdin=subprocess.DEVNULL, bufsize=1)
+    result: dict[str, Any] = {}
+    stderr_chunks: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if should_stop():
+            proc.terminate()
+            break
+        event = parse_line(line)
+        if event is not None:
+            on_event(event)
+            result = event
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            result = data
+    code = proc.wait()
+    reader.join(timeout=5)
+    if code != 0:
+        raise parse_failure("".join(stderr_chunks), code)
+    return result

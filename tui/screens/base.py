@@ -1,0 +1,90 @@
+"""What every screen of the desk shares: the top bar, the step sidebar, the body and the footer.
+
+A screen subclass sets MODE and TITLE and implements `compose_body()`. It redraws from the app's state in
+`refresh_view()`, which runs when the screen is shown, when the draft changes, and when the followed run has new
+events (a `RunUpdated`). Every binding of a screen is also offered in the command palette (see app.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from ..session import RunUpdated
+from ..widgets.sidebar import StepSidebar
+from ..widgets.topbar import TopBar
+
+if TYPE_CHECKING:
+    from ..app import FtDeskApp
+
+
+class DeskScreen(Screen):
+    MODE = ""
+    TITLE = ""
+
+    @property
+    def desk(self) -> "FtDeskApp":
+        return cast("FtDeskApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        yield TopBar(self.TITLE)
+        with Horizontal(id="main"):
+            yield StepSidebar(self.MODE)
+            with Vertical(id="body", classes=f"body-{self.MODE}"):
+                yield from self.compose_body()
+        yield Footer()
+
+    def compose_body(self) -> ComposeResult:
+        yield from ()
+
+    def on_mount(self) -> None:
+        self.desk.draft_changed.subscribe(self, lambda _draft: self._refresh_all())
+
+    def on_screen_resume(self) -> None:
+        self._refresh_all()
+
+    def on_run_updated(self, _message: RunUpdated) -> None:
+        self._refresh_chrome()
+        self.refresh_view()
+
+    def _refresh_all(self) -> None:
+        if not self.is_mounted:
+            return
+        self._refresh_chrome()
+        self.refresh_view()
+
+    def _refresh_chrome(self) -> None:
+        desk = self.desk
+        draft = desk.draft
+        session = desk.session
+        bar = self.query_one(TopBar)
+        if session is not None:
+            h = session.history
+            bar.show_run(session.name, session.status, h.step, h.total_steps)
+        else:
+            bar.show_run("", "", 0, 0)
+        bar.show_offline(desk.offline, desk.offline_reason)
+        done = dict(draft.ready())
+        done["train"] = session is not None and session.history.status == "completed"
+        summary = Text()
+        summary.append("model ", "dim")
+        summary.append((draft.model or "—") + "\n")
+        summary.append("data  ", "dim")
+        summary.append(_short(draft.train_file) or "—")
+        summary.append("\nrecipe ", "dim")
+        summary.append("+".join(draft.presets()))
+        self.query_one(StepSidebar).refresh_state(done, summary)
+
+    def refresh_view(self) -> None:
+        """Redraw the body from the app's state (draft, followed run)."""
+
+
+def _short(path: str, width: int = 14) -> str:
+    if len(path) <= width:
+        return path
+    return "…" + path[-(width - 1):]

@@ -1,0 +1,275 @@
+"""Data: pick a training file (typed with path completion, or browsed), lint it against the chosen model's
+tokenizer with `ft-desk data check --json`, and see what training will see: the format, row counts, a token-length
+histogram against max_length, truncated rows, duplicates, broken rows with file:line, a sample rendered with its
+trained tokens highlighted, and the validation split settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Input, Label, Select, Static
+
+from ..commands import CommandFailed
+from ..widgets.file_picker import FilePicker, PathSuggester
+from ..widgets.histogram import TokenHistogram
+from .base import DeskScreen
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+TRAINED_STYLE = "bold black on green"
+
+
+def histogram_bins(report: dict[str, Any]) -> list[tuple[float, float, int]]:
+    """(low, high, count) buckets; the open bucket above max_length gets the width of the others."""
+    out = []
+    buckets = report.get("histogram") or []
+    for b in buckets:
+        lo = float(b.get("lo") or 0)
+        hi = b.get("hi")
+        if hi is None:
+            width = (out[-1][1] - out[-1][0]) if out else lo
+            hi = lo + width
+        out.append((lo, float(hi), int(b.get("count") or 0)))
+    return out
+
+
+def sample_text(segments: list) -> Text:
+    """A rendered example with the tokens that carry loss highlighted."""
+    text = Text()
+    for item in segments:
+        piece, trained = (item[0], item[1]) if isinstance(item, (list, tuple)) else (str(item), False)
+        text.append(piece, style=TRAINED_STYLE if trained else "dim")
+    return text
+
+
+def findings(report: dict[str, Any]) -> list[str]:
+    """The lint report as markup lines, problems first."""
+    lines = []
+    if report.get("error"):
+        where = f"{report['where']}: " if report.get("where") and report["where"] not in report["error"] else ""
+        lines.append(f"[b red]not usable:[/] {escape(where + str(report['error']))}")
+        if report.get("hint"):
+            lines.append(f"[b]fix:[/] {escape(str(report['hint']))}")
+        return lines
+    broken = int(report.get("broken_count") or 0)
+    if broken:
+        lines.append(f"[b red]{broken} broken row(s)[/]" + ("" if report.get("ok") else
+                     " - fix them, or let training skip them (data.skip_bad_rows=true)"))
+        for row in report.get("broken_rows") or []:
+            lines.append(f"  [red]{escape(str(row.get('where')))}[/]: {escape(str(row.get('reason')))}")
+        if broken > len(report.get("broken_rows") or []):
+            lines.append(f"  … and {broken - len(report['broken_rows'])} more")
+    truncated = int(report.get("truncated") or 0)
+    max_length = report.get("max_length")
+    if truncated:
+        where = ", ".join(str(w) for w in (report.get("truncated_where") or [])[:3])
+        lines.append(f"[yellow]{truncated} row(s) longer than max_length {max_length}[/] are cut"
+                     + (f" (e.g. {escape(where)})" if where else "") + " - raise data.max_length on the Recipe step")
+    if report.get("no_target"):
+        lines.append(f"[yellow]{report['no_target']} row(s) have no reply within max_length[/] and are dropped")
+    dups = int(report.get("duplicates") or 0)
+    if dups:
+        action = "dropped in training" if report.get("dedupe", True) else "kept (data.dedupe is off)"
+        first = (report.get("duplicates_where") or [{}])[0]
+        example = f" e.g. {first.get('where')} = {first.get('same_as')}" if isinstance(first, dict) and first else ""
+        lines.append(f"[yellow]{dups} duplicate(s)[/], {action}{escape(example)}")
+    if report.get("empty_turns"):
+        lines.append(f"[yellow]{report['empty_turns']} empty turn(s)[/]")
+    if not lines:
+        lines.append("[green]no problems found[/]")
+    return lines
+
+
+class DataScreen(DeskScreen):
+    MODE = "data"
+    TITLE = "Data"
+    BINDINGS = [
+        Binding("ctrl+k", "check", "Check file"),
+        Binding("ctrl+o", "browse", "Browse"),
+        Binding("ctrl+d", "use_demo", "Demo data"),
+        Binding("ctrl+n", "next", "Next: Recipe"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report: dict[str, Any] | None = None
+        self._checked_for: tuple | None = None
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="file-row"):
+            yield Input(placeholder="path to a .jsonl / .json / .csv / .parquet file, or demo", id="data-path",
+                        suggester=PathSuggester(), compact=True)
+            yield Button("Check", variant="primary", id="check", compact=True)
+            yield Button("Browse…", id="browse", compact=True)
+            yield Button("Demo data", id="demo", compact=True)
+        yield Static("Enter a file and press Check (ctrl+k). → accepts the path completion.", id="data-summary")
+        with Horizontal(id="data-main"):
+            yield TokenHistogram(id="histogram")
+            with VerticalScroll(id="data-findings"):
+                yield Static("", id="findings")
+        yield Label("sample as training sees it ([reverse] highlighted [/] = tokens that carry loss)",
+                    id="sample-title")
+        with VerticalScroll(id="sample-box"):
+            yield Static("", id="sample")
+        with Horizontal(id="split-row"):
+            yield Label("format", classes="field-label short")
+            yield Select([(f, f) for f in FORMATS], allow_blank=False, id="data-format", compact=True)
+            yield Label("validation share", classes="field-label")
+            yield Input(id="val-fraction", compact=True, classes="small-input")
+            yield Label("or file", classes="field-label short")
+            yield Input(id="valid-file", placeholder="separate validation file (optional)", compact=True,
+                        suggester=PathSuggester())
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one(TokenHistogram).show([], None)
+
+    def refresh_view(self) -> None:
+        draft = self.desk.draft
+        path_input = self.query_one("#data-path", Input)
+        if draft.train_file and path_input.value != draft.train_file and not path_input.has_focus:
+            path_input.value = draft.train_file
+        self.query_one("#data-format", Select).value = draft.value("data.format") or "auto"
+        for widget_id, key in (("#val-fraction", "data.val_fraction"), ("#valid-file", "data.valid_file")):
+            widget = self.query_one(widget_id, Input)
+            if not widget.has_focus and widget.value != draft.value(key):
+                widget.value = draft.value(key)
+        if draft.train_file and self._check_key() != self._checked_for:
+            self.action_check()
+
+    def _check_key(self) -> tuple:
+        d = self.desk.draft
+        return (d.train_file, d.model, tuple(d.presets()),
+                tuple(sorted((k, v) for k, v in d.overrides.items() if k.startswith("data."))))
+
+    # Choosing the file.
+    @on(Input.Submitted, "#data-path")
+    def _path_submitted(self, event: Input.Submitted) -> None:
+        self._use_file(event.value)
+
+    def _use_file(self, value: str) -> None:
+        value = value.strip()
+        if not value:
+            self.notify("Type a file path, browse (ctrl+o), or use the demo data (ctrl+d).", severity="warning")
+            return
+        if value != "demo":
+            value = str(Path(value).expanduser())
+        draft = self.desk.draft
+        if value != draft.train_file:
+            draft.train_file = value
+            draft.data_checked = False
+            self.desk.draft_updated()
+        else:
+            self.action_check()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "check":
+            self._use_file(self.query_one("#data-path", Input).value)
+        elif event.button.id == "browse":
+            self.action_browse()
+        elif event.button.id == "demo":
+            self.action_use_demo()
+
+    def action_use_demo(self) -> None:
+        self.query_one("#data-path", Input).value = "demo"
+        self._use_file("demo")
+
+    def action_browse(self) -> None:
+        current = self.query_one("#data-path", Input).value.strip()
+        start = Path(current).expanduser().parent if current and current != "demo" else Path.cwd()
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.query_one("#data-path", Input).value = str(path)
+                self._use_file(str(path))
+
+        self.app.push_screen(FilePicker(start), chosen)
+
+    def action_next(self) -> None:
+        self.desk.switch_mode("recipe")
+
+    # Split settings are recipe overrides.
+    @on(Select.Changed, "#data-format")
+    def _format(self, event: Select.Changed) -> None:
+        self._set("data.format", str(event.value))
+
+    @on(Input.Submitted, "#val-fraction")
+    @on(Input.Submitted, "#valid-file")
+    def _split(self, event: Input.Submitted) -> None:
+        key = "data.val_fraction" if event.input.id == "val-fraction" else "data.valid_file"
+        value = event.value.strip()
+        if key == "data.valid_file" and value:
+            value = str(Path(value).expanduser())
+        self._set(key, value)
+
+    def _set(self, key: str, value: str) -> None:
+        draft = self.desk.draft
+        if draft.value(key) == value:
+            return
+        draft.set_override(key, value)
+        error = draft.error()
+        if error:
+            self.notify(error, severity="error")
+        self.desk.draft_updated()
+
+    # The check.
+    def action_check(self) -> None:
+        draft = self.desk.draft
+        if not draft.train_file:
+            self._use_file(self.query_one("#data-path", Input).value)
+            return
+        if draft.error():
+            self.notify(draft.error() or "", title="Fix the recipe first", severity="error")
+            return
+        self._checked_for = self._check_key()
+        model = draft.model or "demo"
+        self.query_one("#data-summary", Static).update(
+            f"[dim]checking {escape(draft.train_file)} with the tokenizer of {escape(model)}…[/]")
+        self._check()
+
+    @work(thread=True, exclusive=True, group="data-check", exit_on_error=False)
+    def _check(self) -> None:
+        try:
+            report = self.desk.backend.check_data(self.desk.draft)
+        except CommandFailed as err:
+            report = {"ok": False, "error": err.message, "hint": err.hint}
+        self.app.call_from_thread(self.show_report, report)
+
+    def show_report(self, report: dict[str, Any]) -> None:
+        self.report = report
+        draft = self.desk.draft
+        usable = bool(report.get("ok")) and not report.get("error")
+        if draft.data_checked != usable:
+            draft.data_checked = usable
+            self._refresh_chrome()
+        summary = self.query_one("#data-summary", Static)
+        if report.get("error"):
+            summary.update(f"[b red]{escape(str(report.get('path') or draft.train_file))}: not usable[/]")
+        else:
+            stats = report.get("token_stats") or {}
+            rendering = {"chat_template": "the model's chat template", "plain": "plain text"}.get(
+                str(report.get("rendering")), str(report.get("rendering") or "?"))
+            summary.update(
+                f"[b]{escape(Path(str(report.get('path', ''))).name)}[/b]: [b]{report.get('format')}[/b] format, "
+                f"{report.get('rows')} rows, {report.get('usable_rows')} usable · tokens median "
+                f"{stats.get('median', '?')}, p95 {stats.get('p95', '?')}, max {stats.get('max', '?')} · "
+                f"rendered with {rendering}, loss on "
+                f"{'assistant replies' if report.get('train_on') == 'assistant' else 'every token'}"
+                + ("  [green]✓ ready[/]" if usable else ""))
+        self.query_one(TokenHistogram).show(histogram_bins(report), report.get("max_length"))
+        self.query_one("#findings", Static).update("\n".join(findings(report)))
+        sample = report.get("sample") or {}
+        if sample:
+            cut = " (cut at max_length)" if sample.get("truncated") else ""
+            self.query_one("#sample-title", Label).update(
+                f"sample {escape(Path(str(sample.get('where', ''))).name)}: {sample.get('tokens')} tokens, "
+                f"{sample.get('trained_tokens')} trained [reverse] highlighted [/]{cut}")
+            self.query_one("#sample", Static).update(sample_text(sample.get("segments") or []))
+        else:
+            self.query_one("#sample", Static).update("")

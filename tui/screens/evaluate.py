@@ -1,0 +1,281 @@
+"""Evaluate: what training changed. Before/after answers on held-out prompts side by side, the validation
+metrics, a chat playground with the tuned model (streamed; a switch answers with the base model instead), and the
+run doctor, which reads the loss curves for overfitting, no effect or collapse and says what to try."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from rich.markup import escape
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Input, Label, Static, Switch, TabbedContent, TabPane
+
+from ..chat import ChatClient
+from ..doctor import diagnose
+from ..history import RunHistory
+from .base import DeskScreen
+
+SEVERITY_MARK = {"error": "[b red]✗[/]", "warning": "[b yellow]![/]", "ok": "[b green]✓[/]", "info": "[b]·[/]"}
+_SPECIAL = re.compile(r"<\|[^|>]{1,40}\|>|<s>|</s>|<end_of_turn>|<start_of_turn>")
+
+
+def readable_prompt(prompt: str) -> str:
+    """A rendered prompt without the chat template's special tokens (role names stay)."""
+    text = _SPECIAL.sub("", prompt)
+    lines = [line.rstrip() for line in text.splitlines()]
+    return "\n".join(line for line in lines if line).strip()
+
+
+def metrics_text(h: RunHistory) -> str:
+    if not h.evals and not h.steps:
+        return "No validation results yet."
+    lines = []
+    if h.evals:
+        first, best, last = h.evals[0], h.best_eval, h.evals[-1]
+        if best is not None:
+            change = (best.val_loss - first.val_loss) / first.val_loss * 100 if first.val_loss else 0.0
+            ppl = f", perplexity {best.perplexity:.2f}" if isinstance(best.perplexity, (int, float)) else ""
+            lines.append(f"best val loss [b]{best.val_loss:.4f}[/b] at step {best.step}{ppl} "
+                         f"({change:+.1f}% from {first.val_loss:.4f} at step {first.step})")
+        if last is not best:
+            lines.append(f"last val loss {last.val_loss:.4f} at step {last.step}")
+        lines.append("")
+        lines.append("[b]step   val loss   perplexity[/b]")
+        for p in h.evals:
+            ppl = f"{p.perplexity:10.2f}" if isinstance(p.perplexity, (int, float)) and math.isfinite(
+                p.perplexity) else "         -"
+            mark = "  ← best" if best is not None and p.step == best.step else ""
+            lines.append(f"{p.step:>5}   {p.val_loss:8.4f}   {ppl}{mark}")
+    if h.steps:
+        finite = [p.loss for p in h.steps if math.isfinite(p.loss)]
+        if finite:
+            lines.append("")
+            lines.append(f"train loss {finite[0]:.4f} → {finite[-1]:.4f} over {h.steps[-1].step} steps")
+    if h.data:
+        lines.append(f"data: {h.data.get('train_rows')} train / {h.data.get('val_rows')} validation rows, "
+                     f"{h.data.get('train_tokens')} train tokens")
+    return "\n".join(lines)
+
+
+def doctor_text(h: RunHistory) -> str:
+    lines = []
+    for f in diagnose(h):
+        lines.append(f"{SEVERITY_MARK.get(f.severity, '·')} [b]{escape(f.title)}[/b]")
+        lines.append(f"  {escape(f.detail)}")
+        if f.try_:
+            lines.append("  [dim]try:[/] " + "; ".join(escape(t) for t in f.try_))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+class EvaluateScreen(DeskScreen):
+    MODE = "evaluate"
+    TITLE = "Evaluate"
+    BINDINGS = [
+        Binding("ctrl+b", "toggle_base", "Base model on/off"),
+        Binding("ctrl+l", "clear_chat", "Clear chat"),
+        Binding("ctrl+n", "next", "Next: Export"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chat: ChatClient | None = None
+        self.chat_ready = False
+        self.messages: list[dict[str, str]] = []
+        self._answer: Static | None = None
+        self._answer_text = ""
+        self._sample_count = -1
+
+    def compose_body(self) -> ComposeResult:
+        yield Static("", id="eval-header")
+        with TabbedContent(id="eval-tabs"):
+            with TabPane("Before / after", id="tab-samples"):
+                yield VerticalScroll(id="samples")
+            with TabPane("Metrics", id="tab-metrics"):
+                with VerticalScroll():
+                    yield Static("", id="metrics")
+            with TabPane("Chat", id="tab-chat"):
+                with Vertical(id="chat-pane"):
+                    yield VerticalScroll(id="chat-log")
+                    with Horizontal(id="chat-row"):
+                        yield Input(placeholder="ask the tuned model…", id="chat-input", compact=True)
+                        yield Label("base model", id="base-label")
+                        yield Switch(id="base-switch")
+            with TabPane("Doctor", id="tab-doctor"):
+                with VerticalScroll():
+                    yield Static("", id="doctor")
+
+    def refresh_view(self) -> None:
+        session = self.desk.session
+        header = self.query_one("#eval-header", Static)
+        if session is None:
+            header.update("No run selected. Open one from Home (h), or train one (4).")
+            self._show_samples(RunHistory())
+            self.query_one("#metrics", Static).update("")
+            self.query_one("#doctor", Static).update("")
+            return
+        h = session.history
+        model = h.started.get("model") or session.state().get("model_name", "")
+        live = " · [yellow]still training: numbers will change[/]" if session.live else ""
+        header.update(f"[b]{escape(session.name)}[/b]  [dim]{escape(str(model))} · {session.status}[/]{live}")
+        self._show_samples(h)
+        self.query_one("#metrics", Static).update(metrics_text(h))
+        self.query_one("#doctor", Static).update(doctor_text(h))
+        if self.chat is not None and self.chat.run_dir != session.run_dir:
+            self._stop_chat()
+
+    def _show_samples(self, h: RunHistory) -> None:
+        pairs = h.sample_pairs()
+        signature = len(h.samples)
+        if signature == self._sample_count:
+            return
+        self._sample_count = signature
+        box = self.query_one("#samples", VerticalScroll)
+        box.remove_children()
+        if not pairs:
+            box.mount(Static("No samples yet: the run writes answers to held-out prompts before training starts "
+                             "and after it ends (eval.sample_prompts).", classes="sample-empty"))
+            return
+        widgets = []
+        for i, (before, after) in enumerate(pairs):
+            some = before or after or {}
+            prompt = readable_prompt(str(some.get("prompt", "")))
+            widgets.append(Static(Text.assemble((f"prompt {i + 1}  ", "bold"), (prompt[-400:], "dim")),
+                                  classes="sample-prompt"))
+            left = Static(escape(str(before.get("output", ""))) if before else "[dim]—[/]", classes="sample-out")
+            left.border_title = "before"
+            right = Static(escape(str(after.get("output", ""))) if after else "[dim]after training ends[/]",
+                           classes="sample-out after")
+            right.border_title = "after"
+            widgets.append(Horizontal(left, right, classes="sample-pair"))
+            if some.get("reference"):
+                widgets.append(Static(Text.assemble(("expected  ", "bold"), str(some["reference"])[:400]),
+                                      classes="sample-ref"))
+        box.mount_all(widgets)
+
+    # The chat playground.
+    @on(TabbedContent.TabActivated, "#eval-tabs")
+    def _tab(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id == "tab-chat":
+            self.query_one("#chat-input", Input).focus()
+            self._ensure_chat()
+
+    def _ensure_chat(self) -> bool:
+        session = self.desk.session
+        if session is None:
+            self._chat_line("[dim]Open a run first.[/]")
+            return False
+        if not session.run_dir.joinpath("adapter").is_dir() and not session.run_dir.joinpath("model").is_dir() \
+                and not any(session.run_dir.joinpath("checkpoints").glob("step-*")):
+            self._chat_line("[dim]This run has no checkpoint yet; chat opens once one is saved.[/]")
+            return False
+        if self.chat is None or not self.chat.running:
+            self.chat_ready = False
+            self.chat = ChatClient(session.run_dir, self._chat_event_from_thread, self._chat_exit_from_thread)
+            self.chat.start()
+            self._chat_line(f"[dim]loading {escape(session.name)} (the adapter on its base model)…[/]")
+        return True
+
+    def _chat_event_from_thread(self, event: dict[str, Any]) -> None:
+        self.app.call_from_thread(self._chat_event, event)
+
+    def _chat_exit_from_thread(self, code: int, stderr: str) -> None:
+        try:
+            self.app.call_from_thread(self._chat_exit, code, stderr)
+        except RuntimeError:
+            pass  # the app is closing
+
+    def _chat_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "chat_ready":
+            self.chat_ready = True
+            base = "" if event.get("base_available") else " (no base toggle: every weight was trained)"
+            self._chat_line(f"[dim]ready: {escape(str(event.get('model')))} + {escape(str(event.get('checkpoint')))}"
+                            f" on {escape(str(event.get('device')))}{base}[/]")
+        elif kind == "chat_token":
+            if self._answer is None:
+                self._answer = self._chat_line("", classes="chat-answer")
+                self._answer_text = ""
+            self._answer_text += str(event.get("text", ""))
+            self._answer.update(escape(self._answer_text))
+            self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
+        elif kind == "chat_done":
+            if self._answer is None:
+                self._chat_line(escape(str(event.get("text", ""))), classes="chat-answer")
+            stop = "" if event.get("stopped") else " · hit max tokens"
+            self._chat_line(f"[dim]{event.get('tokens')} tokens in {event.get('seconds')} s{stop}[/]")
+            self.messages.append({"role": "assistant", "content": str(event.get("text", ""))})
+            self._answer = None
+        elif kind == "chat_error":
+            hint = f"\nfix: {event['hint']}" if event.get("hint") else ""
+            self._chat_line(f"[red]{escape(str(event.get('error')))}{escape(hint)}[/]")
+            self._answer = None
+            if self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
+
+    def _chat_exit(self, code: int, stderr: str) -> None:
+        if code not in (0, None) and self.is_mounted:
+            last = [line for line in stderr.splitlines() if line.startswith("ft-desk: ")]
+            why = last[-1][len("ft-desk: "):] if last else f"exit code {code}"
+            self._chat_line(f"[red]the chat process ended: {escape(why)}[/]")
+        self.chat_ready = False
+
+    def _chat_line(self, markup: str, classes: str = "chat-note") -> Static:
+        line = Static(markup, classes=classes)
+        log = self.query_one("#chat-log", VerticalScroll)
+        log.mount(line)
+        log.scroll_end(animate=False)
+        return line
+
+    @on(Input.Submitted, "#chat-input")
+    def _ask(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if not self._ensure_chat():
+            return
+        if not self.chat_ready:
+            self.notify("The model is still loading; ask again in a moment.", severity="warning")
+            return
+        if self._answer is not None:
+            self.notify("Wait for the answer to finish.", severity="warning")
+            return
+        event.input.value = ""
+        base = self.query_one("#base-switch", Switch).value
+        who = "you → base model" if base else "you"
+        self._chat_line(f"[b]{who}:[/b] {escape(text)}", classes="chat-question")
+        self.messages.append({"role": "user", "content": text})
+        assert self.chat is not None
+        self.chat.ask(self.messages, base=base)
+
+    def action_toggle_base(self) -> None:
+        switch = self.query_one("#base-switch", Switch)
+        switch.value = not switch.value
+
+    @on(Switch.Changed, "#base-switch")
+    def _base_changed(self, event: Switch.Changed) -> None:
+        self.query_one("#chat-input", Input).placeholder = (
+            "ask the base model (adapter off)…" if event.value else "ask the tuned model…")
+
+    def action_clear_chat(self) -> None:
+        self.messages.clear()
+        self.query_one("#chat-log", VerticalScroll).remove_children()
+
+    def action_next(self) -> None:
+        self.desk.switch_mode("export")
+
+    def _stop_chat(self) -> None:
+        if self.chat is not None:
+            self.chat.close()
+            self.chat = None
+            self.chat_ready = False
+            self.action_clear_chat()
+
+    def on_unmount(self) -> None:
+        self._stop_chat()

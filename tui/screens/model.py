@@ -1,0 +1,397 @@
+"""Model: the curated list, Hub search and the models already on this machine, each with parameters, size,
+license, gated flag and whether it fits this device with the chosen recipe; a details pane with the memory
+breakdown; download with a progress bar. Works offline from the local cache (the top bar says so)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.timer import Timer
+from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent, TabPane
+
+from ft_desk.trainer.events import _fmt_duration, format_bytes
+
+from ..commands import CommandFailed
+from ..widgets.dialogs import Confirm
+from ..widgets.memory import components, verdict_line
+from .base import DeskScreen
+
+SEARCH_DELAY_S = 0.5
+"""Note: each search is a Hub request from a child process; wait for a pause in typing."""
+INFO_DELAY_S = 0.4
+FIT_STYLE = {"fits": "green", "tight": "yellow", "does not fit": "red", "does_not_fit": "red", "no_fit": "red"}
+
+DEMO_ROW = {
+    "id": "demo", "params": None, "size_bytes": None, "license": "-", "gated": False, "cached": True,
+    "curated": True, "fit": {"verdict": "fits"},
+    "note": "A tiny Llama-architecture model with random weights, built on this machine in seconds. It runs the "
+            "whole pipeline offline; what it writes is not useful.",
+}
+
+
+def params_text(n: Any) -> str:
+    if not isinstance(n, (int, float)) or not n:
+        return "tiny" if n is None else "?"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}".replace(".0", "")
+    return str(int(n))
+
+
+def fit_text(fit: Any) -> Text:
+    verdict = str((fit or {}).get("verdict") or "?").replace("_", " ") if isinstance(fit, dict) else "?"
+    return Text(verdict, style=FIT_STYLE.get(verdict, "dim"))
+
+
+def is_local_folder(text: str) -> bool:
+    path = Path(text).expanduser()
+    return text.startswith(("/", "~", ".")) and (path / "config.json").is_file()
+
+
+class ModelScreen(DeskScreen):
+    MODE = "model"
+    TITLE = "Model"
+    BINDINGS = [
+        Binding("enter", "use", "Use model", show=True),
+        Binding("ctrl+d", "download", "Download"),
+        Binding("ctrl+x", "cancel_download", "Cancel download", show=False),
+        Binding("slash", "focus_search", "Search"),
+        Binding("ctrl+n", "next", "Next: Data"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._lists: dict[str, list[dict[str, Any]]] = {}
+        self._search_timer: Timer | None = None
+        self._info_timer: Timer | None = None
+        self._searched_for: tuple | None = None
+        self._cancel = threading.Event()
+        self.downloading: str | None = None
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="search-row"):
+            yield Input(placeholder="search the Hub, or a local model folder (empty: curated list)",
+                        id="model-search", compact=True)
+            yield Static("", id="search-note")
+        with TabbedContent(id="model-tabs"):
+            with TabPane("Curated & Hub", id="tab-find"):
+                yield self._table("find-table")
+            with TabPane("On this machine", id="tab-local"):
+                yield self._table("local-table")
+        with VerticalScroll(id="model-details"):
+            yield Static("", id="details")
+        with Horizontal(id="download-row"):
+            yield ProgressBar(total=100, show_eta=False, id="download-bar")
+            yield Static("", id="download-text")
+
+    def _table(self, table_id: str) -> DataTable:
+        table = DataTable(id=table_id, cursor_type="row", zebra_stripes=True)
+        table.add_columns("model", "params", "size", "license", "gated", "fit", "")
+        return table
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#download-row").display = False
+
+    def refresh_view(self) -> None:
+        key = self._search_key()
+        if key != self._searched_for:
+            self._searched_for = key
+            self.run_search()
+            self.load_local()
+
+    def _search_key(self) -> tuple:
+        d = self.desk.draft
+        return (self.query_one("#model-search", Input).value.strip(), tuple(d.presets()),
+                tuple(sorted(d.overrides.items())))
+
+    # Searching.
+    @on(Input.Changed, "#model-search")
+    def _typed(self, _event: Input.Changed) -> None:
+        if self._search_timer is not None:
+            self._search_timer.stop()
+        self._search_timer = self.set_timer(SEARCH_DELAY_S, self.refresh_view)
+
+    @on(Input.Submitted, "#model-search")
+    def _submitted(self, event: Input.Submitted) -> None:
+        if is_local_folder(event.value.strip()):
+            self._use(str(Path(event.value.strip()).expanduser().resolve()))
+            return
+        self.query_one("#find-table", DataTable).focus()
+
+    def action_focus_search(self) -> None:
+        self.query_one("#model-search", Input).focus()
+
+    def run_search(self) -> None:
+        query = self.query_one("#model-search", Input).value.strip()
+        self.query_one("#search-note", Static).update("[dim]searching…[/]")
+        if is_local_folder(query):
+            folder = str(Path(query).expanduser().resolve())
+            self._show_find({"models": [{"id": folder, "cached": True, "license": "local",
+                                         "note": "a model folder on this machine"}], "note": "local folder"})
+            return
+        self._search(query)
+
+    @work(thread=True, exclusive=True, group="model-search", exit_on_error=False)
+    def _search(self, query: str) -> None:
+        try:
+            result = self.desk.backend.search_models(query, self.desk.draft)
+        except CommandFailed as err:
+            result = {"models": [], "note": err.message + (f" (fix: {err.hint})" if err.hint else ""),
+                      "failed": True}
+        self.app.call_from_thread(self._show_find, result, query)
+
+    def _show_find(self, result: dict[str, Any], query: str = "") -> None:
+        models = list(result.get("models") or [])
+        if not query:
+            models.insert(0, DEMO_ROW)
+        self._fill("find-table", models)
+        note = result.get("note") or ""
+        if result.get("offline") and not self.desk.offline:
+            self.desk.offline, self.desk.offline_reason = True, "(Hub unreachable)"
+            self._refresh_chrome()
+        source = {"curated": "curated list", "hub": "Hub results", "curated+hub": "curated list, then the Hub"}.get(
+            str(result.get("source")), "")
+        style = "red" if result.get("failed") else "dim"
+        self.query_one("#search-note", Static).update(f"[{style}]{escape(note or source)}[/]")
+
+    @work(thread=True, exclusive=True, group="model-local", exit_on_error=False)
+    def load_local(self) -> None:
+        try:
+            result = self.desk.backend.local_models()
+        except CommandFailed:
+            result = {"models": []}
+        rows = [{"id": m.get("repo_id"), "size_bytes": m.get("size_bytes"), "cached": True,
+                 "params": next((r.get("params") for r in m.get("revisions") or [] if r.get("params")), None),
+                 "license": "", "note": None if m.get("complete") else "incomplete in the cache: download again"}
+                for m in result.get("models") or []]
+        self.app.call_from_thread(self._fill, "local-table", [DEMO_ROW] + rows)
+
+    def _fill(self, table_id: str, models: list[dict[str, Any]]) -> None:
+        table = self.query_one("#" + table_id, DataTable)
+        table.clear()
+        self._lists[table_id] = models
+        chosen = self.desk.draft.model
+        for m in models:
+            model_id = str(m.get("id"))
+            self.rows[model_id] = {**self.rows.get(model_id, {}), **m}
+            flags = " ".join(f for f, on in (("✓ chosen", model_id == chosen), ("cached", m.get("cached")),
+                                            ("curated", m.get("curated") and model_id != "demo")) if on)
+            gated = m.get("gated")
+            table.add_row(
+                model_id, params_text(m.get("params")),
+                format_bytes(m["size_bytes"]) if m.get("size_bytes") else "-",
+                str(m.get("license") or "?"), "gated" if gated else ("" if gated is False else "?"),
+                fit_text(m.get("fit")), flags, key=model_id,
+            )
+        if table.row_count and table.has_focus:
+            self._highlighted(table)
+
+    # Details of the highlighted model.
+    def _current_table(self) -> DataTable:
+        tabs = self.query_one(TabbedContent)
+        return self.query_one("#local-table" if tabs.active == "tab-local" else "#find-table", DataTable)
+
+    def selected_id(self) -> str | None:
+        table = self._current_table()
+        if not table.row_count:
+            return None
+        try:
+            return str(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
+        except Exception:  # noqa: BLE001 - table being refilled
+            return None
+
+    @on(DataTable.RowHighlighted)
+    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._highlighted(event.data_table)
+
+    def _highlighted(self, _table: DataTable) -> None:
+        model_id = self.selected_id()
+        if model_id is None:
+            return
+        self._show_details(model_id, self.rows.get(model_id, {}))
+        if model_id != "demo" and not Path(model_id).is_absolute():
+            if self._info_timer is not None:
+                self._info_timer.stop()
+            self._info_timer = self.set_timer(INFO_DELAY_S, lambda: self._info(model_id))
+
+    @on(DataTable.RowSelected)
+    def _row_selected(self, _event: DataTable.RowSelected) -> None:
+        self.action_use()
+
+    @work(thread=True, exclusive=True, group="model-info", exit_on_error=False)
+    def _info(self, model_id: str) -> None:
+        try:
+            details = self.desk.backend.model_info(model_id, self.desk.draft)
+        except CommandFailed as err:
+            details = {"error": err.message, "hint": err.hint}
+        self.app.call_from_thread(self._details_loaded, model_id, details)
+
+    def _details_loaded(self, model_id: str, details: dict[str, Any]) -> None:
+        if "error" not in details:
+            self.rows[model_id] = {**self.rows.get(model_id, {}), **details, "_details": True}
+        if self.selected_id() == model_id:
+            self._show_details(model_id, self.rows.get(model_id, {}), details.get("error"), details.get("hint"))
+
+    def _show_details(self, model_id: str, row: dict[str, Any], error: str | None = None, hint: str | None = None) -> None:
+        lines = [f"[b]{escape(model_id)}[/b]" + (f"  [dim]{escape(str(row['model_page']))}[/]"
+                                                if row.get("model_page") else "")]
+        curated = row.get("curated") if isinstance(row.get("curated"), dict) else {}
+        note = row.get("note") or curated.get("note")
+        if note:
+            lines.append(escape(str(note)))
+        facts = []
+        if row.get("params"):
+            facts.append(f"{params_text(row['params'])} parameters")
+        if row.get("size_bytes"):
+            facts.append(f"{format_bytes(row['size_bytes'])} to download")
+        if row.get("license"):
+            facts.append(f"license {escape(str(row['license']))}")
+        if row.get("gated"):
+            facts.append("[yellow]gated: accept the terms on the model page, then `hf auth login`[/]")
+        if row.get("remote_code"):
+            facts.append(f"[yellow]runs its own code ({escape(str(row['remote_code']))})[/]")
+        cached = row.get("cached")
+        if isinstance(cached, dict):
+            facts.append("[green]downloaded[/]" if cached.get("complete") else
+                         f"[yellow]incomplete download: {escape(str(cached.get('problem')))}[/]")
+        elif cached is True:
+            facts.append("[green]on this machine[/]")
+        elif row.get("_details"):
+            facts.append("not downloaded yet: ctrl+d downloads it")
+        if facts:
+            lines.append(" · ".join(facts))
+        if curated:
+            lines.append(f"[dim]chat template {curated.get('chat_template')} · recommended max length "
+                         f"{curated.get('max_length')}[/]")
+        fit = row.get("fit")
+        if isinstance(fit, dict) and fit:
+            if fit.get("total_bytes") or fit.get("components"):
+                lines.append(verdict_line(fit))
+                parts = components(fit)
+                if parts:
+                    lines.append("[dim]" + " · ".join(f"{escape(n)} {format_bytes(b)}" for n, b in parts[:5]) + "[/]")
+            elif fit.get("reason"):
+                lines.append(f"fit: {escape(str(fit.get('verdict')))} ({escape(str(fit['reason']))})")
+        if error:
+            lines.append(f"[red]{escape(error)}[/]" + (f"\n[b]fix:[/] {escape(hint)}" if hint else ""))
+        lines.append("[dim]enter uses this model · ctrl+d downloads it[/]")
+        self.query_one("#details", Static).update("\n".join(lines))
+
+    # Choosing and downloading.
+    def action_use(self) -> None:
+        model_id = self.selected_id()
+        if model_id is None:
+            self.notify("No model highlighted.", severity="warning")
+            return
+        self._use(model_id)
+
+    def _use(self, model_id: str) -> None:
+        draft = self.desk.draft
+        draft.model = model_id
+        draft.data_checked = False
+        if model_id == "demo" and draft.strategy not in ("demo",):
+            draft.strategy = "demo"
+        elif model_id != "demo" and draft.strategy == "demo":
+            draft.strategy = "qlora"
+        self.desk.draft_updated()
+        row = self.rows.get(model_id, {})
+        cached = row.get("cached")
+        if cached is False or (isinstance(cached, dict) and not cached.get("complete")):
+            self.notify(f"Using {model_id}. It is not downloaded yet: ctrl+d downloads it.", severity="warning")
+        else:
+            self.notify(f"Using {model_id}. Next: your data (2).")
+        self._fill_marks()
+
+    def _fill_marks(self) -> None:
+        for table_id in ("find-table", "local-table"):
+            table = self.query_one("#" + table_id, DataTable)
+            cursor = table.cursor_row
+            self._fill(table_id, self._lists.get(table_id, []))
+            if table.row_count:
+                table.move_cursor(row=min(cursor, table.row_count - 1))
+
+    def action_next(self) -> None:
+        self.desk.switch_mode("data")
+
+    def action_download(self) -> None:
+        model_id = self.selected_id()
+        if model_id is None or model_id == "demo" or Path(model_id).is_absolute():
+            self.notify("The demo model and local folders need no download.", severity="warning")
+            return
+        if self.downloading:
+            self.notify(f"Already downloading {self.downloading}.", severity="warning")
+            return
+        row = self.rows.get(model_id, {})
+        if row.get("remote_code"):
+            def answer(yes: bool | None) -> None:
+                if yes:
+                    self._start_download(model_id, trust=True)
+
+            self.app.push_screen(Confirm(
+                f"{model_id} runs its own Python code from the Hub when loaded. Only allow this if you trust its "
+                "authors; the download is pinned to the commit shown. Download it?", yes="Trust and download",
+                danger=True), answer)
+            return
+        self._start_download(model_id)
+
+    def _start_download(self, model_id: str, trust: bool = False) -> None:
+        self.downloading = model_id
+        self._cancel.clear()
+        self.query_one("#download-row").display = True
+        self.query_one("#download-bar", ProgressBar).update(total=100, progress=0)
+        self.query_one("#download-text", Static).update(f"starting {escape(model_id)}…  [dim]ctrl+x cancels[/]")
+        self._download(model_id, trust)
+
+    @work(thread=True, exclusive=True, group="download", exit_on_error=False)
+    def _download(self, model_id: str, trust: bool) -> None:
+        def on_event(event: dict[str, Any]) -> None:
+            self.app.call_from_thread(self._download_event, event)
+
+        try:
+            result = self.desk.backend.download_model(model_id, on_event, self._cancel.is_set, trust)
+        except CommandFailed as err:
+            self.app.call_from_thread(self._download_done, model_id, None, err)
+            return
+        self.app.call_from_thread(self._download_done, model_id, result, None)
+
+    def _download_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") != "download_progress":
+            return
+        total = event.get("bytes_total") or 0
+        done = event.get("bytes_done") or 0
+        self.query_one("#download-bar", ProgressBar).update(total=total or 100, progress=done)
+        rate = event.get("rate_bytes_per_s")
+        self.query_one("#download-text", Static).update(
+            f"{format_bytes(done)} / {format_bytes(total)} · {format_bytes(rate) + '/s' if rate else '--/s'} · "
+            f"ETA {_fmt_duration(event.get('eta_s'))}  [dim]ctrl+x cancels[/]")
+
+    def _download_done(self, model_id: str, result: dict[str, Any] | None, error: CommandFailed | None) -> None:
+        self.downloading = None
+        self.query_one("#download-row").display = False
+        if self._cancel.is_set():
+            self.notify(f"Download of {model_id} cancelled; starting it again resumes it.", severity="warning")
+        elif error is not None:
+            hint = f"\nfix: {error.hint}" if error.hint else ""
+            self.notify(f"{error.message}{hint}", title="Download failed", severity="error", timeout=30)
+        else:
+            if result and result.get("pinned_revision"):
+                self.desk.draft.overrides["model.trust_remote_code"] = "true"
+                self.desk.draft.overrides["model.revision"] = str(result["pinned_revision"])
+            self.rows.setdefault(model_id, {})["cached"] = True
+            self.notify(f"{model_id} is downloaded.", title="Download complete")
+            self._searched_for = None
+            self.refresh_view()
+
+    def action_cancel_download(self) -> None:
+        if self.downloading:
+            self._cancel.set()

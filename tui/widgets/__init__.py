@@ -1,0 +1,1 @@
+"""Widgets of the ft-desk app, one per module."""

@@ -1,0 +1,74 @@
+"""Choosing a data file: completion of typed paths, and a directory tree for browsing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.suggester import Suggester
+from textual.widgets import DirectoryTree, Label, Static
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class PathSuggester(Suggester):
+    """Completes the last part of a typed path from the file system (folders get a trailing slash)."""
+
+    def __init__(self) -> None:
+        super().__init__(use_cache=False, case_sensitive=True)
+
+    async def get_suggestion(self, value: str) -> str | None:
+        if not value or value == "demo":
+            return None
+        expanded = os.path.expanduser(value)
+        folder, prefix = os.path.split(expanded)
+        try:
+            names = sorted(os.listdir(folder or "."))
+        except OSError:
+            return None
+        for name in names:
+            if name.startswith(prefix) and name != prefix and not name.startswith("."):
+                full = os.path.join(folder, name)
+                completed = value + name[len(prefix):]
+                return completed + "/" if os.path.isdir(full) else completed
+        return None
+
+
+class DataTree(DirectoryTree):
+    """Folders and data files only; hidden entries left out."""
+
+    def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
+        return [p for p in paths if not p.name.startswith(".")
+                and (p.is_dir() or p.suffix.lower() in DATA_SUFFIXES)]
+
+
+class FilePicker(ModalScreen["Path | None"]):
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("backspace", "up", "Parent folder")]
+
+    def __init__(self, start: Path) -> None:
+        super().__init__(classes="dialog-screen")
+        self.start = start if start.is_dir() else Path.cwd()
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog picker-dialog"):
+            yield Label("Choose a training file (.jsonl, .json, .csv, .parquet)", classes="dialog-title")
+            yield Static(str(self.start), id="picker-path")
+            yield DataTree(self.start, id="picker-tree")
+            yield Static("[dim]enter opens / chooses · backspace goes up · escape cancels[/]")
+
+    def on_mount(self) -> None:
+        self.query_one(DataTree).focus()
+
+    def action_up(self) -> None:
+        tree = self.query_one(DataTree)
+        parent = Path(tree.path).parent
+        tree.path = parent
+        self.query_one("#picker-path", Static).update(str(parent))
+
+    def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(event.path)

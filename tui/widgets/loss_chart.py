@@ -1,0 +1,58 @@
+"""Train and validation loss over steps, drawn with plotext: raw train loss faint, smoothed train loss, val loss."""
+
+from __future__ import annotations
+
+from textual_plotext import PlotextPlot
+
+from ..history import RunHistory
+
+MAX_POINTS = 400
+"""Note: plotext redraws every point on each refresh; beyond a few hundred the chart is thinned to keep it cheap."""
+
+
+def thin(xs: list[float], ys: list[float], limit: int = MAX_POINTS) -> tuple[list[float], list[float]]:
+    if len(xs) <= limit:
+        return xs, ys
+    stride = -(-len(xs) // limit)
+    keep = list(range(0, len(xs), stride))
+    if keep[-1] != len(xs) - 1:
+        keep.append(len(xs) - 1)
+    return [xs[i] for i in keep], [ys[i] for i in keep]
+
+
+def step_ticks(total: int, count: int = 5) -> list[int]:
+    """Round step numbers for the x axis (0, 20, 40... rather than 20.2, 40.5)."""
+    raw = total / max(1, count - 1)
+    magnitude = 10 ** (len(str(int(raw))) - 1) if raw >= 1 else 1
+    step = max(m * magnitude for m in (1, 2, 5) if m * magnitude <= max(raw, 1))
+    return list(range(0, total + 1, max(1, step)))
+
+
+class LossChart(PlotextPlot):
+    def on_mount(self) -> None:
+        self.show(RunHistory())
+
+    def show(self, history: RunHistory) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("loss")
+        plt.xlabel("step")
+        steps = [float(p.step) for p in history.steps]
+        if steps:
+            smooth = history.smoothed_losses()
+            xs, ys = thin(steps, [p.loss for p in history.steps])
+            plt.plot(xs, ys, marker="braille", color="gray", label="train")
+            xs, ys = thin(steps, smooth)
+            plt.plot(xs, ys, marker="braille", color="cyan", label="train (smoothed)")
+        if history.evals:
+            plt.plot([float(p.step) for p in history.evals], [p.val_loss for p in history.evals],
+                     marker="dot", color="orange", label="val")
+            plt.scatter([float(p.step) for p in history.evals], [p.val_loss for p in history.evals],
+                        marker="●", color="orange")
+        total = history.total_steps
+        if total:
+            plt.xlim(0, total)
+            ticks = step_ticks(total)
+            plt.xticks(ticks, [str(t) for t in ticks])
+        self.refresh()
