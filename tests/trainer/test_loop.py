@@ -156,3 +156,40 @@ def test_checkpoint_refuses_non_finite_weights(tiny_model_dir, tmp_path):
     with pytest.raises(RuntimeError, match="non-finite"):
         ckpt.save_checkpoint(tmp_path, ctx.model, ctx.optimizer, ctx.cfg, LoopState(step=1))
     assert not list(Path(tmp_path).glob("checkpoints/step-*"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.method=lora"],
+    ["train.method=full", "optim.lr=1e-3"],
+    ["lora.use_dora=true"],
+    ["train.gradient_checkpointing=true"],
+    ["train.packing=false"],
+], ids=["lora", "full", "dora", "checkpointing", "no-packing"])
+def test_every_method_and_option_trains(tiny_model_dir, overrides):
+    ctx, sink = _context(tiny_model_dir, ["train.epochs=2", *overrides])
+    state, status = fit(ctx, LoopState())
+    evals = sink.of_type("eval")
+    assert status == "completed"
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    if "train.method=full" in overrides:
+        assert all(p.requires_grad for p in ctx.model.parameters())
+    else:
+        assert any("lora_" in n for n, p in ctx.model.named_parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_does_not_change_the_loss(tiny_model_dir):
+    import torch
+
+    losses = []
+    for flag in ("false", "true"):
+        ctx, _ = _context(tiny_model_dir, [f"train.gradient_checkpointing={flag}", "lora.dropout=0"])
+        batch = __import__("ft_desk.trainer.batching", fromlist=["collate"]).collate(
+            ctx.train_examples, ctx.schedule[0], ctx.pad_id, "cpu", True)
+        ctx.model.train()
+        loss = causal_lm_loss(ctx.model, batch, 64)
+        loss.backward()
+        grads = [p.grad.clone() for p in ctx.model.parameters() if p.requires_grad and p.grad is not None]
+        losses.append((loss.item(), grads))
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
+    assert len(losses[0][1]) == len(losses[1][1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(losses[0][1], losses[1][1]))
