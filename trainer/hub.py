@@ -61,6 +61,14 @@ def is_repo_id(name: str) -> bool:
     return bool(REPO_ID_RE.match(name)) and ".." not in name and not name.endswith((".", "-"))
 
 
+def check_repo_id(name: str) -> str:
+    """`name` if it is a valid Hub model id, else a ModelError saying what one looks like."""
+    if not is_repo_id(name):
+        raise ModelError(f"{name!r} is not a Hub model id",
+                         hint="a Hub id looks like owner/name, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    return name
+
+
 def model_page_url(repo_id: str) -> str:
     from huggingface_hub import constants  # read at call time: tests point it at a local server
 
@@ -348,7 +356,3 @@ def resolve_model_dir(cfg: ModelConfig) -> Path:
                        allow_pickle=cfg.allow_pickle, pinned_revision=cfg.revision, hub_model=True)
     return snapshot
 
-
-def load_kwargs(cfg: ModelConfig) -> dict:
-    """Keyword arguments for transformers' from_pretrained that keep the checks above in force when loading."""
-    return {"trust_remote_code": bool(cfg.trust_remote_code), "use_safetensors": None if cfg.allow_pickle else True}

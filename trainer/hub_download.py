@@ -30,8 +30,8 @@ from typing import Callable
 
 from .errors import ModelError, UserError
 from .events import EventSink, make_event
-from .hub import (COMMIT_RE, code_files_for, check_model_folder, foreign_code_refs, model_page_url, pick_weight_files,
-                  remote_code_reason)
+from .hub import (COMMIT_RE, check_model_folder, check_repo_id, code_files_for, foreign_code_refs, model_page_url,
+                  pick_weight_files, remote_code_reason)
 from .hub_cache import find_snapshot, folder_status, repo_dir
 from .hub_remote import api, fetch_repo_json, hub_error, offline, offline_error
 
@@ -281,6 +281,7 @@ def download_model(repo_id: str, revision: str | None = None, *, allow_pickle: b
                    trust_remote_code: bool = False, sink: EventSink | None = None,
                    verify_hashes: bool = False, clock: Callable[[], float] = time.monotonic) -> dict:
     """Fetch what training needs from `repo_id` into the HF cache; returns what `download_finished` reports."""
+    check_repo_id(repo_id)
     if offline():
         snapshot = find_snapshot(repo_id, revision)
         if snapshot is not None and folder_status(snapshot)["complete"]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import ModelError, UserError
-from .hub import COMMIT_RE, model_page_url, pick_weight_files, redact, remote_code_reason
+from .hub import COMMIT_RE, check_repo_id, model_page_url, pick_weight_files, redact, remote_code_reason
 from .hub_cache import cached_ids, find_snapshot, folder_status
 from .hub_download import is_training_file, unsafe_name
 from .hub_remote import api, endpoint, fetch_repo_json, get_json, hub_error, is_unreachable, offline
@@ -298,6 +298,7 @@ def _cached_row(repo_id: str) -> dict[str, Any]:
 
 def model_details(repo_id: str, revision: str | None = None, fit: FitContext | None = None) -> dict[str, Any]:
     """Everything the picker's details pane shows about one model, from the Hub or (offline) from the cache."""
+    check_repo_id(repo_id)
     entry = next((e for e in load_catalog() if e.id == repo_id), None)
     snapshot = find_snapshot(repo_id, revision)
     note = None

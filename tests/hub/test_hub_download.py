@@ -187,13 +187,17 @@ def test_cancelled_download_leaves_no_partial_file_and_continues_later(hub, cli)
     import subprocess
     import sys
 
-    hub.server.slow[("acme/tiny-sharded", "model-00001-of-00002.safetensors")] = 0.05
+    shard = "model-00001-of-00002.safetensors"
+    hub.server.slow[("acme/tiny-sharded", shard)] = 0.2  # ~5 s for the shard: plenty of time to cancel mid-way
     child = subprocess.Popen([sys.executable, "-m", "ft_desk.trainer.cli", "models", "download", "acme/tiny-sharded",
                               "--json"], env=hub.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in child.stdout:  # cancel (as the TUI does) once the slow shard is half-way through
+    shard_start = None
+    for line in child.stdout:  # cancel (as the TUI does) once bytes of the slow shard have arrived
         event = json.loads(line)
-        if event["type"] == "download_progress" and event["file"] == "model-00001-of-00002.safetensors" \
-                and event["bytes_done"] > event["bytes_total"] // 2:
+        if event["type"] != "download_progress" or event["file"] != shard:
+            continue
+        shard_start = event["bytes_done"] if shard_start is None else shard_start
+        if event["bytes_done"] > shard_start:
             child.send_signal(signal.SIGTERM)
             break
     out, err = child.communicate(timeout=60)
@@ -204,9 +208,9 @@ def test_cancelled_download_leaves_no_partial_file_and_continues_later(hub, cli)
     with pytest.raises(ModelError):
         resolve_model_dir(ModelConfig(name="acme/tiny-sharded"))
 
-    del hub.server.slow[("acme/tiny-sharded", "model-00001-of-00002.safetensors")]
+    del hub.server.slow[("acme/tiny-sharded", shard)]
     before = hub.server.count()
     code, out, _ = cli("models", "download", "acme/tiny-sharded", "--json")
     assert code == 0 and resolve_model_dir(ModelConfig(name="acme/tiny-sharded")).is_dir()
     fetched = {r.path.rsplit("/", 1)[-1] for r in hub.server.requests[before:] if r.method == "GET" and "/resolve/" in r.path}
-    assert "model-00001-of-00002.safetensors" in fetched and "tokenizer.json" not in fetched  # finished files kept
+    assert shard in fetched and "tokenizer.json" not in fetched  # files finished before the cancel are kept

@@ -81,6 +81,8 @@ def test_model_info_reports_size_license_gated_and_weights(hub, cli, tiny_files)
 
     code, _, err = cli("models", "info", "acme/no-such-model", "--no-fit")
     assert code == 2 and "acme/no-such-model was not found on the Hub" in err
+    code, _, err = cli("models", "download", "../acme/tiny-chat")
+    assert code == 2 and "is not a Hub model id" in err
 
 
 def test_fit_verdict_from_config_alone(hub, cli):
