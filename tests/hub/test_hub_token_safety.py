@@ -59,8 +59,10 @@ def test_sentinel_token_is_never_written_or_printed(hub, tmp_path, tiny_files):
     train = ["train", "--preset", "demo", "--set", "model.name=acme/gated-tiny", "--set", "train.max_steps=2",
              "--set", "eval.sample_prompts=1", "--set", "eval.max_new_tokens=8", "--set", "data.max_length=128",
              "--set", "train.micro_batch_size=2", "--events", "jsonl"]
+    served = hub.server.count()
     proc = ft(*train, "--set", "output.run_name=ok")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert hub.server.count() == served  # training reads the cached snapshot; it never asks the Hub
     run_dir = ft_home / "runs" / "ok"
     assert json.loads((run_dir / "state.json").read_text())["status"] == "completed"
 
