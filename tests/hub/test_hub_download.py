@@ -214,3 +214,26 @@ def test_cancelled_download_leaves_no_partial_file_and_continues_later(hub, cli)
     assert code == 0 and resolve_model_dir(ModelConfig(name="acme/tiny-sharded")).is_dir()
     fetched = {r.path.rsplit("/", 1)[-1] for r in hub.server.requests[before:] if r.method == "GET" and "/resolve/" in r.path}
     assert shard in fetched and "tokenizer.json" not in fetched  # files finished before the cancel are kept
+
+
+def test_progress_reports_bytes_rate_and_eta_from_the_clock():
+    from ft_desk.trainer.events import ListSink
+    from ft_desk.trainer.hub_download import DownloadProgress
+
+    now = [0.0]
+    sink = ListSink()
+    progress = DownloadProgress(sink, "acme/x", total_bytes=1000, files_total=2, clock=lambda: now[0], interval=0)
+    progress.file_started("a.safetensors")
+    progress.add(100, transferred=False)  # already in the cache: counts as done, not towards the rate
+    now[0] = 1.0
+    progress.add(100)
+    last = sink.events[-1]
+    assert (last["bytes_done"], last["rate_bytes_per_s"], last["eta_s"]) == (200, 100.0, 8.0)
+    now[0] = 2.0
+    progress.add(300)
+    assert (sink.events[-1]["rate_bytes_per_s"], sink.events[-1]["eta_s"]) == (200.0, 2.5)
+    now[0] = 10.0  # a stall: the rate follows the last seconds, not the whole download
+    progress.add(100)
+    assert sink.events[-1]["rate_bytes_per_s"] == 12.5
+    progress.file_finished()
+    assert sink.events[-1]["files_done"] == 1 and sink.events[-1]["type"] == "download_progress"
