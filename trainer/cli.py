@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("ft_desk.trainer.cmd_chat", "chat with a trained model (adapter on, or off with /base) in the terminal"),
     "data": ("ft_desk.trainer.cmd_data", "check a data file: format, token lengths, duplicates, broken rows"),
     "models": ("ft_desk.trainer.cmd_models", "search, inspect, download, list and remove base models (Hub + local cache)"),
+    "export": ("ft_desk.trainer.cmd_export", "export a run as adapter, merged model, GGUF or Ollama, verified against it"),
 }
 
 

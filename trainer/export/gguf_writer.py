@@ -354,3 +354,45 @@ def verify_with_llama_cpp(path: Path, reference) -> dict[str, Any] | None:
     return {"informational": True, "passed": True, "mean_kl": kl_sum / max(tokens, 1),
             "top1_agreement": top1 / max(tokens, 1), "tokens": tokens, "stopped": stops,
             "llama_cpp_version": getattr(llama_cpp, "__version__", "?")}
+
+
+def readback_check(path: Path, merged_dir: Path, tensor_type: str) -> dict[str, Any]:
+    """Read every tensor back with the gguf package's reader and compare it with the merged weight it came from.
+
+    This checks the file's bytes (names, shapes, types, values); it cannot catch a wrong layout convention, which
+    only a real loader can. It is the check used where transformers cannot load the architecture (gemma v1).
+    """
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoConfig
+
+    from ft_desk.quant.gguf_tensors import gguf_arch, transform
+
+    from .source import base_shards
+
+    config = AutoConfig.from_pretrained(merged_dir)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    arch = gguf_arch(text_config.model_type)
+    reader = gguf.GGUFReader(path)
+    stored = {t.name: t for t in reader.tensors}
+    specs = plan_tensors(merged_dir, arch, text_config, tensor_type)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    worst, missing = 0.0, []
+    for spec, entry in specs:
+        if spec.name not in stored:
+            missing.append(spec.name)
+            continue
+        t = stored[spec.name]
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        want = transform(arch, spec.hf_name, read_tensor(entry).float(), text_config.num_attention_heads, kv_heads)
+        got = got.reshape(want.shape)
+        scale = float(want.abs().max()) or 1.0
+        worst = max(worst, float((got - want).abs().max()) / scale)
+    # Note: largest error relative to the tensor's largest value that each storage type can produce.
+    limit = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q5_0": 0.05, "q4_0": 0.1}[tensor_type]
+    passed = not missing and worst <= limit
+    return {"passed": passed, "tensors": len(specs), "missing": missing, "max_rel_error": worst,
+            "limit": limit, "checks": [{"name": "readback", "ok": passed,
+                                        "detail": f"{len(specs) - len(missing)}/{len(specs)} tensors read back, "
+                                                  f"largest relative error {worst:.2e} (limit {limit})"}]}

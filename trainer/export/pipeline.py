@@ -174,8 +174,10 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
     if reference is not None:
         _note(sink, "verify")("reloading the merged model with plain transformers")
         result = v.run_reload_check(_hf_args(merged_dir, reference, merged_lp), stage.work, "merged")
-        comparisons["merged_vs_trained"] = v.judge(result, reference, v.THRESHOLDS[request.dtype])
-        if facts["merge_into"] == "original" and source.method == "qlora":
+        original = facts["merge_into"] == "original" and source.method == "qlora"
+        comparisons["merged_vs_trained"] = v.judge(result, reference, v.THRESHOLDS[request.dtype],
+                                                   gate_numbers=not original)
+        if original:
             comparisons.update(_compare_quantized_merge(source, tokenizer, request, stage, reference, sink))
     if fmt == "merged":
         return facts, _fidelity(reference, comparisons, notes)
@@ -187,12 +189,19 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
                              progress=_Progress(sink, "gguf"))
     facts = {**{k: v_ for k, v_ in facts.items() if k != "weights"}, **gguf_facts,
              "notes": facts.get("notes", []) + gguf_facts.get("notes", [])}
-    if reference is not None:
+    if reference is not None and not gguf_facts["transformers_can_load"]:
+        from .gguf_writer import readback_check
+
+        notes.append(f"transformers cannot load {gguf_facts['architecture']} GGUF files, so the file was checked "
+                     "by reading every tensor back with the gguf package instead of by reloading the model")
+        comparisons["gguf_readback"] = readback_check(stage.path / gguf_facts["file"], merged_dir, gguf_type)
+    elif reference is not None:
         _note(sink, "verify")("reloading the GGUF file with transformers' GGUF loader")
         args = _hf_args(stage.path, reference, None)
         args.update(kind="gguf", gguf_file=gguf_facts["file"], compare_dirs={"merged": str(merged_lp)},
-                    extra_eos=gguf_facts["stop_ids"])
+                    extra_eos=gguf_facts["stop_ids"], config_dir=str(merged_dir))
         result = v.run_reload_check(args, stage.work, "gguf")
+        notes.extend(result.get("notes", []))
         limits = v.THRESHOLDS[gguf_type]
         comparisons["gguf_vs_merged"] = v.judge(result, reference, limits, label="merged")
         comparisons["gguf_vs_trained"] = v.judge(result, reference, limits)

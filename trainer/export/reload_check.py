@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+_NOTES = []
+
 
 def _load(args):
     import torch
@@ -37,7 +39,20 @@ def _load(args):
     folder = args["model_dir"]
     if kind == "gguf":
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=args["gguf_file"])
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=args["gguf_file"], dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=args["gguf_file"], dtype=dtype)
+        except (RuntimeError, ValueError) as exc:
+            if not args.get("config_dir"):
+                raise
+            # transformers rebuilds the config from fewer GGUF keys than llama.cpp reads (e.g. Qwen3's head_dim):
+            # load the file's tensors into the merged model's config instead, and say so.
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(args["config_dir"])
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=args["gguf_file"], config=config,
+                                                         dtype=dtype)
+            _NOTES.append(f"transformers' GGUF config reader failed ({str(exc).splitlines()[0][:160]}); the "
+                          "tensors were loaded with the merged model's config")
     elif kind == "adapter":
         from peft import PeftModel
 
@@ -174,6 +189,7 @@ def main(path):
         "tokenizer": {"checked": token_checked, "mismatched": token_mismatch},
         "load_seconds": load_s,
         "seconds": time.time() - started,
+        "notes": _NOTES,
         "ft_desk_modules": sorted(m for m in sys.modules if m.split(".")[0] == "ft_desk"),
         "finite": all(math.isfinite(v) for v in (nll_self,)),
     }

@@ -162,8 +162,12 @@ def run_reload_check(args: dict[str, Any], workdir: Path, label: str) -> dict[st
 
 
 def judge(result: dict[str, Any], reference: Reference, thresholds: Thresholds, label: str = "reference",
-          expect_stop_ids: list[int] | None = None) -> dict[str, Any]:
-    """The fidelity report for one reloaded export: numbers, checks, and an overall pass."""
+          expect_stop_ids: list[int] | None = None, gate_numbers: bool = True) -> dict[str, Any]:
+    """The fidelity report for one reloaded export: numbers, checks, and an overall pass.
+
+    gate_numbers=False reports KL and loss against the limits without failing on them (a merge into the
+    original weights is not expected to match the NF4-trained model exactly).
+    """
     comp = result["comparisons"][label]
     loss_ref = reference.data["loss"] if label == "reference" else comp["loss_other"]
     loss_delta = result["loss"] - loss_ref
@@ -172,9 +176,12 @@ def judge(result: dict[str, Any], reference: Reference, thresholds: Thresholds, 
     def check(name: str, ok: bool | None, detail: str) -> None:
         checks.append({"name": name, "ok": ok, "detail": detail})
 
-    check("mean_kl", comp["mean_kl"] <= thresholds.mean_kl,
+    def gated(ok: bool) -> bool | None:
+        return ok if gate_numbers else None
+
+    check("mean_kl", gated(comp["mean_kl"] <= thresholds.mean_kl),
           f"mean KL {comp['mean_kl']:.2e} (limit {thresholds.mean_kl:.0e}) over {result['tokens']} tokens")
-    check("loss_delta", abs(loss_delta) <= thresholds.loss_delta,
+    check("loss_delta", gated(abs(loss_delta) <= thresholds.loss_delta),
           f"val loss {result['loss']:.4f} vs {loss_ref:.4f} (delta {loss_delta:+.4f}, limit "
           f"{thresholds.loss_delta})")
     tok = result["tokenizer"]
@@ -230,8 +237,13 @@ def judge(result: dict[str, Any], reference: Reference, thresholds: Thresholds, 
 def describe(report: dict[str, Any], title: str) -> list[str]:
     """Readable lines for one judged comparison."""
     verdict = "PASS" if report["passed"] else "FAIL"
-    lines = [f"{title}: {verdict}  mean KL {report['mean_kl']:.2e}, top-1 agreement "
-             f"{report['top1_agreement'] * 100:.1f}%, val loss delta {report['val_loss_delta']:+.4f}"]
+    if report.get("informational"):
+        verdict = "for comparison"
+    numbers = ""
+    if "mean_kl" in report:
+        numbers = (f"  mean KL {report['mean_kl']:.2e}, top-1 agreement {report['top1_agreement'] * 100:.1f}%, "
+                   f"val loss delta {report['val_loss_delta']:+.4f}")
+    lines = [f"{title}: {verdict}{numbers}"]
     for c in report["checks"]:
         mark = {True: "ok  ", False: "FAIL", None: "note"}[c["ok"]]
         lines.append(f"  [{mark}] {c['detail']}")
