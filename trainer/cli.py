@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ft_desk.trainer.cmd_train", "fine-tune a model (QLoRA by default); --resume RUN_DIR continues a run"),
     "runs": ("ft_desk.trainer.cmd_runs", "list runs and their status"),
     "chat": ("ft_desk.trainer.cmd_chat", "chat with a trained model (adapter on, or off with /base) in the terminal"),
+    "eval": ("ft_desk.trainer.cmd_eval", "base vs tuned on held-out examples: task metrics, retention check, report"),
     "data": ("ft_desk.trainer.cmd_data", "check a data file: format, token lengths, duplicates, broken rows"),
+    "plan": ("ft_desk.trainer.cmd_plan", "will it fit? peak memory of a run from config.json alone, and how to make it fit"),
+    "doctor": ("ft_desk.trainer.cmd_doctor", "this machine: OS, Python, libraries, CUDA/MPS/CPU, RAM, whether 4-bit works"),
     "models": ("ft_desk.trainer.cmd_models", "search, inspect, download, list and remove base models (Hub + local cache)"),
     "export": ("ft_desk.trainer.cmd_export", "export a run as adapter, merged model, GGUF or Ollama, verified against it"),
 }
@@ -56,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        print(f"ft-desk: {err.full()}", file=sys.stderr)
+        from .hub import redact  # a token must never reach the screen or a pasted bug report
+
+        print(f"ft-desk: {redact(err.full())}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("ft-desk: interrupted", file=sys.stderr)

@@ -82,10 +82,19 @@ def update_state(run_dir: Path, **changes: Any) -> dict[str, Any]:
     return state
 
 
+class _RedactingFormatter(logging.Formatter):
+    """Log lines with any Hugging Face token masked: a token must never reach a run folder."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .hub import redact
+
+        return redact(super().format(record))
+
+
 def setup_logging(run_dir: Path) -> logging.Handler:
     """Diagnostics (ours and the libraries') go to RUN_DIR/run.log."""
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -176,6 +185,11 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
         log.error("run crashed:\n%s", traceback.format_exc())
         error, hint = _explain_failure(exc)
         outcome = {"status": "failed", "exit_code": EXIT_FAILED, "error": error, "hint": hint}
+    from .hub import redact
+
+    for key in ("error", "hint"):
+        if outcome[key]:
+            outcome[key] = redact(outcome[key])
     state = read_state(run_dir)
     sinks.emit(make_event(
         "run_finished", status=outcome["status"], exit_code=outcome["exit_code"], error=outcome["error"],
