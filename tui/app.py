@@ -134,13 +134,14 @@ class FtDeskApp(App):
                 yield SystemCommand("Stop training", "Finish the current step, save a checkpoint, stop",
                                     self.action_stop_run)
         seen = {"quit", "command_palette"}
-        for key, active in screen.active_bindings.items():
-            binding, node = active.binding, active.node
-            if not binding.show or not binding.description or binding.action in seen or node is self:
-                continue
-            seen.add(binding.action)
-            yield SystemCommand(binding.description, f"{screen.TITLE or 'Screen'} action (key {key})",
-                                partial(self.run_action, binding.action, node))
+        for key, bindings in screen._bindings.key_to_bindings.items():
+            for binding in bindings:
+                if not binding.description or binding.action in seen:
+                    continue
+                seen.add(binding.action)
+                yield SystemCommand(binding.description, f"{getattr(screen, 'TITLE', '') or 'Screen'} action "
+                                    f"(key {binding.key_display or key})", partial(self.run_action, binding.action,
+                                                                                   screen))
 
     # The draft.
     def draft_updated(self) -> None:

@@ -69,11 +69,11 @@ def make_run(runs_dir: Path, name: str, events: list[dict[str, Any]] | None = No
     return run_dir
 
 
-def spawn_fake_trainer(run_dir: Path, events: Path = DEMO_EVENTS, delay: float = 0.0, hold_at: int = 0,
+def spawn_fake_trainer(run_dir: Path, events: Path = DEMO_EVENTS, delay: float = 0.0, hold_after: int = 0,
                        stderr_path: Path | None = None) -> subprocess.Popen:
     args = [sys.executable, str(FAKE_TRAINER), str(run_dir), str(events), "--delay", str(delay)]
-    if hold_at:
-        args += ["--hold-at", str(hold_at)]
+    if hold_after:
+        args += ["--hold-after", str(hold_after)]
     err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL
     try:
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
@@ -95,10 +95,10 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
 class FakeBackend(CliBackend):
     """Answers like the CLI from recorded outputs; training replays DEMO_EVENTS through a real detached child."""
 
-    def __init__(self, runs_dir: Path, delay: float = 0.0, hold_at: int = 0, events: Path = DEMO_EVENTS) -> None:
+    def __init__(self, runs_dir: Path, delay: float = 0.0, hold_after: int = 0, events: Path = DEMO_EVENTS) -> None:
         super().__init__(str(runs_dir))
         self.runs_home = runs_dir
-        self.delay, self.hold_at, self.events = delay, hold_at, events
+        self.delay, self.hold_after, self.events = delay, hold_after, events
         self.calls: list[tuple[str, Any]] = []
         self.processes: list[subprocess.Popen] = []
 
@@ -107,7 +107,7 @@ class FakeBackend(CliBackend):
         self.calls.append(("start_training", draft.cli_args()))
         run_dir = self.runs_home / f"run-{len(self.processes) + 1}"
         stderr = launch_dir() / f"{run_dir.name}.stderr.log"
-        process = spawn_fake_trainer(run_dir, self.events, self.delay, self.hold_at, stderr)
+        process = spawn_fake_trainer(run_dir, self.events, self.delay, self.hold_after, stderr)
         self.processes.append(process)
         return Launch(process, run_dir, stderr)
 
@@ -170,6 +170,11 @@ class FakeBackend(CliBackend):
             if process.poll() is None:
                 process.kill()
             process.wait()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # Pilot tests run on asyncio (anyio's pytest plugin drives the async tests)
 
 
 @pytest.fixture

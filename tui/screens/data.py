@@ -25,20 +25,6 @@ FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"
 TRAINED_STYLE = "bold black on green"
 
 
-def histogram_bins(report: dict[str, Any]) -> list[tuple[float, float, int]]:
-    """(low, high, count) buckets; the open bucket above max_length gets the width of the others."""
-    out = []
-    buckets = report.get("histogram") or []
-    for b in buckets:
-        lo = float(b.get("lo") or 0)
-        hi = b.get("hi")
-        if hi is None:
-            width = (out[-1][1] - out[-1][0]) if out else lo
-            hi = lo + width
-        out.append((lo, float(hi), int(b.get("count") or 0)))
-    return out
-
-
 def sample_text(segments: list) -> Text:
     """A rendered example with the tokens that carry loss highlighted."""
     text = Text()
@@ -262,7 +248,7 @@ class DataScreen(DeskScreen):
                 f"rendered with {rendering}, loss on "
                 f"{'assistant replies' if report.get('train_on') == 'assistant' else 'every token'}"
                 + ("  [green]✓ ready[/]" if usable else ""))
-        self.query_one(TokenHistogram).show(histogram_bins(report), report.get("max_length"))
+        self.query_one(TokenHistogram).show(list(report.get("histogram") or []), report.get("max_length"))
         self.query_one("#findings", Static).update("\n".join(findings(report)))
         sample = report.get("sample") or {}
         if sample:

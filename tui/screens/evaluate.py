@@ -25,8 +25,17 @@ SEVERITY_MARK = {"error": "[b red]✗[/]", "warning": "[b yellow]![/]", "ok": "[
 _SPECIAL = re.compile(r"<\|[^|>]{1,40}\|>|<s>|</s>|<end_of_turn>|<start_of_turn>")
 
 
+_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)"  # ChatML (Qwen, SmolLM, the demo)
+                   r"|<\|start_header_id\|>(\w+)<\|end_header_id\|>\n*(.*?)(?:<\|eot_id\|>|$)"  # Llama 3
+                   r"|<start_of_turn>(\w+)\n(.*?)(?:<end_of_turn>|$)", re.S)  # Gemma
+
+
 def readable_prompt(prompt: str) -> str:
-    """A rendered prompt without the chat template's special tokens (role names stay)."""
+    """What the user asked: the last user turn of a rendered chat prompt, or the prompt without special tokens."""
+    turns = [(m[0] or m[2] or m[4], m[1] or m[3] or m[5]) for m in _TURN.findall(prompt)]
+    users = [text.strip() for role, text in turns if role == "user" and text.strip()]
+    if users:
+        return users[-1]
     text = _SPECIAL.sub("", prompt)
     lines = [line.rstrip() for line in text.splitlines()]
     return "\n".join(line for line in lines if line).strip()

@@ -79,9 +79,10 @@ class HomeScreen(DeskScreen):
             if str(selected.run_dir) in keys:
                 table.move_cursor(row=keys.index(str(selected.run_dir)))
         first_time = not runs
-        self.query_one("#welcome").display = first_time or len(runs) < 3
+        self.query_one("#welcome").display = first_time
         self.query_one("#runs-title", Static).update(
-            "No runs yet." if first_time else f"[b]Runs[/b] [dim]({len(runs)}, newest first)[/]")
+            "No runs yet." if first_time else f"[b]Runs[/b] [dim]({len(runs)}, newest first) · n new run · "
+                                              "d demo · ctrl+p all commands[/]")
         self._show_detail()
 
     def selected(self) -> RunSummary | None:

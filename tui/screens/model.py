@@ -95,7 +95,7 @@ class ModelScreen(DeskScreen):
 
     def _table(self, table_id: str) -> DataTable:
         table = DataTable(id=table_id, cursor_type="row", zebra_stripes=True)
-        table.add_columns("model", "params", "size", "license", "gated", "fit", "")
+        table.add_columns("model", "params", "size", "fit", "license", "gated", "")
         return table
 
     def on_mount(self) -> None:
@@ -189,9 +189,9 @@ class ModelScreen(DeskScreen):
             gated = m.get("gated")
             table.add_row(
                 model_id, params_text(m.get("params")),
-                format_bytes(m["size_bytes"]) if m.get("size_bytes") else "-",
-                str(m.get("license") or "?"), "gated" if gated else ("" if gated is False else "?"),
-                fit_text(m.get("fit")), flags, key=model_id,
+                format_bytes(m["size_bytes"]) if m.get("size_bytes") else "-", fit_text(m.get("fit")),
+                str(m.get("license") or "?"), "gated" if gated else ("" if gated is False else "?"), flags,
+                key=model_id,
             )
         if table.row_count and table.has_focus:
             self._highlighted(table)

@@ -23,7 +23,7 @@ from .base import DeskScreen
 # (dotted key, label, widget kind, choices) in form order.
 FIELDS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("train.epochs", "epochs", "text", ()),
-    ("train.max_steps", "max steps (0: epochs)", "text", ()),
+    ("train.max_steps", "max steps", "text", ()),
     ("optim.lr", "learning rate", "text", ()),
     ("train.micro_batch_size", "micro-batch", "text", ()),
     ("train.grad_accum", "grad accumulation", "text", ()),
@@ -91,8 +91,8 @@ class RecipeScreen(DeskScreen):
         yield Static("", id="recipe-error")
         yield MemoryPanel(id="memory")
         with Horizontal(id="recipe-buttons"):
-            yield Button("Save as preset", id="save-preset")
-            yield Button("Next: Train ›", variant="primary", id="next")
+            yield Button("Save as preset", id="save-preset", compact=True)
+            yield Button("Next: Train ›", variant="primary", id="next", compact=True)
 
     def refresh_view(self) -> None:
         draft = self.desk.draft

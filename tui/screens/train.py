@@ -106,7 +106,9 @@ class TrainScreen(DeskScreen):
         last = h.last_step
         if total:
             if h.finished:
-                eta = "done"
+                eta = str(h.finished.get("status", "finished"))
+            elif session.ended:
+                eta = "trainer gone"
             elif last:
                 eta = f"ETA {_fmt_duration(last.get('eta_s'))}"
             elif int((started.get("config") or {}).get("eval", {}).get("sample_prompts") or 0):

@@ -1,28 +1,61 @@
-"""Token lengths of the training rows as a bar chart, with the max_length cut-off drawn as a red line."""
+"""Token lengths of the training rows as horizontal bars, one per length range; the last range is the rows longer
+than max_length, which training cuts (drawn red when there are any).
+
+The ranges are merged pairwise until each bar has a row of its own, so every bar keeps its label whatever the
+widget's height (plotext would otherwise drop labels, and which ones depends on the order of resizes)."""
 
 from __future__ import annotations
 
+from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
 
+def merge_to_fit(buckets: list[dict], rows: int) -> list[dict]:
+    """Adjacent ranges merged until at most `rows` remain; the open range above max_length stays apart."""
+    closed = [dict(b) for b in buckets if b.get("hi") is not None]
+    over = [dict(b) for b in buckets if b.get("hi") is None]
+    rows = max(1, rows - len(over))
+    while len(closed) > rows:
+        closed = [
+            {"lo": pair[0]["lo"], "hi": pair[-1]["hi"], "count": sum(int(b.get("count") or 0) for b in pair)}
+            for pair in (closed[i:i + 2] for i in range(0, len(closed), 2))
+        ]
+    return closed + over
+
+
+def bucket_labels(buckets: list[dict]) -> list[str]:
+    """`1-32`, `33-64`, ... and `>256 cut` for the open range above max_length."""
+    out = []
+    for b in buckets:
+        hi = b.get("hi")
+        out.append(f"{b.get('lo')}-{hi}" if hi is not None else f">{int(b.get('lo') or 1) - 1} cut")
+    return out
+
+
 class TokenHistogram(PlotextPlot):
-    def show(self, bins: list[tuple[float, float, int]], max_length: int | None) -> None:
-        """`bins` are (low, high, count) token-length ranges."""
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.buckets: list[dict] = []
+        self.max_length: int | None = None
+
+    def show(self, buckets: list[dict], max_length: int | None) -> None:
+        """`buckets` as `ft-desk data check --json` reports them: {"lo", "hi" (None: above max_length), "count"}."""
+        self.buckets, self.max_length = list(buckets), max_length
+        self.refresh()
+
+    def render(self) -> RenderResult:
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title("tokens per example")
-        if bins:
-            centers = [(lo + hi) / 2 for lo, hi, _ in bins]
-            counts = [c for _, _, c in bins]
-            width = min(hi - lo for lo, hi, _ in bins) if len(bins) > 1 else 1
-            over = [c if (lo + hi) / 2 > (max_length or float("inf")) else 0 for lo, hi, c in bins]
-            plt.bar(centers, counts, width=0.9 if width else 1, color="cyan", label="rows")
+        plt.title(f"tokens per row (max_length {self.max_length})" if self.max_length else "tokens per row")
+        if self.buckets:
+            shown = merge_to_fit(self.buckets, self.size.height - 4)
+            # plotext draws the first bar at the bottom: reverse so the shortest range is on top, like a table.
+            labels = bucket_labels(shown)[::-1]
+            counts = [int(b.get("count") or 0) for b in shown][::-1]
+            over = [c if label.endswith("cut") else 0 for label, c in zip(labels, counts)]
+            within = [0 if label.endswith("cut") else c for label, c in zip(labels, counts)]
+            plt.bar(labels, within, orientation="horizontal", color="cyan", width=0.6)
             if any(over):
-                plt.bar(centers, over, width=0.9, color="red", label="truncated")
-            if max_length:
-                plt.vline(max_length, color="red")
-                hi = max(max_length * 1.05, bins[-1][1])
-                plt.xlim(0, hi)
-        plt.xlabel(f"tokens (red line: max_length {max_length})" if max_length else "tokens")
-        self.refresh()
+                plt.bar(labels, over, orientation="horizontal", color="red", width=0.6)
+        return super().render()

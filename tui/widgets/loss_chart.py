@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
 from ..history import RunHistory
@@ -29,10 +30,18 @@ def step_ticks(total: int, count: int = 5) -> list[int]:
 
 
 class LossChart(PlotextPlot):
-    def on_mount(self) -> None:
-        self.show(RunHistory())
+    """Drawn from the run's history at render time, so the picture depends only on the data and the final size."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.history = RunHistory()
 
     def show(self, history: RunHistory) -> None:
+        self.history = history
+        self.refresh()
+
+    def render(self) -> RenderResult:
+        history = self.history
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
@@ -55,4 +64,4 @@ class LossChart(PlotextPlot):
             plt.xlim(0, total)
             ticks = step_ticks(total)
             plt.xticks(ticks, [str(t) for t in ticks])
-        self.refresh()
+        return super().render()

@@ -81,13 +81,16 @@ class MemoryPanel(Static):
     def show(self, plan: dict[str, Any]) -> None:
         self.set_class(False, "-stale")
         lines = [verdict_line(plan)]
-        parts = components(plan)
+        parts = components(plan)[:4]
         if parts:
             biggest = parts[0][1] or 1
-            width = max(len(n) for n, _ in parts[:6])
-            for name, value in parts[:6]:
+            room = (self.content_region.width or 80) - BAR - 12
+            width = max(8, min(room, max(len(n) for n, _ in parts)))
+            for name, value in parts:
                 fill = max(1, round(BAR * value / biggest)) if value else 0
-                lines.append(f"{escape(name):<{width}} [cyan]{'█' * fill}[/]{' ' * (BAR - fill)} {format_bytes(value)}")
+                label = name if len(name) <= width else name[: width - 1] + "…"
+                lines.append(f"{escape(label):<{width}} [cyan]{'█' * fill}[/]{' ' * (BAR - fill)} "
+                             f"{format_bytes(value)}")
         tips = suggestions(plan)
         if tips and str(plan.get("verdict", "")).replace("_", " ") != "fits":
             lines.append("[b]to make it fit:[/]")

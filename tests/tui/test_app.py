@@ -1,0 +1,317 @@
+"""The app driven with Pilot: navigation, the first-launch demo key, runs replayed from a recorded events.jsonl,
+a live (fake) trainer child followed, stopped and re-attached, errors from the child shown with their fix, the
+recipe form's inline validation, "Save as preset", the command palette and the theme."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Input, RichLog, Static
+
+from ft_desk.trainer.presets import load_config
+from ft_desk.tui.app import LIGHT
+from ft_desk.tui.draft import demo_draft
+from ft_desk.tui.screens.recipe import _field_id
+
+from .conftest import FIXTURES, make_run, read_events, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def settle(pilot, until=None, timeout: float = 20.0) -> None:
+    """Let workers and watcher threads deliver; with `until`, wait for that condition."""
+    import asyncio
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        await pilot.pause(0.05)
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause(0.05)
+        if until is None or until() or time.monotonic() > end:
+            break
+        await asyncio.sleep(0.1)
+    if until is not None:
+        assert until(), "condition not reached in time"
+
+
+def text_of(app, selector: str) -> str:
+    widget = app.screen.query_one(selector, Static)
+    return str(widget.render())
+
+
+async def test_every_step_is_one_key_away(make_app):
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        for key, mode in (("1", "model"), ("2", "data"), ("3", "recipe"), ("4", "train"), ("5", "evaluate"),
+                          ("6", "export"), ("h", "home")):
+            await pilot.press(key)
+            await settle(pilot)
+            assert app.current_mode == mode
+
+
+async def test_first_launch_offers_the_demo_on_one_key(make_app, backend, runs_dir):
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert app.screen.query_one("#welcome").display
+        assert "demo" in text_of(app, "#welcome")
+        await pilot.press("d")
+        await settle(pilot, until=lambda: app.session is not None and app.session.history.finished is not None)
+        assert backend.calls[0][0] == "start_training"
+        assert "--preset" in backend.calls[0][1] and "demo" in backend.calls[0][1]
+        assert app.current_mode == "train"
+        history = app.session.history
+        assert history.steps and history.evals
+        assert "step" in text_of(app, "#progress-text")
+        log = app.screen.query_one("#run-log", RichLog)
+        assert len(log.lines) > 3
+
+
+async def test_a_finished_run_is_replayed_on_every_screen(make_app, runs_dir):
+    run_dir = make_run(runs_dir, "demo-run")
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        table = app.screen.query_one("#runs", DataTable)
+        assert table.row_count == 1
+        await pilot.press("enter")
+        await settle(pilot, until=lambda: app.session is not None and app.session.history.finished is not None)
+        assert app.current_mode == "train" and app.session.run_dir == run_dir
+        events = read_events()
+        last_step = [e for e in events if e["type"] == "step"][-1]
+        assert f"step {last_step['step']}/{last_step['total_steps']}" in text_of(app, "#progress-text")
+        await pilot.press("5")
+        await settle(pilot)
+        samples = [e for e in events if e["type"] == "sample"]
+        shown = " ".join(str(w.render()) for w in app.screen.query(".sample-out"))
+        assert samples[0]["output"].split()[0][:10] in shown
+        assert "val loss" in text_of(app, "#metrics")
+        assert text_of(app, "#doctor").strip()
+
+
+async def test_a_live_run_is_followed_stopped_and_reported(make_app, backend):
+    backend.hold_after = 2  # the fake trainer waits after a few steps, like a long run
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.draft = demo_draft()
+        await pilot.press("4")
+        await pilot.press("t")
+        await settle(pilot, until=lambda: app.session is not None and app.session.history.steps)
+        session = app.session
+        assert session.live and "running" in str(app.screen.query_one("#topbar-run").render())
+        await pilot.press("s")
+        await settle(pilot)
+        await pilot.press("y")  # confirm
+        await settle(pilot, until=lambda: session.history.finished is not None and session.ended)
+        assert session.history.finished["status"] == "stopped"
+        assert session.exit_code == 3
+        assert "resumes" in text_of(app, "#run-stats")
+
+
+async def test_a_failed_run_says_what_happened_and_the_fix(make_app, backend, tmp_path):
+    events = [e for e in read_events() if e["type"] in ("run_started", "data_ready")]
+    events.append({"v": 1, "type": "run_finished", "status": "failed", "exit_code": 2,
+                   "error": "my.jsonl:7: row is not valid JSON", "hint": "repair line 7 or set data.skip_bad_rows=true",
+                   "final_step": 0, "elapsed_s": 1.0})
+    failing = tmp_path / "failing.jsonl"
+    failing.write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    backend.events = failing
+    app = make_app()
+    async with app.run_test(size=(100, 30), notifications=True) as pilot:
+        await settle(pilot)
+        app.draft = demo_draft()
+        app.start_training()
+        await settle(pilot, until=lambda: any("my.jsonl:7" in n.message for n in app._notifications))
+        messages = [n.message for n in app._notifications]
+        assert any("my.jsonl:7" in m and "fix: repair line 7" in m for m in messages)
+        assert "repair line 7" in text_of(app, "#run-stats")
+
+
+async def test_a_child_that_dies_before_its_run_folder_exists_is_explained(make_app, backend, tmp_path):
+    import subprocess
+    import sys
+
+    from ft_desk.tui.launch import Launch
+
+    stderr = tmp_path / "err.log"
+
+    def broken_start(draft):
+        with open(stderr, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write("
+                                     "'ft-desk: no preset named \\'nope\\'\\n  fix: pick one of qlora, lora\\n');"
+                                     " sys.exit(2)"], stderr=err)
+        return Launch(proc, tmp_path / "never-created", stderr)
+
+    backend.start_training = broken_start
+    app = make_app()
+    async with app.run_test(size=(100, 30), notifications=True) as pilot:
+        await settle(pilot)
+        app.draft = demo_draft()
+        app.start_training()
+        await settle(pilot, until=lambda: any("no preset" in n.message for n in app._notifications))
+        messages = [n.message for n in app._notifications]
+        assert any("no preset named 'nope'" in m and "fix: pick one of qlora, lora" in m for m in messages), messages
+        assert app.session.ended and app.session.status == "crashed"
+
+
+async def test_recipe_field_errors_show_inline_and_block_training(make_app, backend):
+    app = make_app(start_mode="recipe")
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.draft = demo_draft()
+        app.draft_updated()
+        await settle(pilot)
+        field = app.screen.query_one("#" + _field_id("lora.r"), Input)
+        field.value = "x"
+        await settle(pilot)
+        assert "lora.r must be an int" in text_of(app, "#" + _field_id("lora.r") + "-help")
+        assert app.draft.overrides["lora.r"] == "x"
+        app.start_training()
+        await settle(pilot)
+        assert not [c for c in backend.calls if c[0] == "start_training"]
+        field.value = "8"
+        await settle(pilot, until=lambda: ("plan", app.draft.cli_args()) in backend.calls)
+        assert "peak" in str(app.screen.query_one("#memory").render())
+        assert app.draft.config().lora.r == 8
+
+
+async def test_save_as_preset_writes_yaml_the_cli_reads(make_app, tmp_path, monkeypatch):
+    monkeypatch.setattr("ft_desk.trainer.presets.user_presets_dir", lambda: tmp_path / "presets")
+    app = make_app(start_mode="recipe")
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.draft = demo_draft()
+        app.draft.overrides["lora.r"] = "8"
+        app.draft_updated()
+        await settle(pilot)
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        await pilot.press(*"my-recipe")
+        await pilot.press("enter")
+        await settle(pilot)
+    assert (tmp_path / "presets" / "my-recipe.yaml").is_file()
+    cfg = load_config(["my-recipe"])
+    assert cfg.lora.r == 8 and cfg.model.name == "demo"
+
+
+async def test_data_screen_shows_the_lint_report(make_app, backend):
+    report = json.loads((FIXTURES / "data_check_demo.json").read_text())
+    app = make_app(start_mode="data")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.draft.model = "demo"
+        await pilot.click("#data-path")
+        await pilot.press(*"demo", "enter")
+        await settle(pilot, until=lambda: app.draft.data_checked)
+        summary = text_of(app, "#data-summary")
+        assert f"{report['rows']} rows" in summary and report["format"] in summary
+        assert "no problems found" in text_of(app, "#findings")
+        trained = [t for t, on in report["sample"]["segments"] if on]
+        assert trained[0].strip()[:10] in text_of(app, "#sample")
+
+
+async def test_model_screen_lists_and_picks_a_model(make_app, backend):
+    app = make_app(start_mode="model")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot, until=lambda: app.screen.query_one("#find-table", DataTable).row_count > 1)
+        table = app.screen.query_one("#find-table", DataTable)
+        table.focus()
+        table.move_cursor(row=1)  # the first curated model (row 0 is the demo)
+        await settle(pilot)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.draft.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert "SmolLM2-135M" in text_of(app, "#details")
+
+
+async def test_command_palette_offers_every_screen_action(make_app):
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        for key in ("h", "1", "2", "3", "4", "5", "6"):
+            await pilot.press(key)
+            await settle(pilot)
+            screen = app.screen
+            titles = {c.title for c in app.get_system_commands(screen)}
+            for binding in screen.BINDINGS:
+                if binding.show and binding.description:
+                    assert binding.description in titles, (screen.MODE, binding.description)
+            assert {"Go to Model", "Light / dark theme", "Start the demo run"} <= titles
+
+
+async def test_theme_toggle_is_remembered(make_app, tmp_path):
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("ctrl+t")
+        await settle(pilot)
+        assert app.theme == LIGHT
+    again = make_app()
+    async with again.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert again.theme == LIGHT
+
+
+async def test_closing_the_app_leaves_the_run_training_and_reopening_reattaches(make_app, backend, runs_dir):
+    backend.hold_after = 2
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.draft = demo_draft()
+        app.start_training()
+        await settle(pilot, until=lambda: app.session is not None and len(app.session.history.steps) >= 1)
+        run_dir = app.session.run_dir
+        process = backend.processes[-1]
+    assert process.poll() is None  # still training without the app
+    again = make_app()
+    async with again.run_test(size=(100, 30)) as pilot:
+        await settle(pilot, until=lambda: again.session is not None and again.session.history.steps)
+        assert again.current_mode == "train" and again.session.run_dir == run_dir
+        assert again.session.launch is None  # followed through the run folder, not as our child
+        again.action_stop_run()
+        await settle(pilot)
+        await pilot.press("y")
+        await settle(pilot, until=lambda: again.session.history.finished is not None)
+        assert again.session.history.finished["status"] == "stopped"
+    assert wait_for(lambda: process.poll() is not None)
+
+
+def test_reattach_after_the_app_process_is_killed(backend, runs_dir, tmp_path):
+    """The app itself is SIGKILLed mid-run (what a dropped SSH session can do); the run goes on, and a new app
+    picks it up from the run folder."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "run_app_headless.py"
+    app_proc = subprocess.Popen([sys.executable, str(script), str(runs_dir)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "app.err", "wb"),
+                                start_new_session=True)
+    events = runs_dir / "run-1" / "events.jsonl"
+    try:
+        assert wait_for(lambda: events.is_file() and events.read_text().count('"type": "step"') >= 2, timeout=60), \
+            (tmp_path / "app.err").read_text()
+    finally:
+        app_proc.kill()  # SIGKILL: no clean-up code of the app runs
+        app_proc.wait()
+    state = json.loads((runs_dir / "run-1" / "state.json").read_text())
+    assert state["status"] == "running"
+    pid = state["pid"]
+    assert wait_for(lambda: Path(f"/proc/{pid}").exists())
+
+    from ft_desk.tui.app import FtDeskApp
+
+    from .conftest import FIXED_NOW
+
+    async def reopen():
+        app = FtDeskApp(backend=backend, clock=lambda: FIXED_NOW, settings=tmp_path / "s.json")
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot, until=lambda: app.session is not None and app.session.history.steps)
+            assert app.current_mode == "train" and app.session.name == "run-1"
+            os.kill(pid, signal.SIGINT)
+            await settle(pilot, until=lambda: app.session.history.finished is not None)
+            assert app.session.history.finished["status"] == "stopped"
+
+    asyncio.run(reopen())

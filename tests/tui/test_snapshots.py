@@ -1,0 +1,151 @@
+"""Snapshots of every screen at 100x30 and 80x24, from recorded data only (fixed clock, fixed paths, a finished
+run replayed from tests/tui/fixtures/demo_run.jsonl), so they change only when the screens do.
+
+Update after an intended change with: pytest tests/tui/test_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+import pytest
+from textual.widgets import DataTable, Input, TabbedContent
+
+from ft_desk.tui.app import FtDeskApp
+from ft_desk.tui.draft import demo_draft
+
+from .conftest import FIXED_NOW, FakeBackend, make_run, read_events
+from .test_app import settle
+
+SIZES = [pytest.param((100, 30), id="100x30"), pytest.param((80, 24), id="80x24")]
+
+
+@pytest.fixture
+def desk(snapshot_home):
+    backend = FakeBackend(snapshot_home / "runs")
+
+    def build(start_mode: str | None = None, runs: bool = True) -> FtDeskApp:
+        if runs:
+            runs_dir = snapshot_home / "runs"
+            make_run(runs_dir, "demo-run")
+            failed = [e for e in read_events() if e["type"] in ("run_started", "data_ready")]
+            failed.append({"type": "run_finished", "status": "failed", "error": "out.jsonl:7: not valid JSON",
+                           "hint": "repair the line", "exit_code": 2})
+            make_run(runs_dir, "my-data-run", failed, created="2025-12-30T10:00:00+00:00", adapter=False)
+        return FtDeskApp(backend=backend, clock=lambda: FIXED_NOW, settings=snapshot_home / "settings.json",
+                         start_mode=start_mode, reattach=False)
+
+    yield build
+    backend.close()
+
+
+def follow_demo_run(app: FtDeskApp, snapshot_home, mode: str):
+    async def run_before(pilot) -> None:
+        app.draft = demo_draft()
+        app.follow(snapshot_home / "runs" / "demo-run")
+        app.switch_mode(mode)
+        await settle(pilot, until=lambda: app.session.history.finished is not None and app.session.ended)
+
+    return run_before
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_home_first_launch(snap_compare, desk, size):
+    app = desk(runs=False)
+    assert snap_compare(app, terminal_size=size, run_before=lambda pilot: settle(pilot))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_home_with_runs(snap_compare, desk, size):
+    app = desk()
+
+    async def run_before(pilot):
+        await settle(pilot, until=lambda: app.screen.query_one("#runs", DataTable).row_count == 2)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_model(snap_compare, desk, size):
+    app = desk("model", runs=False)
+
+    async def run_before(pilot):
+        await settle(pilot, until=lambda: app.screen.query_one("#find-table", DataTable).row_count > 3)
+        app.screen.query_one("#find-table", DataTable).focus()
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_data(snap_compare, desk, size):
+    app = desk("data", runs=False)
+
+    async def run_before(pilot):
+        app.draft = demo_draft()
+        app.draft_updated()
+        await settle(pilot, until=lambda: app.screen.report is not None)
+        app.screen.query_one("#data-path", Input).blur()
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_recipe(snap_compare, desk, size):
+    app = desk("recipe", runs=False)
+
+    async def run_before(pilot):
+        app.draft = demo_draft()
+        app.draft_updated()
+        await settle(pilot, until=lambda: "peak" in str(app.screen.query_one("#memory").render()))
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_train_ready(snap_compare, desk, size):
+    app = desk("train", runs=False)
+
+    async def run_before(pilot):
+        app.draft = demo_draft()
+        app.draft_updated()
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_train_replayed_run(snap_compare, desk, snapshot_home, size):
+    app = desk("home")
+    assert snap_compare(app, terminal_size=size, run_before=follow_demo_run(app, snapshot_home, "train"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_evaluate_before_after(snap_compare, desk, snapshot_home, size):
+    app = desk("home")
+    assert snap_compare(app, terminal_size=size, run_before=follow_demo_run(app, snapshot_home, "evaluate"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_evaluate_doctor(snap_compare, desk, snapshot_home, size):
+    app = desk("home")
+    follow = follow_demo_run(app, snapshot_home, "evaluate")
+
+    async def run_before(pilot):
+        await follow(pilot)
+        app.screen.query_one("#eval-tabs", TabbedContent).active = "tab-doctor"
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_export_report(snap_compare, desk, snapshot_home, size):
+    app = desk("home")
+    follow = follow_demo_run(app, snapshot_home, "export")
+
+    async def run_before(pilot):
+        await follow(pilot)
+        await pilot.press("ctrl+e")
+        await settle(pilot, until=lambda: not app.screen.running)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
