@@ -30,19 +30,24 @@ from .backend import CliBackend
 from .commands import CommandFailed, parse_failure
 from .draft import Draft, demo_draft
 from .runs import RunSummary
-from .screens.data import DataScreen
-from .screens.evaluate import EvaluateScreen
-from .screens.export import ExportScreen
 from .screens.home import HomeScreen
-from .screens.model import ModelScreen
-from .screens.recipe import RecipeScreen
-from .screens.train import TrainScreen
 from .session import RunEnded, RunEvents, RunSession, RunUpdated
 from .watch import RunWatcher
 from .widgets.dialogs import Confirm, LogViewer
 from .widgets.sidebar import STEPS, StepList
 
 DARK, LIGHT = "textual-dark", "textual-light"
+
+
+def _lazy(module: str, name: str) -> Callable[[], Screen]:
+    """A mode whose screen module is imported when the mode is first shown (keeps start-up to Home's imports)."""
+
+    def make() -> Screen:
+        import importlib
+
+        return getattr(importlib.import_module(f"ft_desk.tui.screens.{module}"), name)()
+
+    return make
 
 
 def settings_path() -> Path:
@@ -52,9 +57,11 @@ def settings_path() -> Path:
 class FtDeskApp(App):
     TITLE = "ft-desk"
     CSS_PATH = ["app.tcss", "screens.tcss"]
+    DEFAULT_MODE = "home"  # the first frame is Home itself, not an empty default screen switched away from
     MODES = {
-        "home": HomeScreen, "model": ModelScreen, "data": DataScreen, "recipe": RecipeScreen,
-        "train": TrainScreen, "evaluate": EvaluateScreen, "export": ExportScreen,
+        "home": HomeScreen, "model": _lazy("model", "ModelScreen"), "data": _lazy("data", "DataScreen"),
+        "recipe": _lazy("recipe", "RecipeScreen"), "train": _lazy("train", "TrainScreen"),
+        "evaluate": _lazy("evaluate", "EvaluateScreen"), "export": _lazy("export", "ExportScreen"),
     }
     BINDINGS = [
         *(Binding(key, f"goto('{mode}')", label, show=False) for mode, label, key in STEPS),
@@ -82,7 +89,8 @@ class FtDeskApp(App):
         theme = self._load_settings().get("theme")
         if theme in (DARK, LIGHT):
             self.theme = theme
-        self.switch_mode(self.start_mode or "home")
+        if self.start_mode and self.start_mode != self.current_mode:
+            self.switch_mode(self.start_mode)
         self.load_runs(startup=self.reattach and self.start_mode is None)
 
     def on_unmount(self) -> None:
