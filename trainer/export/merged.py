@@ -238,6 +238,8 @@ def plan_merge(source: RunSource, out_dtype: str = "bf16", merge_into: str = "qu
 
         embed_upd = updates.get(embed_name)
         lm_upd = updates.get(lm_name)
+        if _same_shared_update(embed_upd, lm_upd):
+            lm_upd = None  # peft saved the one tied (resized) matrix under both names
         if lm_upd is not None or (embed_upd is not None and embed_upd.has_lora):
             # The trained model's output layer differs from its input embedding: write both, untied.
             shared = embed_upd
@@ -270,6 +272,16 @@ def plan_merge(source: RunSource, out_dtype: str = "bf16", merge_into: str = "qu
     return MergePlan(tensors=tensors, out_dtype=out_dtype, merge_into=merge_into, recipe=recipe,
                      load_dtype=load_dtype, config_changes=config_changes, notes=notes,
                      merged_modules=merged_modules)
+
+
+def _same_shared_update(a, b) -> bool:
+    """Both updates are the same full replacement with no LoRA on either (a tied matrix saved twice)."""
+    import torch
+
+    if a is None or b is None or a.has_lora or b.has_lora or a.rows is not None or b.rows is not None:
+        return False
+    return (a.replacement is not None and b.replacement is not None
+            and a.replacement.shape == b.replacement.shape and torch.equal(a.replacement, b.replacement))
 
 
 def _param_name(model, module) -> str:

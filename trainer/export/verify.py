@@ -84,19 +84,42 @@ def _device(source: RunSource) -> str:
         return resolve_device("auto")
 
 
+def _load_trained(source: RunSource, device: str):
+    """(model, cfg) as evaluation loads the run. When the run's tokenizer grew (added tokens), the base is resized to
+    it before the adapter goes on, since the adapter then carries the resized embedding and output layers."""
+    from ..model import load_base, load_trained
+    from .source import load_tokenizer
+
+    if source.method != "full":
+        grown = len(load_tokenizer(source))
+        config = json.loads((source.base_dir / "config.json").read_text(encoding="utf-8"))
+        text = config.get("text_config", config)
+        if grown > int(text.get("vocab_size", grown)):
+            from peft import PeftModel
+
+            model, _, _ = load_base(source.cfg, device, source.base_dir)
+            model.resize_token_embeddings(grown, mean_resizing=False)
+            model = PeftModel.from_pretrained(model, str(source.weights_dir), is_trainable=False)
+            model.eval()
+            return model, source.cfg
+    model, _, cfg = load_trained(source.run_dir, source.checkpoint, device=device)
+    return model, cfg
+
+
 def build_reference(source: RunSource, folder: Path, note: Progress | None = None) -> Reference:
     """Score validation rows and generate from held-out prompts with the model as trained; save to folder."""
     import torch  # heavy imports
     from safetensors.torch import save_file
 
-    from ..model import load_trained
     from .chat import stop_token_ids, turn_end_tokens, verify_examples
+    from .source import load_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     device = _device(source)
     if note:
         note("loading the trained model (reference)")
-    model, tokenizer, cfg = load_trained(source.run_dir, source.checkpoint, device=device)
+    model, cfg = _load_trained(source, device)
+    tokenizer = load_tokenizer(source)
     rows = read_val_rows(source, VERIFY_ROWS)
     examples = verify_examples(rows, tokenizer, VERIFY_MAX_TOKENS_PER_ROW)
     if not examples:
