@@ -1,10 +1,18 @@
-"""Which device a run uses and which dtype it computes in. Device facts are plain data so the choice logic
-can be tested for CUDA, MPS and CPU on any machine.
+"""Which device a run uses, which dtype it computes in, and what this machine can do.
+
+`DeviceFacts` is plain data so the dtype and 4-bit choices can be tested for CUDA, MPS and CPU on any machine
+(inject the facts). `probe_facts` measures the facts of one device for a run; `probe` builds the full
+`DeviceReport` that `ft-desk doctor` prints: OS, Python, library versions, CUDA/MPS/CPU facts, and whether
+bitsandbytes 4-bit really works here (a tiny quantized layer runs forward and backward; on failure the report
+says why and what 16-bit LoRA costs instead). Heavy imports happen inside functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 
@@ -67,7 +75,11 @@ def choose_compute_dtype(facts: DeviceFacts, requested: str = "auto") -> str:
 
 
 def probe_facts(device_type: str) -> DeviceFacts:
-    """Facts about the device a run will use (a minimal probe; quant.device.probe gives the full report)."""
+    """Facts about the device a run will use (a minimal probe; `probe` gives the full report).
+
+    CUDA: the first card, its free memory as the driver reports it now. MPS: the working-set limit torch
+    recommends (what Metal lets one process use) and whether bf16 kernels run. CPU: RAM and native bf16.
+    """
     import torch  # heavy import
 
     if device_type == "cuda":
@@ -81,9 +93,339 @@ def probe_facts(device_type: str) -> DeviceFacts:
             compute_capability=(props.major, props.minor),
             bf16=torch.cuda.is_bf16_supported(),
         )
-    if device_type == "mps":
-        return DeviceFacts(type="mps", name="Apple GPU", bf16=False)
     import psutil
 
     vm = psutil.virtual_memory()
-    return DeviceFacts(type="cpu", name="CPU", total_memory=vm.total, free_memory=vm.available, bf16=False)
+    if device_type == "mps":
+        limit = int(torch.mps.recommended_max_memory()) if hasattr(torch.mps, "recommended_max_memory") else 0
+        limit = limit or vm.total
+        return DeviceFacts(
+            type="mps", name="Apple GPU", total_memory=limit, free_memory=min(limit, vm.available), bf16=_mps_bf16()
+        )
+    return DeviceFacts(
+        type="cpu", name=cpu_name(), total_memory=vm.total, free_memory=vm.available, bf16=cpu_features()["bf16"]
+    )
+
+
+# Note: glibc's malloc serves blocks above M_MMAP_THRESHOLD with mmap (returned to the OS on free) and the rest
+# from its heaps (kept resident after free). By default the threshold grows to the largest block freed so far
+# (up to 32 MiB), so after the first training step every activation tensor comes from the heaps, and the next
+# step's activations do not fit the holes the last one left: peak RSS grew by about one activation set
+# (measured on CPU QLoRA: 11M model 589 -> 741 MiB, 135M model 1.6 -> 2.7 GiB over the first steps).
+# Pinning the threshold at glibc's own starting value stops that growth.
+CPU_MMAP_THRESHOLD = 128 * 1024
+_M_MMAP_THRESHOLD = -3
+# Whether `ft-desk train` calls cap_cpu_allocator() before a CPU run; the planner models the peak accordingly.
+TRAINING_CAPS_CPU_ALLOCATOR = False  # mallopt parameter number in glibc's malloc.h
+
+
+def cap_cpu_allocator(threshold: int = CPU_MMAP_THRESHOLD) -> bool:
+    """Pin glibc's mmap threshold so freed activation memory goes back to the OS instead of piling up in the
+    heap between steps. Call once at the start of a CPU training process. Returns False where it does not apply
+    (not Linux/glibc); the setting lasts for the process."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def _mps_bf16() -> bool:
+    """bf16 matmuls run on MPS only on recent macOS; try one instead of guessing from version numbers."""
+    import torch  # heavy import
+
+    try:
+        a = torch.ones((2, 2), dtype=torch.bfloat16, device="mps")
+        return bool(torch.isfinite((a @ a).float().cpu()).all())
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        out = _sysctl("machdep.cpu.brand_string")
+        if out:
+            return out
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def _sysctl(key: str) -> str:
+    import subprocess
+
+    try:
+        done = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def cpu_features() -> dict[str, bool]:
+    """Instruction sets that matter for CPU training: AVX2, AVX-512, native bf16 (AVX512-BF16, AMX, Arm BF16).
+
+    Read from the OS (Linux /proc/cpuinfo, macOS sysctl) so no torch import is needed.
+    """
+    flags = _cpuinfo_flags()
+    arm_bf16 = "bf16" in flags
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        arm_bf16 = _sysctl("hw.optional.arm.FEAT_BF16") == "1"
+    found = {
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "arm_bf16": arm_bf16,
+    }
+    found["bf16"] = found["avx512_bf16"] or found["amx_bf16"] or found["arm_bf16"]
+    return found
+
+
+@dataclass(frozen=True)
+class FourBitCheck:
+    """Whether bitsandbytes 4-bit training works on one device, and why not when it does not."""
+
+    usable: bool
+    reason: str = ""
+    version: str | None = None
+    backend: str = ""
+    native_library: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Note: the smoke-test layer is tiny (64 x 64, one 4-bit block row per output) so the check costs milliseconds;
+# its width is a multiple of 32 so it exercises the kernels real models use, not the CPU repack pitfall.
+CHECK_FEATURES = 64
+
+
+def check_four_bit(device_type: str, compute_dtype: str = "float32") -> FourBitCheck:
+    """Quantize a small layer to NF4 on `device_type`, run forward and backward, and compare with 16/32-bit math.
+
+    bitsandbytes is imported here, lazily: a broken install (missing CUDA binary, wrong torch) must not stop
+    ft-desk from starting, only from using 4-bit.
+    """
+    import logging
+
+    bnb_log = logging.getLogger("bitsandbytes")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)  # its import-time notice about optional hub kernels is noise in a report
+    try:
+        import bitsandbytes as bnb  # heavy import
+    except ImportError:
+        return FourBitCheck(False, "bitsandbytes is not installed (pip install bitsandbytes)")
+    except Exception as exc:  # a broken native library raises all sorts of errors at import
+        return FourBitCheck(False, f"bitsandbytes failed to import: {type(exc).__name__}: {_first_line(exc)}")
+    finally:
+        bnb_log.setLevel(level)
+    version = getattr(bnb, "__version__", None)
+    backend, native = _bnb_backend()
+    import torch  # heavy import
+
+    try:
+        dtype = getattr(torch, compute_dtype)
+        torch.manual_seed(0)
+        dense = torch.nn.Linear(CHECK_FEATURES, CHECK_FEATURES, bias=False)
+        layer = bnb.nn.Linear4bit(CHECK_FEATURES, CHECK_FEATURES, bias=False, compute_dtype=dtype, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        layer = layer.to(device_type)
+        x = torch.randn(4, CHECK_FEATURES, device=device_type, dtype=dtype, requires_grad=True)
+        y = layer(x)
+        y.float().sum().backward()
+        with torch.no_grad():
+            ref = x.detach().float().cpu() @ dense.weight.float().t()
+        err = float((y.detach().float().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        grad_ok = x.grad is not None and bool(torch.isfinite(x.grad.float()).all())
+    except Exception as exc:
+        return FourBitCheck(
+            False,
+            f"a 4-bit test layer failed on {device_type}: {type(exc).__name__}: {_first_line(exc)}",
+            version,
+            backend,
+            native,
+        )
+    # Note: NF4 with 64-wide blocks keeps a random layer's output within ~10% of the dense result; 0.25 only
+    # catches kernels that return garbage, not quantization error.
+    if not grad_ok or not err < 0.25:
+        return FourBitCheck(
+            False,
+            f"the 4-bit test layer on {device_type} gave wrong results (relative error {err:.2f})",
+            version,
+            backend,
+            native,
+        )
+    return FourBitCheck(True, "", version, backend, native)
+
+
+def _bnb_backend() -> tuple[str, bool]:
+    """(backend name bitsandbytes picked, whether its compiled library loaded)."""
+    try:
+        from bitsandbytes import cextension
+    except Exception:
+        return "", False
+    lib = getattr(cextension, "lib", None)
+    native = lib is not None and "Mock" not in type(lib).__name__
+    return str(getattr(cextension, "BNB_BACKEND", "")), native
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "huggingface_hub", "safetensors",
+            "tokenizers", "textual")
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions from package metadata (nothing is imported); None when a package is missing."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+@dataclass
+class DeviceReport:
+    """Everything `ft-desk doctor` shows: what a bug report needs and what decides a run's settings."""
+
+    os: str
+    python: str
+    packages: dict[str, str | None]
+    device: str  # the device `train.device=auto` resolves to
+    facts: DeviceFacts  # of that device
+    compute_dtype: str  # what `auto` picks there
+    torch_cuda: str | None  # CUDA version torch was built with
+    cuda_devices: list[dict[str, Any]] = field(default_factory=list)
+    mps: dict[str, Any] | None = None
+    cpu: dict[str, Any] = field(default_factory=dict)
+    four_bit: FourBitCheck = field(default_factory=lambda: FourBitCheck(False, "not checked"))
+    advice: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["facts"]["compute_capability"] = list(self.facts.compute_capability or []) or None
+        return out
+
+
+# Note: 16-bit LoRA keeps the base in 2 bytes per parameter (fp32 on CPU: 4); the advice quotes it per billion
+# parameters so it means something before a model is chosen. `ft-desk plan` gives the exact figure per model.
+LORA_BYTES_PER_PARAM = {"cuda": 2, "mps": 2, "cpu": 4}
+
+
+def probe() -> DeviceReport:
+    """The full device report for this machine (imports torch; runs the 4-bit smoke test on the run device)."""
+    import sys
+
+    import psutil
+    import torch  # heavy import
+
+    device = available_device_types()[0]
+    facts = probe_facts(device)
+    compute = choose_compute_dtype(facts)
+    cuda_devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            cuda_devices.append({
+                "index": i,
+                "name": props.name,
+                "total_memory": int(total),
+                "free_memory": int(free),
+                "compute_capability": [props.major, props.minor],
+                "bf16": bool(props.major >= 8),
+            })
+    mps = None
+    mps_backend = getattr(torch.backends, "mps", None)
+    if mps_backend is not None and (mps_backend.is_built() or platform.system() == "Darwin"):
+        available = mps_backend.is_available()
+        mps = {"built": bool(mps_backend.is_built()), "available": bool(available)}
+        if available:
+            mps["recommended_max_memory"] = int(torch.mps.recommended_max_memory())
+            mps["unified_memory"] = int(psutil.virtual_memory().total)
+            mps["bf16"] = _mps_bf16()
+    vm = psutil.virtual_memory()
+    cpu = {
+        "name": cpu_name(),
+        "arch": platform.machine(),
+        "logical_cores": os.cpu_count() or 1,
+        "physical_cores": psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        "torch_threads": torch.get_num_threads(),
+        "ram_total": int(vm.total),
+        "ram_available": int(vm.available),
+        **cpu_features(),
+    }
+    four_bit = check_four_bit(device, compute)
+    report = DeviceReport(
+        os=f"{platform.system()} {platform.release()} ({platform.platform()})",
+        python=f"{platform.python_version()} ({sys.executable})",
+        packages=package_versions(),
+        device=device,
+        facts=facts,
+        compute_dtype=compute,
+        torch_cuda=torch.version.cuda,
+        cuda_devices=cuda_devices,
+        mps=mps,
+        cpu=cpu,
+        four_bit=four_bit,
+    )
+    report.advice = advice_for(report)
+    return report
+
+
+def advice_for(report: DeviceReport) -> list[str]:
+    """Plain-language consequences of the report for choosing a run's settings."""
+    out = []
+    gib = 1024**3
+    if not report.four_bit.usable:
+        per_b = LORA_BYTES_PER_PARAM.get(report.device, 2)
+        out.append(
+            f"4-bit QLoRA is not available on {report.device}: {report.four_bit.reason}. Train 16-bit LoRA instead "
+            f"(--preset lora): its base takes {per_b} bytes per parameter, about {per_b * 1e9 / gib:.1f} GiB per "
+            f"billion parameters before activations (ft-desk plan MODEL --preset lora gives the exact figure)."
+        )
+    if report.device == "cpu":
+        out.append(
+            "No GPU found: training runs on the CPU in float32. Fine for small models (up to ~0.5B); "
+            "expect minutes per step for larger ones."
+        )
+        if not report.cpu.get("bf16"):
+            out.append("This CPU has no native bf16 instructions, so float32 is also the fastest dtype here.")
+    if report.device == "cuda" and report.compute_dtype == "float16":
+        out.append(
+            f"{report.facts.name} (compute capability {report.facts.compute_capability}) has no bf16: training uses "
+            "float16 with loss scaling, which can overflow on some models; lower optim.lr if the loss turns NaN."
+        )
+    if report.device == "mps":
+        limit = report.facts.total_memory
+        out.append(f"Apple GPU: one process may use about {limit / gib:.1f} GiB of unified memory.")
+    if report.packages.get("bitsandbytes") is None and report.device == "cuda":
+        out.append("pip install bitsandbytes to train QLoRA on this GPU.")
+    return out

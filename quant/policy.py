@@ -17,6 +17,23 @@ CPU_REPACK_BLOCK = 32
 
 QUANT_TYPES = ("nf4", "fp4")
 
+# Note: bitsandbytes' 4-bit default (used by transformers' BitsAndBytesConfig): one absmax scale per 64 weights.
+# With double quantization those scales are themselves quantized to 8 bits in blocks of 256, each block with an
+# fp32 scale; a 256-entry fp32 code table and an offset come with every tensor. That is 4 + 8/64 + 32/(64*256)
+# = ~4.127 bits per weight with double quant, and 4 + 32/64 = 4.5 bits without (the QLoRA paper, section 3).
+BLOCKSIZE = 64
+DOUBLE_QUANT_BLOCKSIZE = 256
+PER_TENSOR_BYTES = 256 * 4 + 64  # code table + offset and bookkeeping, only with double quant
+
+
+def four_bit_bytes(n_weights: int, double_quant: bool = True, n_tensors: int = 0) -> int:
+    """Bytes that `n_weights` quantized weights occupy in 4-bit, with their scales (and per-tensor tables)."""
+    packed = (n_weights + 1) // 2
+    blocks = -(-n_weights // BLOCKSIZE)
+    if not double_quant:
+        return packed + blocks * 4
+    return packed + blocks + -(-blocks // DOUBLE_QUANT_BLOCKSIZE) * 4 + n_tensors * PER_TENSOR_BYTES
+
 
 def torch_dtype(name: str):
     import torch  # heavy import: only callers that build models reach this
@@ -40,6 +57,15 @@ def bnb_config(quant_type: str, double_quant: bool, compute_dtype: str, skip_mod
         bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
         llm_int8_skip_modules=list(skip_modules) or None,
     )
+
+
+def bnb_config_for(quant, device) -> Any:
+    """BitsAndBytesConfig for a RunConfig's `quant` section on `device` (DeviceFacts): `auto` compute dtype
+    resolved the way training resolves it."""
+    from .device import choose_compute_dtype
+
+    compute = choose_compute_dtype(device, quant.compute_dtype)
+    return bnb_config(quant.quant_type, quant.double_quant, compute, quant.skip_modules)
 
 
 def four_bit_layers(model) -> list[tuple[str, Any]]:

@@ -1,0 +1,771 @@
+"""Memory planner: predict a run's peak memory from the model's config.json and the RunConfig, before any weight
+is downloaded, and say how to make it fit.
+
+The estimate describes ft-desk's own training loop (trainer/loop.py), component by component:
+  - the base weights as they sit in memory (NF4 blocks + absmax + double-quant constants for qlora; the 16-bit
+    or fp32 parts: embeddings, lm_head, norms),
+  - trainable parameters with their gradients and AdamW's two fp32 states,
+  - the activations autograd saves for backward, per decoder layer, with and without gradient checkpointing
+    (layer inputs only, plus one layer recomputed at a time), including the attention mask SDPA materialises,
+  - the working set of the backward pass (gradients of the widest tensors, one dequantized weight),
+  - the loss: lm_head + cross-entropy in chunks of `train.loss_chunk_tokens` positions, so the logits term is
+    chunk x vocab, not batch x length x vocab (the plain-trainer formula is kept in `logits_bytes` for comparison),
+  - framework overhead (CUDA context, or the Python/torch runtime on CPU) and, on CPU, the load-time peak
+    (the checkpoint is read while weights are converted and quantized).
+Everything is arithmetic on plain numbers: no torch import, so `ft-desk plan` answers in milliseconds. Constants
+that were set from measurements carry a "Note:" comment saying what was measured and why the value holds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ft_desk.trainer.config import RunConfig, replace as replace_config
+from ft_desk.trainer.errors import ModelError, UserError
+
+from .device import TRAINING_CAPS_CPU_ALLOCATOR, DeviceFacts, choose_compute_dtype
+from .policy import four_bit_bytes
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Decoder families whose layer structure the planner models exactly: Llama-style pre-norm blocks (RMSNorm,
+# q/k/v/o projections with rotary embeddings, gated MLP). Value: (tied embeddings when config.json is silent,
+# query/key norms, fused qkv and gate_up projections).
+KNOWN_ARCHITECTURES: dict[str, tuple[bool, bool, bool]] = {
+    "llama": (False, False, False),
+    "mistral": (False, False, False),
+    "qwen2": (False, False, False),
+    "qwen3": (False, True, False),
+    "gemma": (True, False, False),
+    "gemma2": (True, False, False),
+    "gemma3_text": (True, True, False),
+    "phi3": (False, False, True),
+    "granite": (True, False, False),
+    "olmo2": (False, True, False),
+    "smollm3": (True, False, False),
+}
+
+# Note: an architecture the planner does not model (other block layouts, MoE routing, vision towers) gets the
+# Llama-style estimate of its sizes plus this margin, and the plan says so. Across the known families the
+# activation layouts differ by under 20% for the same sizes (extra norms, biases, fused projections).
+CONSERVATIVE_MARGIN = 0.25
+
+# Verdict thresholds as a share of the device budget.
+# Note: 0.85 leaves room for the planner's error (the bench targets 15%) and allocator fragmentation.
+FITS_SHARE = 0.85
+
+# Note: a CUDA context plus cuBLAS/cuDNN workspaces and kernel images takes 0.3-0.8 GB depending on card,
+# driver and torch build (not counted by torch.cuda.max_memory_allocated, counted by nvidia-smi). MPS has no
+# separate context worth counting.
+CUDA_CONTEXT_BYTES = 600 * 1024**2
+
+# Note: resident memory of a Python process after `import torch, transformers, peft, bitsandbytes` (Linux,
+# torch 2.13 CPU build: ~390 MB measured), plus the tokenizer, data pipeline and torch's CPU thread pools
+# and kernel caches that a run creates before step 1 (~60 MB measured above the import baseline).
+CPU_IMPORT_BYTES = 390 * 1024**2
+CPU_RUNTIME_BYTES = 60 * 1024**2
+
+# Note: tensors alive while one lm_head + cross-entropy chunk runs backward: the recomputed fp32 logits, the
+# log-softmax output autograd keeps, and their two gradients. One more when logits are 16-bit (the fp32 copy)
+# and one more with final-logit softcapping (the tanh output).
+LOSS_CHUNK_COPIES = 3
+
+# Note: gradients alive while one decoder layer runs backward: about three tensors as wide as the MLP
+# (d gate, d up and d of their product) and two as wide as the residual stream (the incoming gradient and the
+# one being accumulated for the layer input).
+BACKWARD_MLP_COPIES = 3
+BACKWARD_RESIDUAL_COPIES = 2
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only transformer that memory depends on, read from config.json."""
+
+    model_type: str
+    known: bool
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    qk_norm: bool = False
+    fused_projections: bool = False
+    attention_bias: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    checkpoint_dtype: str = "bfloat16"
+    logit_softcap: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_layers(self) -> list[tuple[str, int, int, int]]:
+        """(module name, in_features, out_features, copies) of every nn.Linear in one decoder layer."""
+        h, q, kv = self.hidden_size, self.q_width, self.kv_width
+        if self.fused_projections:
+            attn = [("qkv_proj", h, q + 2 * kv, 1), ("o_proj", q, h, 1)]
+        else:
+            attn = [("q_proj", h, q, 1), ("k_proj", h, kv, 1), ("v_proj", h, kv, 1), ("o_proj", q, h, 1)]
+        if self.num_experts:
+            i = self.expert_intermediate_size or self.intermediate_size
+            mlp = [("gate_proj", h, i, self.num_experts), ("up_proj", h, i, self.num_experts),
+                   ("down_proj", i, h, self.num_experts), ("gate", h, self.num_experts, 1)]
+        elif self.fused_projections:
+            mlp = [("gate_up_proj", h, 2 * self.intermediate_size, 1), ("down_proj", self.intermediate_size, h, 1)]
+        else:
+            i = self.intermediate_size
+            mlp = [("gate_proj", h, i, 1), ("up_proj", h, i, 1), ("down_proj", i, h, 1)]
+        return attn + mlp
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of all decoder-layer linears (what 4-bit quantization applies to)."""
+        return self.num_layers * sum(i * o * n for _, i, o, n in self.linear_layers())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, lm_head, norms and biases: kept in 16-bit (or fp32) in every method."""
+        emb = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+        norms = self.num_layers * (2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0))
+        bias = self.num_layers * (self.q_width + 2 * self.kv_width) if self.attention_bias else 0
+        return emb + norms + self.hidden_size + bias
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+    @property
+    def largest_tensor(self) -> int:
+        widest = max(i * o for _, i, o, _ in self.linear_layers())
+        return max(widest, self.vocab_size * self.hidden_size)
+
+
+def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return default
+
+
+def model_shape(config: dict[str, Any], name: str = "the model") -> ModelShape:
+    """Sizes from a parsed config.json; raises ModelError when the basic sizes are missing."""
+    notes: list[str] = []
+    model_type = str(config.get("model_type", "unknown"))
+    text = config
+    if isinstance(config.get("text_config"), dict):
+        # Multimodal wrappers (Gemma 3, Llava, Qwen-VL...) describe the language model in text_config.
+        text = {**config, **config["text_config"]}
+        model_type = str(config["text_config"].get("model_type", model_type))
+        if "vision_config" in config:
+            notes.append("the vision tower is not counted; only the language model is planned")
+    known = model_type in KNOWN_ARCHITECTURES and "vision_config" not in config
+    tied_default, qk_norm, fused = KNOWN_ARCHITECTURES.get(model_type, (False, False, False))
+    hidden = _first(text, "hidden_size", "n_embd", "d_model", "dim")
+    layers = _first(text, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    vocab = _first(text, "vocab_size", "padded_vocab_size")
+    missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers), ("vocab_size", vocab))
+               if not isinstance(v, int) or v <= 0]
+    if missing:
+        raise ModelError(
+            f"config.json of {name} has no usable {', '.join(missing)}, so its memory cannot be planned",
+            hint="check that it is a text-generation (causal LM) model",
+        )
+    heads = int(_first(text, "num_attention_heads", "n_head", "num_heads", default=max(1, hidden // 64)))
+    kv_heads = int(_first(text, "num_key_value_heads", "num_kv_heads", "n_head_kv", default=heads))
+    if text.get("multi_query"):
+        kv_heads = 1
+    head_dim = int(_first(text, "head_dim", default=hidden // heads) or hidden // heads)
+    intermediate = int(_first(text, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=0) or 0)
+    if not intermediate:
+        intermediate = 4 * hidden
+        notes.append("intermediate_size missing: assumed 4 x hidden_size")
+    experts = int(_first(text, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    if experts:
+        known = False
+        notes.append(f"mixture of experts ({experts} experts): every expert's weights are counted")
+    tied = text.get("tie_word_embeddings")
+    if tied is None:
+        tied = tied_default if known else False
+    dtype = str(_first(text, "torch_dtype", "dtype", default="bfloat16"))
+    return ModelShape(
+        model_type=model_type,
+        known=known,
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=intermediate,
+        num_layers=int(layers),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        tied_embeddings=bool(tied),
+        qk_norm=qk_norm,
+        fused_projections=fused,
+        attention_bias=bool(_first(text, "attention_bias", "qkv_bias", default=model_type == "qwen2")),
+        num_experts=experts,
+        experts_per_token=int(_first(text, "num_experts_per_tok", "top_k", default=0) or 0),
+        expert_intermediate_size=int(_first(text, "moe_intermediate_size", default=0) or 0),
+        checkpoint_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
+        logit_softcap=bool(text.get("final_logit_softcapping")),
+        notes=tuple(notes),
+    )
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One change that lowers the estimate: what it is, the --set overrides that apply it, the new total."""
+
+    description: str
+    overrides: tuple[str, ...]
+    total_bytes: int
+    fits: bool | None = None  # None when the device budget is unknown
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"description": self.description, "overrides": list(self.overrides),
+                "set_args": " ".join(f"--set {o}" for o in self.overrides),
+                "total_bytes": self.total_bytes, "fits": self.fits}
+
+
+@dataclass
+class MemoryPlan:
+    """A run's predicted peak memory, by component, and the verdict against the device."""
+
+    components: list[tuple[str, int]]
+    total_bytes: int
+    verdict: str  # "fits" | "tight" | "does not fit" | "unknown device"
+    conservative: bool
+    suggestions: list[Suggestion]
+    device_budget_bytes: int | None
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+    method: str = "qlora"
+    model_type: str = ""
+    params: int = 0
+    trainable_params: int = 0
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def first_fit(self) -> Suggestion | None:
+        return next((s for s in self.suggestions if s.fits), None)
+
+    def component(self, label_start: str) -> int:
+        """Bytes of the first component whose label starts with `label_start` (0 when absent)."""
+        return next((b for label, b in self.components if label.startswith(label_start)), 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_fit
+        return {
+            "components": [{"label": label, "bytes": b} for label, b in self.components],
+            "total_bytes": self.total_bytes,
+            "verdict": self.verdict,
+            "conservative": self.conservative,
+            "device": self.device,
+            "device_budget_bytes": self.device_budget_bytes,
+            "compute_dtype": self.compute_dtype,
+            "method": self.method,
+            "model_type": self.model_type,
+            "params": self.params,
+            "trainable_params": self.trainable_params,
+            "settings": self.settings,
+            "suggestions": [s.to_dict() for s in self.suggestions],
+            "first_fit": first.to_dict() if first else None,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything the arithmetic needs, resolved from the RunConfig and the device."""
+
+    device: str
+    method: str
+    compute: str  # dtype of matmuls and activations
+    weights: str  # dtype of the unquantized parts of the model
+    tokens: int  # micro_batch_size x max_length
+    micro_batch: int
+    length: int
+    checkpointing: bool
+    packing: bool
+    chunk: int
+    r: int
+    targets: tuple[str, ...]
+    dropout: float
+    dora: bool
+    double_quant: bool
+    allocator_capped: bool = True
+
+
+def _resolve(run: RunConfig, device: DeviceFacts | None, allocator_capped: bool | None = None) -> _Setup:
+    """The dtypes a run will use, mirroring trainer.model's choice (compute from the device, fp32 for full)."""
+    if device is None:
+        kind = run.train.device if run.train.device != "auto" else "cuda"
+        device = DeviceFacts(type=kind, bf16=kind != "cpu")
+    method = run.train.method
+    requested = run.quant.compute_dtype if method == "qlora" else run.model.dtype
+    compute = choose_compute_dtype(device, requested)
+    if method == "full":
+        weights = "float32"
+    else:
+        weights = compute if run.model.dtype == "auto" else run.model.dtype
+    if method == "lora" and device.type == "cpu" and run.model.dtype == "auto":
+        weights = compute
+    return _Setup(
+        device=device.type,
+        method=method,
+        compute=compute,
+        weights=weights,
+        tokens=run.train.micro_batch_size * run.data.max_length,
+        micro_batch=run.train.micro_batch_size,
+        length=run.data.max_length,
+        checkpointing=run.train.gradient_checkpointing,
+        packing=run.train.packing,
+        chunk=run.train.loss_chunk_tokens,
+        r=run.lora.r,
+        targets=tuple(run.lora.target_modules),
+        dropout=run.lora.dropout,
+        dora=run.lora.use_dora,
+        double_quant=run.quant.double_quant,
+        allocator_capped=TRAINING_CAPS_CPU_ALLOCATOR if allocator_capped is None else allocator_capped,
+    )
+
+
+def _targeted(shape: ModelShape, targets: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
+    """The decoder-layer linears LoRA attaches to (`all-linear`: every one; lm_head never)."""
+    layers = shape.linear_layers()
+    if "all-linear" in targets:
+        return [layer for layer in layers if layer[0] != "gate"]  # MoE routers are tiny and left out by peft
+    wanted = set(targets)
+    # Fused projections answer to the names of their parts, as users write q_proj/v_proj for any model.
+    aliases = {"qkv_proj": {"q_proj", "k_proj", "v_proj"}, "gate_up_proj": {"gate_proj", "up_proj"}}
+    return [layer for layer in layers if layer[0] in wanted or aliases.get(layer[0], set()) & wanted]
+
+
+def lora_params(shape: ModelShape, r: int, targets: tuple[str, ...], dora: bool = False) -> int:
+    """Trainable LoRA parameters: r x (in + out) per targeted linear (+ one magnitude per output with DoRA)."""
+    per_layer = sum(n * (r * (i + o) + (o if dora else 0)) for _, i, o, n in _targeted(shape, targets))
+    return shape.num_layers * per_layer
+
+
+def _layer_saved_bytes(shape: ModelShape, s: _Setup) -> int:
+    """Bytes one decoder layer saves for backward, per token of the micro-batch (not counting its input)."""
+    a = DTYPE_BYTES[s.compute]
+    h, inter, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_width, shape.kv_width
+    if shape.num_experts:
+        inter = (shape.expert_intermediate_size or inter) * max(1, shape.experts_per_token)
+    # With a mask (always, when packing) transformers' SDPA path repeats k/v to every query head first.
+    kv_saved = q if shape.num_kv_heads < shape.num_heads else kv
+    elements = (
+        q + 2 * kv_saved + q  # rotated q, k and v as SDPA keeps them, and its output
+        + h  # residual stream after attention
+        + 3 * inter  # gate and up projections, and the activation of gate
+    )
+    if shape.qk_norm:
+        elements += q + kv  # inputs of the per-head q/k norms
+    fp32 = 2 * 4 + shape.num_heads * 4  # two RMSNorm rsqrt values and the attention log-sum-exp, kept in fp32
+    # Note: SDPA turns the boolean block-diagonal mask into an additive one of the activation dtype, and its
+    # backward keeps that copy: batch x length x length per layer (measured with saved_tensors_hooks).
+    mask = s.length * a
+    inputs = {"attn_in": h, "o_in": 0, "mlp_in": h, "down_in": inter}  # o_proj's input is a view of SDPA's output
+    group_of = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
+                "o_proj": "o_in", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in",
+                "down_proj": "down_in", "gate": "mlp_in"}
+    lora_bytes = 0
+    if s.method == "full":
+        saved_groups = set(inputs)  # every weight has a gradient, so every linear keeps its input
+        elements += 2 * h  # trainable norm weights keep the normalized input too
+    else:
+        saved_groups = set()
+        for name, i, o, n in _targeted(shape, s.targets):
+            group = group_of.get(name, "attn_in")
+            if s.dropout > 0:
+                # Each adapter draws its own dropout: the dropped-out input and the mask, per module.
+                lora_bytes += 2 * i * a
+            elif a != 4:
+                # LoRA weights are fp32: peft casts the 16-bit input to fp32 per module, and that copy is kept.
+                lora_bytes += i * 4
+            else:
+                saved_groups.add(group)
+            lora_bytes += s.r * 4 + (2 * o * a if s.dora else 0)  # lora_A's output (+ DoRA's scaled terms)
+    elements += sum(inputs[g] for g in saved_groups)
+    return elements * a + fp32 + mask + lora_bytes
+
+
+def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int]:
+    """(saved activations at the peak, backward working set) in bytes for one micro-batch."""
+    a = DTYPE_BYTES[s.compute]
+    n = s.tokens
+    per_layer = _layer_saved_bytes(shape, s) * n
+    layer_input = shape.hidden_size * a * n
+    inter = shape.intermediate_size
+    if shape.num_experts:
+        inter = (shape.expert_intermediate_size or inter) * max(1, shape.experts_per_token)
+    if s.checkpointing:
+        # Only each layer's input is kept; backward recomputes one layer at a time.
+        saved = shape.num_layers * layer_input + per_layer
+    else:
+        saved = shape.num_layers * (layer_input + per_layer)
+    # Final norm output and the gathered hidden states of labelled positions feeding the chunked loss.
+    saved += 2 * shape.hidden_size * a * n
+    working = (BACKWARD_MLP_COPIES * inter + BACKWARD_RESIDUAL_COPIES * shape.hidden_size) * a * n
+    return saved, working
+
+
+def logits_bytes(shape: ModelShape, s: _Setup, chunked: bool = True) -> int:
+    """Memory of the loss: one chunk of fp32 logits with its softmax and gradients (ft-desk), or the full
+    batch x length x vocab logits of a plain trainer (chunked=False)."""
+    positions = min(s.chunk, s.tokens) if chunked else s.tokens
+    copies = LOSS_CHUNK_COPIES + (1 if DTYPE_BYTES[s.weights] != 4 else 0) + (1 if shape.logit_softcap else 0)
+    return positions * shape.vocab_size * 4 * copies
+
+
+def _weights(shape: ModelShape, s: _Setup) -> list[tuple[str, int]]:
+    w = DTYPE_BYTES[s.weights]
+    if s.method == "qlora":
+        quantized = four_bit_bytes(shape.linear_params, s.double_quant)
+        label = "4-bit weights (incl. absmax, double quant)" if s.double_quant else "4-bit weights (incl. absmax)"
+        return [(label, quantized), (f"embeddings, lm_head and norms ({s.weights})", shape.other_params * w)]
+    if s.method == "lora":
+        return [(f"base weights ({s.weights})", shape.params * w)]
+    return [("weights (float32, trainable)", shape.params * 4)]
+
+
+def _trainable(shape: ModelShape, s: _Setup) -> tuple[str, int, int]:
+    if s.method == "full":
+        n = shape.params
+        # Note: AdamW keeps two fp32 states per parameter; grads are fp32 like the weights: 12 B/param here,
+        # the weights themselves are counted above.
+        return "gradients + AdamW states (fp32)", n * 12, n
+    n = lora_params(shape, s.r, s.targets, s.dora)
+    # Note: LoRA weights, their gradients and AdamW's two states are all fp32: 16 bytes per trainable parameter.
+    return f"LoRA r={s.r}: weights, grads, AdamW states (fp32)", n * 16, n
+
+
+def _dequant_bytes(shape: ModelShape, s: _Setup) -> int:
+    """The transient full-precision copy of one 4-bit weight that each matmul dequantizes (qlora only)."""
+    if s.method != "qlora":
+        return 0
+    widest = max(i * o for _, i, o, _ in shape.linear_layers())
+    return widest * DTYPE_BYTES[s.compute]
+
+
+def _load_peak(shape: ModelShape, s: _Setup, resident: int) -> int:
+    """Host memory while loading on CPU: the checkpoint pages being read plus the converted weights, plus the
+    full-precision copy of the tensor being quantized."""
+    converts = s.method == "qlora" or shape.checkpoint_dtype != (s.weights if s.method != "full" else "float32")
+    # Note: safetensors files are memory-mapped; when no dtype conversion is needed the weights *are* the
+    # mapped pages, so the file is not counted twice (measured: RSS after load = weights, peak = weights + file).
+    checkpoint = shape.params * DTYPE_BYTES[shape.checkpoint_dtype] if converts else 0
+    quantizing = shape.largest_tensor * 4 if s.method == "qlora" else 0
+    return resident + checkpoint + quantizing
+
+
+def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]:
+    components = _weights(shape, s)
+    label, train_bytes, trainable = _trainable(shape, s)
+    components.append((label, train_bytes))
+    saved, working = _activation_bytes(shape, s)
+    act_label = "activations, checkpointed" if s.checkpointing else "activations (no checkpointing)"
+    components.append((f"{act_label}: {s.micro_batch} x {s.length} tokens", saved))
+    components.append(("backward working set", working + _dequant_bytes(shape, s)))
+    components.append((f"loss: logits in chunks of {min(s.chunk, s.tokens)} tokens", logits_bytes(shape, s)))
+    model_bytes = sum(b for _, b in components)
+    if s.device == "cpu" and not s.allocator_capped:
+        # Note: with glibc's default (growing) mmap threshold, the heap keeps the previous step's activation
+        # blocks and the next step allocates around them: peak RSS grew by one set of saved activations after
+        # step 1 (measured 152 MiB for 139 predicted on an 11M model, 1072 MiB for 1082 on a 135M one). See
+        # quant.device.cap_cpu_allocator, which removes this term.
+        components.append(("CPU allocator retention (glibc keeps the last step's activations)", saved))
+        model_bytes += saved
+    if s.device == "cpu":
+        resident = sum(b for _, b in _weights(shape, s))
+        load = _load_peak(shape, s, resident)
+        if load > model_bytes:
+            components.append(("loading peak above training (checkpoint read while converting)", load - model_bytes))
+        components.append(("framework overhead (Python, torch, libraries)", CPU_IMPORT_BYTES + CPU_RUNTIME_BYTES))
+    elif s.device == "cuda":
+        components.append(("framework overhead (CUDA context, kernels)", CUDA_CONTEXT_BYTES))
+    if not shape.known:
+        components.append(("margin for an architecture the planner does not model",
+                           int(CONSERVATIVE_MARGIN * model_bytes)))
+    return components, trainable
+
+
+def _budget(device: DeviceFacts | None) -> int | None:
+    if device is None:
+        return None
+    if device.type == "cuda":
+        return device.free_memory or device.total_memory or None
+    if device.type == "mps":
+        return device.total_memory or device.free_memory or None
+    return device.free_memory or device.total_memory or None
+
+
+def _verdict(total: int, budget: int | None) -> str:
+    if budget is None:
+        return "unknown device"
+    if total <= FITS_SHARE * budget:
+        return "fits"
+    if total <= budget:
+        return "tight"
+    return "does not fit"
+
+
+# Note: a change that saves less than this share of the total is not worth suggesting.
+MIN_SAVING = 0.01
+
+Change = dict[str, dict[str, Any]]
+
+
+def _knobs(run: RunConfig, four_bit_ok: bool) -> list[list[tuple[str, Change]]]:
+    """Settings that lower memory, least intrusive first; each is a ladder of steps, mildest step first."""
+    t, d, lora = run.train, run.data, run.lora
+    knobs: list[list[tuple[str, Change]]] = []
+    if not t.gradient_checkpointing:
+        knobs.append([("gradient checkpointing on (about 30% slower, same result)",
+                       {"train": {"gradient_checkpointing": True}})])
+    ladder = []
+    mb = t.micro_batch_size
+    while mb > 1:
+        mb //= 2
+        accum = t.grad_accum * t.micro_batch_size // mb
+        ladder.append((f"micro-batch {mb} with {accum} accumulation steps (same effective batch, slower)",
+                       {"train": {"micro_batch_size": mb, "grad_accum": accum}}))
+    knobs.append(ladder)
+    knobs.append([("loss in chunks of 256 tokens", {"train": {"loss_chunk_tokens": 256}})]
+                 if t.loss_chunk_tokens > 256 else [])
+    if t.method != "qlora" and four_bit_ok:
+        knobs.append([("QLoRA: 4-bit base instead of 16-bit (slightly lower quality)", {"train": {"method": "qlora"}}),
+                      ])
+    ladder = []
+    r = lora.r
+    while t.method != "full" and r > 4:
+        r //= 2
+        ladder.append((f"LoRA rank {r} (learns less)", {"lora": {"r": r, "alpha": max(1, lora.alpha * r // lora.r)}}))
+    knobs.append(ladder)
+    ladder = []
+    length = d.max_length
+    while length > 256:
+        length //= 2
+        ladder.append((f"max length {length} tokens (longer examples are truncated)",
+                       {"data": {"max_length": length}}))
+    knobs.append(ladder)
+    return [k for k in knobs if k]
+
+
+def _apply(run: RunConfig, change: Change) -> RunConfig:
+    for section, values in change.items():
+        run = replace_config(run, section, **values)
+    return run
+
+
+def _merge(a: Change, b: Change) -> Change:
+    out = {section: dict(values) for section, values in a.items()}
+    for section, values in b.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def _overrides(change: Change) -> tuple[str, ...]:
+    def text(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return tuple(f"{section}.{key}={text(v)}" for section, values in change.items() for key, v in values.items())
+
+
+def _suggest(run: RunConfig, shape: ModelShape, device: DeviceFacts | None, budget: int | None,
+             current: int, four_bit_ok: bool, capped: bool | None) -> list[Suggestion]:
+    """One suggestion per setting (its mildest step that fits, else its strongest); then, when no single change
+    fits, the settings stacked in order (each at its mildest fitting step, else its strongest) until it fits."""
+    limit = None if budget is None else FITS_SHARE * budget
+
+    def judge(description: str, change: Change) -> Suggestion:
+        total = _total(shape, _apply(run, change), device, capped)
+        return Suggestion(description, _overrides(change), total, None if limit is None else total <= limit)
+
+    def worth(s: Suggestion) -> bool:
+        return s.total_bytes < current * (1 - MIN_SAVING)
+
+    knobs = _knobs(run, four_bit_ok)
+    singles: list[Suggestion] = []
+    for ladder in knobs:
+        tried = [judge(description, change) for description, change in ladder]
+        pick = next((s for s in tried if s.fits), tried[-1])
+        if worth(pick):
+            singles.append(pick)
+    if limit is None or any(s.fits for s in singles):
+        return singles
+    stacked: list[Suggestion] = []
+    merged: Change = {}
+    parts: list[str] = []
+    best = current
+    for ladder in knobs:
+        tried = [(description, _merge(merged, change)) for description, change in ladder]
+        judged = [(d, c, judge(d, c)) for d, c in tried]
+        description, change, result = next(((d, c, r) for d, c, r in judged if r.fits), judged[-1])
+        if result.total_bytes >= best * (1 - MIN_SAVING):
+            continue
+        merged, best = change, result.total_bytes
+        parts.append(description.split(" (")[0])
+        stacked.append(Suggestion(" + ".join(parts), _overrides(merged), result.total_bytes, result.fits))
+        if result.fits:
+            break
+    return singles + stacked[1:]
+
+
+def _total(shape: ModelShape, run: RunConfig, device: DeviceFacts | None, capped: bool | None = None) -> int:
+    components, _ = _estimate(shape, _resolve(run, device, capped))
+    return sum(b for _, b in components)
+
+
+def plan_memory(model_config: dict, run: RunConfig, device: DeviceFacts | None, four_bit_ok: bool = True,
+                model_name: str | None = None, cpu_allocator_capped: bool | None = None) -> MemoryPlan:
+    """Predicted peak memory of `run` on `device` (None: unknown device, planned as a bf16 GPU) for the model
+    described by `model_config` (its parsed config.json). `four_bit_ok=False` keeps QLoRA out of suggestions;
+    `cpu_allocator_capped` says whether the CPU run pins glibc's mmap threshold (default: what ft-desk train does,
+    quant.device.TRAINING_CAPS_CPU_ALLOCATOR)."""
+    shape = model_shape(model_config, model_name or run.model.name)
+    setup = _resolve(run, device, cpu_allocator_capped)
+    components, trainable = _estimate(shape, setup)
+    total = sum(b for _, b in components)
+    budget = _budget(device)
+    verdict = _verdict(total, budget)
+    suggestions = (_suggest(run, shape, device, budget, total, four_bit_ok, cpu_allocator_capped)
+                   if verdict != "fits" else [])
+    notes = list(shape.notes)
+    if not shape.known:
+        notes.append(f"architecture {shape.model_type!r} is not one the planner models exactly: the estimate is "
+                     f"padded by {CONSERVATIVE_MARGIN:.0%}")
+    if setup.dora:
+        notes.append("DoRA adds activations per adapted layer; its estimate is less exact than plain LoRA's")
+    if setup.method == "qlora" and setup.device == "mps":
+        notes.append("bitsandbytes 4-bit training is not used on Apple GPUs: ft-desk trains LoRA on a 16-bit base "
+                     "there (--preset lora)")
+    if setup.packing:
+        notes.append("assumes packed rows filled to max length (the worst case)")
+    settings = {
+        "micro_batch_size": setup.micro_batch, "max_length": setup.length,
+        "gradient_checkpointing": setup.checkpointing, "lora_r": setup.r if setup.method != "full" else None,
+        "target_modules": list(setup.targets), "loss_chunk_tokens": setup.chunk, "packing": setup.packing,
+        "grad_accum": run.train.grad_accum,
+    }
+    return MemoryPlan(
+        components=components,
+        total_bytes=total,
+        verdict=verdict,
+        conservative=not shape.known,
+        suggestions=suggestions,
+        device_budget_bytes=budget,
+        device=setup.device,
+        compute_dtype=setup.compute,
+        method=setup.method,
+        model_type=shape.model_type,
+        params=shape.params,
+        trainable_params=trainable,
+        notes=notes,
+        settings=settings,
+    )
+
+
+def plain_trainer_logits(model_config: dict, run: RunConfig, device: DeviceFacts | None = None) -> int:
+    """The logits term of a trainer that materialises batch x length x vocab fp32 logits (for comparisons)."""
+    shape = model_shape(model_config)
+    return logits_bytes(shape, _resolve(run, device), chunked=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading config.json without the weights
+
+
+def load_model_config(model: str, revision: str | None = None, offline: bool | None = None) -> dict:
+    """config.json of `model`: the demo model, a local folder, the HF cache, or (online only) fetched alone.
+
+    Offline mode (HF_HUB_OFFLINE=1, or offline=True) never touches the network.
+    """
+    if model == "demo":
+        from ft_desk.trainer.demo import ensure_demo_model
+
+        return _read_json(ensure_demo_model() / "config.json")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelError(f"{path} has no config.json, so it is not a Hugging Face model folder")
+        return _read_json(config)
+    if path.suffix == ".json" and path.is_file():
+        return _read_json(path)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelError(f"{model} is not a folder holding a model (no such directory)",
+                         hint="give a model folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct, or demo")
+    import huggingface_hub  # light enough, but only needed for Hub ids
+
+    if offline is None:
+        offline = huggingface_hub.constants.is_offline_mode()
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(model, "config.json", revision=revision)
+    except huggingface_hub.errors.HFValidationError:
+        raise ModelError(f"{model!r} is not a valid Hub model id or folder",
+                         hint="a Hub id looks like owner/name, e.g. Qwen/Qwen2.5-0.5B-Instruct") from None
+    if isinstance(cached, str):
+        return _read_json(Path(cached))
+    if offline:
+        raise ModelError(
+            f"config.json of {model} is not in the local Hugging Face cache and offline mode is on",
+            hint=f"download it first (ft-desk models download {model}) or unset HF_HUB_OFFLINE",
+        )
+    from huggingface_hub import errors
+
+    try:
+        local = huggingface_hub.hf_hub_download(model, "config.json", revision=revision)
+    except errors.GatedRepoError:
+        raise ModelError(f"{model} is gated: its files need an accepted licence and a token",
+                         hint=f"accept the terms on https://huggingface.co/{model} and run: hf auth login") from None
+    except errors.RepositoryNotFoundError:
+        raise ModelError(f"no model {model!r} on the Hugging Face Hub (or it is private)",
+                         hint="check the spelling, or log in with: hf auth login") from None
+    except errors.RevisionNotFoundError:
+        raise ModelError(f"{model} has no revision {revision!r}") from None
+    except errors.EntryNotFoundError:
+        raise ModelError(f"{model} has no config.json, so it is not a transformers model") from None
+    except (errors.HfHubHTTPError, OSError) as exc:
+        raise ModelError(f"could not fetch config.json of {model}: {exc}".splitlines()[0],
+                         hint="check the network, or plan offline from a downloaded model") from None
+    return _read_json(Path(local))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return data
+
+
+def human_bytes(n: int | float) -> str:
+    """1.23 GB style (powers of 1024, as memory is sold and reported)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}" if abs(n) < 10 else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+__all__ = ["MemoryPlan", "ModelShape", "Suggestion", "plan_memory", "load_model_config", "model_shape",
+           "lora_params", "logits_bytes", "plain_trainer_logits", "human_bytes"]
