@@ -16,6 +16,7 @@ Event types and their fields:
   log            level (info|warning|error), message
   run_finished   status (completed|stopped|failed), exit_code, error, hint, best_val_loss, best_step,
                  final_step, adapter_path, elapsed_s
+  eval_started, eval_progress, eval_report, eval_finished   `ft-desk eval` (fields: trainer/evaluate.py)
 Tools other than training (eval, export, hub download) use the same envelope with their own types.
 """
 
