@@ -66,3 +66,20 @@ def test_tied_embeddings_and_added_token_survive_merge_and_gguf(tied_added_run, 
     gguf_model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=event["facts"]["file"],
                                                       dtype=torch.float32)
     assert gguf_model.config.tie_word_embeddings and gguf_model.get_input_embeddings().weight.shape[0] == 1025
+
+
+def test_full_fine_tune_exports_its_trained_weights(tmp_path, tied_model_dir, out_dir):
+    from ft_desk.trainer.export.safetensors_io import read_all
+
+    from .runs import make_run
+
+    run = make_run(tmp_path, tied_model_dir, "full")
+    export_run(ExportRequest(run_dir=run.run_dir, format="merged", out=out_dir, verify=False), ListSink())
+    trained = read_all(run.run_dir / "model" / "model.safetensors")
+    merged = read_all(out_dir / "model.safetensors")
+    embed = trained.get("model.embed_tokens.weight", trained.get("lm_head.weight"))
+    assert torch.equal(merged["model.embed_tokens.weight"], embed.to(torch.bfloat16))
+    for name, value in trained.items():
+        if name in merged:
+            assert torch.equal(merged[name], value.to(torch.bfloat16)), name
+    assert json.loads((out_dir / "config.json").read_text())["tie_word_embeddings"] is True

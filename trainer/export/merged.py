@@ -196,6 +196,9 @@ def plan_merge(source: RunSource, out_dtype: str = "bf16", merge_into: str = "qu
     if cfg.train.method == "full":
         for e in read_header(source.weights_dir / FULL_WEIGHTS)[0]:
             trained[e.name] = e
+        if tied and lm_name in trained and embed_name not in trained:
+            # safetensors' save_model keeps one name of a shared tensor; for tied weights it may be the output's.
+            trained[embed_name] = trained[lm_name]
     else:
         state = read_all(source.weights_dir / ADAPTER_WEIGHTS)
         adapter_cfg = json.loads((source.weights_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -227,7 +230,8 @@ def plan_merge(source: RunSource, out_dtype: str = "bf16", merge_into: str = "qu
         shape = tuple(upd.replacement.shape) if upd is not None and upd.replacement is not None else entry.shape
         tensors.append(OutTensor(name=name, shape=shape, dtype=out_dtype_for(entry), source=entry, update=upd,
                                  quantized=name in quantized_names, trained=name in trained))
-    if cfg.train.method == "full" and tied and lm_name and lm_name in trained and lm_name not in base_entries:
+    if (cfg.train.method == "full" and tied and lm_name and lm_name in trained and lm_name not in base_entries
+            and trained[lm_name] is not trained.get(embed_name)):
         # Full fine-tuning saved an untied output layer.
         entry = trained[lm_name]
         tensors.append(OutTensor(name=lm_name, shape=entry.shape, dtype=out_dtype_for(entry), source=entry,

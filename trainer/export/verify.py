@@ -217,8 +217,9 @@ def judge(result: dict[str, Any], reference: Reference, thresholds: Thresholds, 
     if wanted:
         missing = [t for t in wanted if t not in result["eos_token_ids"]]
         check("stop_tokens", not missing,
-              f"generation stops on {result['eos_token_ids']}" + (f"; missing turn-end id(s) {missing}"
-                                                                  if missing else ""))
+              f"the export stops generating on token ids {result['eos_token_ids']}, "
+              + (f"which lack the chat template's turn-end id(s) {missing}" if missing
+                 else f"including the chat template's turn-end id(s) {wanted}"))
     gens = result["generations"]
     ref_prompts = reference.data["prompts"]
     if gens:
