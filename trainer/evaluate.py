@@ -217,9 +217,9 @@ def _autocast(cfg, device: str) -> Callable | None:
 
     from ft_desk.quant.policy import torch_dtype
 
-    from .model import _dtypes
+    from .model import run_dtypes
 
-    compute, _ = _dtypes(cfg, device)
+    compute, _ = run_dtypes(cfg, device)
     return lambda: torch.autocast(device_type=device, dtype=torch_dtype(compute))
 
 

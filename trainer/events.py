@@ -233,7 +233,12 @@ def describe_event(event: dict[str, Any]) -> str:
         return f"run {status} at step {event.get('final_step')} in {_fmt_duration(event.get('elapsed_s'))}{best_txt}"
     if kind == "step":
         return f"step {event['step']}/{event['total_steps']} loss {event['loss']:.4f}"
-    return json.dumps(event)
+    # Events of other tools (export, eval, download) carry a message or are shown by type and fields.
+    if event.get("message"):
+        return str(event["message"])
+    fields = {k: v for k, v in event.items() if k not in ("v", "type", "time")}
+    brief = ", ".join(f"{k}={v}" for k, v in fields.items() if isinstance(v, (str, int, float)) and len(str(v)) < 80)
+    return f"{str(kind).replace('_', ' ')}: {brief}" if brief else str(kind).replace("_", " ")
 
 
 def read_events(path: Path) -> Iterator[dict[str, Any]]:

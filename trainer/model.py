@@ -42,7 +42,7 @@ def load_tokenizer(model_dir: Path, cfg: RunConfig):
     return tok
 
 
-def _dtypes(cfg: RunConfig, device: str) -> tuple[str, str]:
+def run_dtypes(cfg: RunConfig, device: str) -> tuple[str, str]:
     """(compute dtype, dtype of the unquantized weights) for this run on this device."""
     from ft_desk.quant.device import choose_compute_dtype, probe_facts
 
@@ -67,7 +67,7 @@ def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None):
     started = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir, cfg)
-    compute, weights_dtype = _dtypes(cfg, device)
+    compute, weights_dtype = run_dtypes(cfg, device)
     kwargs: dict = dict(
         dtype=torch_dtype(weights_dtype),
         attn_implementation=cfg.model.attn_implementation,
@@ -212,9 +212,9 @@ def checkpoint_folder(run_dir: Path, checkpoint: str | int = "best") -> Path:
     state = json.loads(state_path.read_text(encoding="utf-8"))
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     if checkpoint == "best":
-        final = run_dir / "adapter"
-        if (final / ADAPTER_WEIGHTS).is_file() or (final / FULL_WEIGHTS).is_file():
-            return final
+        for final in (run_dir / "adapter", run_dir / "model"):  # model/ holds a full fine-tune's weights
+            if (final / ADAPTER_WEIGHTS).is_file() or (final / FULL_WEIGHTS).is_file():
+                return final
         if state.get("best_step") is not None:
             candidate = run_dir / "checkpoints" / f"step-{int(state['best_step']):06d}"
             if candidate.is_dir():

@@ -123,15 +123,15 @@ def training_dtypes(source: RunSource) -> tuple[str, str]:
     from ft_desk.quant.device import available_device_types
 
     from ..events import read_events
-    from ..model import _dtypes
+    from ..model import run_dtypes
 
     cfg = source.cfg
     if source.trained_device in available_device_types():
-        return _dtypes(cfg, source.trained_device)
+        return run_dtypes(cfg, source.trained_device)
     compute = next((e.get("dtype") for e in read_events(source.run_dir / "events.jsonl")
                     if e.get("type") == "model_loaded" and e.get("dtype")), None)
     if compute is None:
-        return _dtypes(cfg, "cpu")
+        return run_dtypes(cfg, "cpu")
     if cfg.train.method == "full":
         return compute, "float32"
     return compute, compute if cfg.model.dtype == "auto" else cfg.model.dtype
