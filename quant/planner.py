@@ -63,10 +63,11 @@ FITS_SHARE = 0.85
 CUDA_CONTEXT_BYTES = 600 * 1024**2
 
 # Note: resident memory of a Python process after `import torch, transformers, peft, bitsandbytes` (Linux,
-# torch 2.13 CPU build: ~390 MB measured), plus the tokenizer, data pipeline and torch's CPU thread pools
-# and kernel caches that a run creates before step 1 (~60 MB measured above the import baseline).
+# torch 2.13 CPU build: ~390 MiB measured), plus what a run adds beyond its tensors: the tokenizer, the model's
+# Python objects and modeling code, data, torch's thread pools (measured: 25 MiB above the weights right after
+# loading; 30 MiB left the 11M-model runs of bench/plan_accuracy.py within 4% with the allocator capped).
 CPU_IMPORT_BYTES = 390 * 1024**2
-CPU_RUNTIME_BYTES = 60 * 1024**2
+CPU_RUNTIME_BYTES = 30 * 1024**2
 
 # Note: tensors alive while one lm_head + cross-entropy chunk runs backward: the recomputed fp32 logits, the
 # log-softmax output autograd keeps, and their two gradients. One more when logits are 16-bit (the fp32 copy)
@@ -80,6 +81,9 @@ BACKWARD_MLP_COPIES = 3
 BACKWARD_RESIDUAL_COPIES = 2
 
 GIB = 1024**3
+
+# glibc never serves blocks of 32 MiB or more from its heaps (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit).
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -361,68 +365,69 @@ def lora_params(shape: ModelShape, r: int, targets: tuple[str, ...], dora: bool 
     return shape.num_layers * per_layer
 
 
-def _layer_saved_bytes(shape: ModelShape, s: _Setup) -> int:
-    """Bytes one decoder layer saves for backward, per token of the micro-batch (not counting its input)."""
+def _layer_saved_tensors(shape: ModelShape, s: _Setup) -> list[int]:
+    """Sizes in bytes *per token of the micro-batch* of the tensors one decoder layer saves for backward (not
+    counting its input). Listed tensor by tensor because the CPU allocator treats large and small ones apart."""
     a = DTYPE_BYTES[s.compute]
     h, inter, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_width, shape.kv_width
     if shape.num_experts:
         inter = (shape.expert_intermediate_size or inter) * max(1, shape.experts_per_token)
     # With a mask (always, when packing) transformers' SDPA path repeats k/v to every query head first.
     kv_saved = q if shape.num_kv_heads < shape.num_heads else kv
-    elements = (
-        q + 2 * kv_saved + q  # rotated q, k and v as SDPA keeps them, and its output
-        + h  # residual stream after attention
-        + 3 * inter  # gate and up projections, and the activation of gate
-    )
+    tensors = [q * a, kv_saved * a, kv_saved * a, q * a]  # rotated q, k and v as SDPA keeps them, and its output
+    tensors += [h * a]  # residual stream after attention
+    tensors += [inter * a] * 3  # gate and up projections, and the activation of gate
     if shape.qk_norm:
-        elements += q + kv  # inputs of the per-head q/k norms
-    fp32 = 2 * 4 + shape.num_heads * 4  # two RMSNorm rsqrt values and the attention log-sum-exp, kept in fp32
+        tensors += [q * a, kv * a]  # inputs of the per-head q/k norms
+    tensors += [4, 4, shape.num_heads * 4]  # two RMSNorm rsqrt values and the attention log-sum-exp, in fp32
     # Note: SDPA turns the boolean block-diagonal mask into an additive one of the activation dtype, and its
     # backward keeps that copy: batch x length x length per layer (measured with saved_tensors_hooks).
-    mask = s.length * a
+    tensors += [s.length * a]
     inputs = {"attn_in": h, "o_in": 0, "mlp_in": h, "down_in": inter}  # o_proj's input is a view of SDPA's output
     group_of = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
                 "o_proj": "o_in", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in",
                 "down_proj": "down_in", "gate": "mlp_in"}
-    lora_bytes = 0
     if s.method == "full":
         saved_groups = set(inputs)  # every weight has a gradient, so every linear keeps its input
-        elements += 2 * h  # trainable norm weights keep the normalized input too
+        tensors += [h * a, h * a]  # trainable norm weights keep the normalized input too
     else:
         saved_groups = set()
         for name, i, o, n in _targeted(shape, s.targets):
             group = group_of.get(name, "attn_in")
             if s.dropout > 0:
-                # Each adapter draws its own dropout: the dropped-out input and the mask, per module.
-                lora_bytes += 2 * i * a
+                # Each adapter draws its own dropout on its (fp32-cast) input: the dropped-out copy and the mask
+                # are kept per module (the mask is fp32 on CPU, measured; bool on CUDA).
+                tensors += [i * 4, i * (1 if s.device == "cuda" else 4)]
             elif a != 4:
                 # LoRA weights are fp32: peft casts the 16-bit input to fp32 per module, and that copy is kept.
-                lora_bytes += i * 4
+                tensors += [i * 4]
             else:
                 saved_groups.add(group)
-            lora_bytes += s.r * 4 + (2 * o * a if s.dora else 0)  # lora_A's output (+ DoRA's scaled terms)
-    elements += sum(inputs[g] for g in saved_groups)
-    return elements * a + fp32 + mask + lora_bytes
+            tensors += [s.r * 4]  # lora_A's output
+            if s.dora:
+                tensors += [o * a, o * a]  # DoRA's two scaled terms
+    tensors += [inputs[g] * a for g in sorted(saved_groups) if inputs[g]]
+    return tensors
 
 
-def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int]:
-    """(saved activations at the peak, backward working set) in bytes for one micro-batch."""
+def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
+    """(saved activations at the peak, backward working set, the share of the saved activations held in tensors
+    small enough for glibc's heap) in bytes for one micro-batch."""
     a = DTYPE_BYTES[s.compute]
     n = s.tokens
-    per_layer = _layer_saved_bytes(shape, s) * n
+    layer = [t * n for t in _layer_saved_tensors(shape, s)]
     layer_input = shape.hidden_size * a * n
     inter = shape.intermediate_size
     if shape.num_experts:
         inter = (shape.expert_intermediate_size or inter) * max(1, shape.experts_per_token)
-    if s.checkpointing:
-        # Only each layer's input is kept; backward recomputes one layer at a time.
-        saved = shape.num_layers * layer_input + per_layer
-    else:
-        saved = shape.num_layers * (layer_input + per_layer)
+    # Only each layer's input is kept with checkpointing; backward recomputes one layer at a time.
+    full_layers = 1 if s.checkpointing else shape.num_layers
     # Final norm output and the gathered hidden states of labelled positions feeding the chunked loss.
-    saved += 2 * shape.hidden_size * a * n
+    tensors = [layer_input] * (shape.num_layers + 2) + layer * full_layers
+    saved = sum(tensors)
+    heap = sum(t for t in tensors if t < GLIBC_MMAP_THRESHOLD_MAX)
     working = (BACKWARD_MLP_COPIES * inter + BACKWARD_RESIDUAL_COPIES * shape.hidden_size) * a * n
-    return saved, working
+    return saved, working, heap
 
 
 def logits_bytes(shape: ModelShape, s: _Setup, chunked: bool = True) -> int:
@@ -463,6 +468,17 @@ def _dequant_bytes(shape: ModelShape, s: _Setup) -> int:
     return widest * DTYPE_BYTES[s.compute]
 
 
+def _optimizer_step_extra(shape: ModelShape, s: _Setup) -> int:
+    """Temporaries of the AdamW step, which runs after backward has freed the activations (full only matters).
+
+    Note: torch's AdamW takes its multi-tensor (foreach) path on CUDA, which materialises sqrt(v) for every
+    parameter at once (4 bytes each); on CPU it updates tensor by tensor, so only the largest tensor counts.
+    """
+    if s.method != "full":
+        return 0
+    return shape.params * 4 if s.device == "cuda" else shape.largest_tensor * 4 * 2
+
+
 def _load_peak(shape: ModelShape, s: _Setup, resident: int) -> int:
     """Host memory while loading on CPU: the checkpoint pages being read plus the converted weights, plus the
     full-precision copy of the tensor being quantized."""
@@ -478,19 +494,29 @@ def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]
     components = _weights(shape, s)
     label, train_bytes, trainable = _trainable(shape, s)
     components.append((label, train_bytes))
-    saved, working = _activation_bytes(shape, s)
+    saved, working, heap = _activation_bytes(shape, s)
     act_label = "activations, checkpointed" if s.checkpointing else "activations (no checkpointing)"
     components.append((f"{act_label}: {s.micro_batch} x {s.length} tokens", saved))
     components.append(("backward working set", working + _dequant_bytes(shape, s)))
     components.append((f"loss: logits in chunks of {min(s.chunk, s.tokens)} tokens", logits_bytes(shape, s)))
+    if s.method == "full" and s.compute != "float32":
+        # Note: autocast keeps a 16-bit copy of every fp32 weight it casts for the forward, and linear layers
+        # save those copies for backward, so they live until the backward pass has used them.
+        components.append((f"{s.compute} weight copies (autocast)", shape.params * DTYPE_BYTES[s.compute]))
     model_bytes = sum(b for _, b in components)
+    step_extra = _optimizer_step_extra(shape, s) - (model_bytes - sum(b for _, b in components[:2]))
+    if step_extra > 0:
+        components.append(("optimizer step temporaries above the backward peak", step_extra))
+        model_bytes += step_extra
     if s.device == "cpu" and not s.allocator_capped:
-        # Note: with glibc's default (growing) mmap threshold, the heap keeps the previous step's activation
-        # blocks and the next step allocates around them: peak RSS grew by one set of saved activations after
-        # step 1 (measured 152 MiB for 139 predicted on an 11M model, 1072 MiB for 1082 on a 135M one). See
-        # quant.device.cap_cpu_allocator, which removes this term.
-        components.append(("CPU allocator retention (glibc keeps the last step's activations)", saved))
-        model_bytes += saved
+        # Note: with glibc's default (growing) mmap threshold, blocks under 32 MiB come from its heaps once the
+        # first step has freed some, and the next step's activations do not fit the holes the last step left:
+        # peak RSS grew by about the heap-sized part of one step's saved activations and loss tensors (measured
+        # on an 11M and a 135M model: +152 MiB for 139 predicted, +1072 for 1082). cap_cpu_allocator removes it.
+        chunk_tensor = min(s.chunk, s.tokens) * shape.vocab_size * 4
+        loss_heap = logits_bytes(shape, s) if chunk_tensor < GLIBC_MMAP_THRESHOLD_MAX else 0
+        components.append(("CPU allocator retention (glibc keeps the last step's blocks)", heap + loss_heap))
+        model_bytes += heap + loss_heap
     if s.device == "cpu":
         resident = sum(b for _, b in _weights(shape, s))
         load = _load_peak(shape, s, resident)
@@ -653,8 +679,8 @@ def plan_memory(model_config: dict, run: RunConfig, device: DeviceFacts | None, 
     if setup.dora:
         notes.append("DoRA adds activations per adapted layer; its estimate is less exact than plain LoRA's")
     if setup.method == "qlora" and setup.device == "mps":
-        notes.append("bitsandbytes 4-bit training is not used on Apple GPUs: ft-desk trains LoRA on a 16-bit base "
-                     "there (--preset lora)")
+        notes.append("ft-desk train does not run QLoRA on Apple GPUs (MPS): train LoRA on a 16-bit base there "
+                     "(--preset lora) and plan that")
     if setup.packing:
         notes.append("assumes packed rows filled to max length (the worst case)")
     settings = {
