@@ -92,6 +92,9 @@ class FtDeskApp(App):
         if self.start_mode and self.start_mode != self.current_mode:
             self.switch_mode(self.start_mode)
         self.load_runs(startup=self.reattach and self.start_mode is None)
+        warm_up = getattr(self.backend, "warm_up", None)
+        if warm_up is not None:
+            self.set_timer(1.0, warm_up)  # after the first frame: the device probe is a child process
 
     def on_unmount(self) -> None:
         if self.session is not None:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from . import commands
 from .draft import Draft
+from .planning import NeedsChild, Planner
 from .launch import Launch, resume_training, start_training, stop_training
 from .runs import RunSummary, list_runs
 
@@ -34,6 +35,11 @@ class CliBackend:
 
     def __init__(self, runs_dir: str | None = None) -> None:
         self.runs_dir = runs_dir
+        self.planner = Planner(self.doctor)
+
+    def warm_up(self) -> None:
+        """Start the slow one-time probes (device facts for the memory planner) in the background."""
+        self.planner.warm_up()
 
     # Runs (read in-process: the same light code as `ft-desk runs --json`).
     def list_runs(self) -> list[RunSummary]:
@@ -54,7 +60,12 @@ class CliBackend:
         return commands.run_json(args + _recipe_args(draft) + ["--json"])
 
     def plan(self, draft: Draft, model: str | None = None) -> dict[str, Any]:
-        return commands.run_json(["plan", model or draft.model or "demo"] + _recipe_args(draft) + ["--json"])
+        """The run's memory plan: in-process when config.json and the device are known here, else the CLI's."""
+        name = model or draft.model or "demo"
+        try:
+            return self.planner.plan(draft.config_for(name))
+        except NeedsChild:
+            return commands.run_json(["plan", name] + _recipe_args(draft) + ["--json"])
 
     def doctor(self) -> dict[str, Any]:
         return commands.run_json(["doctor", "--json"])

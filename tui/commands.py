@@ -124,5 +124,9 @@ def stream(args: list[str], on_event: Callable[[dict[str, Any]], None],
     code = proc.wait()
     reader.join(timeout=5)
     if code != 0:
+        if str(result.get("type", "")).endswith("_finished"):
+            # The tool reported its own outcome (an export that failed verification, an eval that failed
+            # with error and hint): that is the answer, not a crash.
+            return {**result, "exit_code": code}
         raise parse_failure("".join(stderr_chunks), code)
     return result

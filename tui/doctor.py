@@ -107,5 +107,5 @@ def diagnose(h: RunHistory) -> list[Finding]:
         else:
             detail = f"Train loss went from {first:.3f} to {last:.3f}."
         out.append(Finding("healthy", "ok", "Nothing alarming in the loss curves", detail,
-                           ("compare before/after samples below", "try the model in the chat playground")))
+                           ("compare the before / after answers", "try the model in the Chat tab")))
     return out

@@ -51,6 +51,11 @@ class Draft:
         """The validated config `ft-desk train` would build; raises ConfigError with the readable message."""
         return load_config(self.presets(), self.set_args())
 
+    def config_for(self, model: str) -> RunConfig:
+        """The config with another base model (planning a model before choosing it)."""
+        args = [a for a in self.set_args() if not a.startswith("model.name=")]
+        return load_config(self.presets(), [f"model.name={model}", *args])
+
     def base_config(self) -> RunConfig:
         """The config without the user's recipe overrides (what the presets alone give)."""
         model_data = [a for a in self.set_args() if a.startswith(("model.name=", "data.train_file="))]

@@ -118,6 +118,9 @@ class FakeBackend(CliBackend):
         self.processes.append(process)
         return Launch(process, run_dir, stderr)
 
+    def warm_up(self) -> None:
+        pass  # no device probe: plans come from the recorded fixture
+
     def check_data(self, draft: Draft) -> dict[str, Any]:
         self.calls.append(("check_data", draft.train_file))
         if draft.train_file != "demo" and not Path(draft.train_file).exists():

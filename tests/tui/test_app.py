@@ -33,8 +33,9 @@ async def settle(pilot, until=None, timeout: float = 20.0) -> None:
         if until is None or until() or time.monotonic() > end:
             break
         await asyncio.sleep(0.1)
-    if until is not None:
-        assert until(), "condition not reached in time"
+    if until is not None and not until():
+        workers = [f"{w.name}:{w.state.name}" for w in pilot.app.workers]
+        raise AssertionError(f"condition not reached in {timeout} s; workers {workers}; screen {pilot.app.screen}")
 
 
 def text_of(app, selector: str) -> str:

@@ -53,3 +53,36 @@ def test_parse_failure_separates_message_and_fix():
 def test_last_object_skips_events_before_the_result():
     out = '{"type": "download_progress", "bytes_done": 1}\n{"repo_id": "a/b", "path": "/x"}\n'
     assert last_object(out) == {"repo_id": "a/b", "path": "/x"}
+
+
+def test_the_live_estimate_is_computed_in_process_once_the_device_is_known(tmp_path):
+    import json as _json
+
+    from ft_desk.tui.planning import NeedsChild, Planner
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(_json.dumps({
+        "model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512}), encoding="utf-8")
+    calls = []
+
+    def doctor():
+        calls.append(1)
+        return {"facts": {"type": "cpu", "name": "Test CPU", "total_memory": 8 << 30, "free_memory": 6 << 30,
+                          "compute_capability": None, "bf16": False}}
+
+    planner = Planner(doctor)
+    draft = Draft(model=str(model), train_file="demo", strategy="qlora", hardware="cpu")
+    with pytest.raises(NeedsChild):  # the probe has not answered yet: the caller asks `ft-desk plan`
+        planner.plan(draft.config())
+    planner._probing.join(5)
+    small = planner.plan(draft.config())
+    draft.overrides["train.micro_batch_size"] = "16"
+    big = planner.plan(draft.config())
+    assert calls == [1]  # one probe per session
+    assert small["verdict"] == "fits" and small["device_name"] == "Test CPU"
+    assert big["total_bytes"] > small["total_bytes"]
+    with pytest.raises(NeedsChild):  # not downloaded: only `ft-desk plan` can fetch its config.json
+        planner.plan(Draft(model="nobody/not-cached", train_file="demo").config())

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, cast
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 class DeskScreen(Screen):
     MODE = ""
     TITLE = ""
+    BINDINGS = [Binding("escape", "leave_field", "Leave field", show=False)]
 
     @property
     def desk(self) -> "FtDeskApp":
@@ -82,6 +84,10 @@ class DeskScreen(Screen):
 
     def refresh_view(self) -> None:
         """Redraw the body from the app's state (draft, followed run)."""
+
+    def action_leave_field(self) -> None:
+        """Escape from a text field back to the step list, so the step keys work again."""
+        self.query_one("#steps").focus()
 
 
 def _short(path: str, width: int = 14) -> str:

@@ -121,7 +121,8 @@ class DataScreen(DeskScreen):
         path_input = self.query_one("#data-path", Input)
         if draft.train_file and path_input.value != draft.train_file and not path_input.has_focus:
             path_input.value = draft.train_file
-        self.query_one("#data-format", Select).value = draft.value("data.format") or "auto"
+        with self.prevent(Select.Changed):
+            self.query_one("#data-format", Select).value = draft.value("data.format") or "auto"
         for widget_id, key in (("#val-fraction", "data.val_fraction"), ("#valid-file", "data.valid_file")):
             widget = self.query_one(widget_id, Input)
             if not widget.has_focus and widget.value != draft.value(key):

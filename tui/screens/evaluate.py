@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input, Label, Static, Switch, TabbedContent, TabPane
+from textual.widgets import Input, Label, ProgressBar, Static, Switch, TabbedContent, TabPane
 
 from ..chat import ChatClient
+from ..commands import CommandFailed
+from ..runs import read_json
 from ..doctor import diagnose
 from ..history import RunHistory
 from .base import DeskScreen
@@ -72,6 +76,62 @@ def metrics_text(h: RunHistory) -> str:
     return "\n".join(lines)
 
 
+VERDICT_STYLE = {"better": "green", "worse": "red", "unclear": "yellow", "same": "dim"}
+
+
+def _fmt(value: Any, scale: str) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    if scale == "rate":
+        return f"{value * 100:.1f}%"
+    if scale in ("tokens",):
+        return f"{value:.0f}"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def eval_lines(report: dict[str, Any]) -> list[str]:
+    """`ft-desk eval`'s report (the eval_report event or report.json) as markup lines: base → tuned per metric."""
+    lines = [f"[b]base vs tuned on {report.get('examples') or (report.get('data') or {}).get('examples', '?')} "
+             "held-out examples[/b]"]
+    rows = [m for m in report.get("metrics") or [] if isinstance(m, dict)]
+    width = max((len(str(m.get("label") or m.get("name"))) for m in rows), default=10)
+    for m in rows:
+        scale = str(m.get("scale") or "")
+        verdict = str(m.get("verdict") or "-")
+        style = VERDICT_STYLE.get(verdict, "")
+        few = " [dim](few examples)[/]" if m.get("few") else ""
+        delta = m.get("delta")
+        sign = "+" if isinstance(delta, (int, float)) and delta > 0 else ""
+        change = f"{sign}{_fmt(delta, scale)}" if isinstance(delta, (int, float)) else ""
+        label = escape(str(m.get("label") or m.get("name")))
+        verdict_txt = f"[{style}]{escape(verdict)}[/]" if style else escape(verdict)
+        lines.append(f"{label:<{width}}  {_fmt(m.get('base'), scale):>8} → {_fmt(m.get('tuned'), scale):<8} "
+                     f"{change:>8}  {verdict_txt}{few}")
+    retention = report.get("retention")
+    if isinstance(retention, dict):
+        mark = "[b red]![/] " if retention.get("flagged") else "[green]✓[/] "
+        lines.append("")
+        lines.append(mark + escape(str(retention.get("message") or "retention checked")))
+        if retention.get("flagged") and retention.get("try"):
+            tips = retention["try"] if isinstance(retention["try"], list) else [retention["try"]]
+            lines.append("  [dim]try:[/] " + "; ".join(escape(str(t)) for t in tips))
+    for note in (report.get("notes") or [])[:4]:
+        lines.append(f"[dim]· {escape(str(note))}[/]")
+    if report.get("report_dir"):
+        lines.append(f"[dim]report: {escape(str(report['report_dir']))}/report.md[/]")
+    return lines
+
+
+def latest_eval_report(run_dir: Path) -> dict[str, Any] | None:
+    """The newest RUN_DIR/eval/*/report.json, if `ft-desk eval` ran before."""
+    reports = sorted((run_dir / "eval").glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(reports):
+        data = read_json(path)
+        if data is not None:
+            return data
+    return None
+
+
 def doctor_text(h: RunHistory) -> str:
     lines = []
     for f in diagnose(h):
@@ -87,6 +147,7 @@ class EvaluateScreen(DeskScreen):
     MODE = "evaluate"
     TITLE = "Evaluate"
     BINDINGS = [
+        Binding("ctrl+r", "run_eval", "Full evaluation"),
         Binding("ctrl+b", "toggle_base", "Base model on/off"),
         Binding("ctrl+l", "clear_chat", "Clear chat"),
         Binding("ctrl+n", "next", "Next: Export"),
@@ -100,6 +161,9 @@ class EvaluateScreen(DeskScreen):
         self._answer: Static | None = None
         self._answer_text = ""
         self._sample_count = -1
+        self._eval_cancel = threading.Event()
+        self.evaluating = False
+        self._report_for: Path | None = None
 
     def compose_body(self) -> ComposeResult:
         yield Static("", id="eval-header")
@@ -109,6 +173,10 @@ class EvaluateScreen(DeskScreen):
             with TabPane("Metrics", id="tab-metrics"):
                 with VerticalScroll():
                     yield Static("", id="metrics")
+                    with Horizontal(id="eval-progress-row"):
+                        yield ProgressBar(total=100, show_eta=False, id="eval-progress")
+                        yield Static("", id="eval-phase")
+                    yield Static("", id="eval-report")
             with TabPane("Chat", id="tab-chat"):
                 with Vertical(id="chat-pane"):
                     yield VerticalScroll(id="chat-log")
@@ -134,7 +202,14 @@ class EvaluateScreen(DeskScreen):
         live = " · [yellow]still training: numbers will change[/]" if session.live else ""
         header.update(f"[b]{escape(session.name)}[/b]  [dim]{escape(str(model))} · {session.status}[/]{live}")
         self._show_samples(h)
-        self.query_one("#metrics", Static).update(metrics_text(h))
+        self.query_one("#metrics", Static).update("[b]validation during training[/b]\n" + metrics_text(h))
+        if self._report_for != session.run_dir and not self.evaluating:
+            self._report_for = session.run_dir
+            self.query_one("#eval-report", Static).update(
+                "\n[dim]ctrl+r runs the full evaluation (ft-desk eval): base and tuned model answer the held-out "
+                "prompts; exact match, ROUGE-L, chrF, stop rate and a retention check. It loads the model and "
+                "takes a minute or more.[/]")
+            self._load_report(session.run_dir)
         self.query_one("#doctor", Static).update(doctor_text(h))
         if self.chat is not None and self.chat.run_dir != session.run_dir:
             self._stop_chat()
@@ -167,6 +242,77 @@ class EvaluateScreen(DeskScreen):
                 widgets.append(Static(Text.assemble(("expected  ", "bold"), str(some["reference"])[:400]),
                                       classes="sample-ref"))
         box.mount_all(widgets)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#eval-progress-row").display = False
+
+    # The full evaluation (ft-desk eval), in a worker; the newest report is shown when the screen opens.
+    @work(thread=True, exclusive=True, group="eval-report", exit_on_error=False)
+    def _load_report(self, run_dir: Path) -> None:
+        report = latest_eval_report(run_dir)
+        if report is not None:
+            self.app.call_from_thread(self._show_report, report)
+
+    def _show_report(self, report: dict[str, Any]) -> None:
+        self.query_one("#eval-report", Static).update("\n" + "\n".join(eval_lines(report)))
+
+    def action_run_eval(self) -> None:
+        session = self.desk.session
+        if session is None:
+            self.notify("Open a run first (Home).", severity="warning")
+            return
+        if self.evaluating:
+            self.notify("The evaluation is running.", severity="warning")
+            return
+        if session.live:
+            self.notify("The run is still training; evaluate it when it has finished.", severity="warning")
+            return
+        self.evaluating = True
+        self._eval_cancel.clear()
+        self.query_one("#eval-tabs", TabbedContent).active = "tab-metrics"
+        self.query_one("#eval-progress-row").display = True
+        self.query_one("#eval-progress", ProgressBar).update(total=None, progress=0)
+        self.query_one("#eval-phase", Static).update("loading the model…")
+        self._evaluate(session.run_dir)
+
+    @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
+    def _evaluate(self, run_dir: Path) -> None:
+        def on_event(event: dict[str, Any]) -> None:
+            self.app.call_from_thread(self._eval_event, event)
+
+        try:
+            result = self.desk.backend.evaluate(run_dir, on_event, self._eval_cancel.is_set)
+            error = None
+        except CommandFailed as err:
+            result, error = None, err
+        self.app.call_from_thread(self._eval_done, result, error)
+
+    def _eval_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "eval_progress":
+            total, done = event.get("total") or 0, event.get("done") or 0
+            self.query_one("#eval-progress", ProgressBar).update(total=total or None, progress=done)
+            model = event.get("model")
+            self.query_one("#eval-phase", Static).update(
+                f"{escape(str(event.get('phase')))}" + (f" ({escape(str(model))})" if model else "")
+                + (f" {done}/{total}" if total else ""))
+        elif kind == "eval_report":
+            self._show_report(event)
+
+    def _eval_done(self, result: dict[str, Any] | None, error: CommandFailed | None) -> None:
+        self.evaluating = False
+        self.query_one("#eval-progress-row").display = False
+        if error is not None:
+            self.query_one("#eval-report", Static).update(
+                f"\n[b red]evaluation failed:[/] {escape(error.message)}"
+                + (f"\n[b]fix:[/] {escape(error.hint)}" if error.hint else ""))
+        elif result is not None and result.get("status") == "failed":
+            self.query_one("#eval-report", Static).update(
+                f"\n[b red]evaluation failed:[/] {escape(str(result.get('error')))}"
+                + (f"\n[b]fix:[/] {escape(str(result['hint']))}" if result.get("hint") else ""))
+        else:
+            self.notify("Evaluation finished: see the Metrics tab.", title="Evaluation")
 
     # The chat playground.
     @on(TabbedContent.TabActivated, "#eval-tabs")
@@ -279,12 +425,13 @@ class EvaluateScreen(DeskScreen):
     def action_next(self) -> None:
         self.desk.switch_mode("export")
 
-    def _stop_chat(self) -> None:
+    def _stop_chat(self, clear: bool = True) -> None:
         if self.chat is not None:
             self.chat.close()
             self.chat = None
             self.chat_ready = False
-            self.action_clear_chat()
+            if clear:
+                self.action_clear_chat()
 
     def on_unmount(self) -> None:
-        self._stop_chat()
+        self._stop_chat(clear=False)  # the widgets are already gone

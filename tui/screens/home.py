@@ -22,7 +22,8 @@ WELCOME = (
     "replies. Offline, about two minutes on a laptop CPU; it shows every step of a real run.\n"
     "[b $accent]n[/]  start your own run: pick a model, check your data, choose a recipe, train.\n\n"
     "Training runs in the background: close ft-desk or lose the connection and it keeps going; "
-    "open ft-desk again to re-attach. [dim]ctrl+p lists every command.[/]"
+    "open ft-desk again to re-attach.\n[dim]Keys: h and 1-6 switch steps (escape first when typing in a field); "
+    "ctrl+p lists every command; ctrl+t switches light/dark.[/]"
 )
 
 

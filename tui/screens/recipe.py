@@ -65,28 +65,32 @@ class RecipeScreen(DeskScreen):
         super().__init__()
         self._help = describe_fields()
         self._plan_timer: Timer | None = None
-        self._filling = False
         self._planned_for: tuple | None = None
+        self._strategies = strategy_choices()
 
     def compose_body(self) -> ComposeResult:
+        draft = self.desk.draft
         with Horizontal(id="preset-row"):
             yield Label("strategy", classes="field-label")
-            yield Select([(n, n) for n in strategy_choices()], allow_blank=False, id="strategy", compact=True)
+            yield Select([(n, n) for n in self._strategies], allow_blank=False, id="strategy", compact=True,
+                         value=draft.strategy if draft.strategy in self._strategies else self._strategies[0])
             yield Label("hardware", classes="field-label short")
             yield Select([("none", "")] + [(n, n) for n in HARDWARE], allow_blank=False, id="hardware",
-                         compact=True)
+                         compact=True, value=draft.hardware)
         yield Static("", id="strategy-help")
         with VerticalScroll(id="recipe-form"):
             for key, label, kind, choices in FIELDS:
                 with Horizontal(classes="field-row", id=_field_id(key) + "-row"):
                     yield Label(label, classes="field-label")
+                    value = draft.value(key)
                     if kind == "select":
                         yield Select([(c, c) for c in choices], allow_blank=False, id=_field_id(key),
-                                     compact=True, classes="field-input")
+                                     compact=True, classes="field-input", value=value if value in choices
+                                     else choices[0])
                     elif kind == "switch":
-                        yield Switch(id=_field_id(key), classes="field-input")
+                        yield Switch(value == "true", id=_field_id(key), classes="field-input")
                     else:
-                        yield Input(id=_field_id(key), compact=True, classes="field-input")
+                        yield Input(value, id=_field_id(key), compact=True, classes="field-input")
                     yield Static(escape(self._help.get(key, "")), classes="field-help", id=_field_id(key) + "-help")
         yield Static("", id="recipe-error")
         yield MemoryPanel(id="memory")
@@ -96,11 +100,14 @@ class RecipeScreen(DeskScreen):
 
     def refresh_view(self) -> None:
         draft = self.desk.draft
-        self._filling = True
-        try:
+        # Values set here are not edits: their Changed messages are suppressed (they would arrive after this
+        # method returns and be taken for the user's typing).
+        with self.prevent(Input.Changed, Select.Changed, Switch.Changed):
             strategy = self.query_one("#strategy", Select)
-            if draft.strategy not in [v for _, v in strategy._options]:
-                strategy.set_options([(n, n) for n in strategy_choices()])
+            choices = strategy_choices()
+            if choices != self._strategies:
+                self._strategies = choices
+                strategy.set_options([(n, n) for n in choices])
             strategy.value = draft.strategy
             self.query_one("#hardware", Select).value = draft.hardware
             for key, _label, kind, _choices in FIELDS:
@@ -108,12 +115,8 @@ class RecipeScreen(DeskScreen):
                 value = draft.value(key)
                 if kind == "switch":
                     widget.value = value == "true"
-                elif kind == "select":
-                    widget.value = value
-                elif widget.value != value:
-                    widget.value = value
-        finally:
-            self._filling = False
+                elif widget.value != value and not (kind == "text" and widget.has_focus):
+                    widget.value = value  # (never under the user's cursor)
         self._show_validation()
         self._schedule_plan()
 
@@ -145,13 +148,13 @@ class RecipeScreen(DeskScreen):
     # Edits.
     @on(Select.Changed, "#strategy")
     def _strategy(self, event: Select.Changed) -> None:
-        if not self._filling and event.value != self.desk.draft.strategy:
+        if event.value != self.desk.draft.strategy:
             self.desk.draft.strategy = str(event.value)
             self.desk.draft_updated()
 
     @on(Select.Changed, "#hardware")
     def _hardware(self, event: Select.Changed) -> None:
-        if not self._filling and event.value != self.desk.draft.hardware:
+        if event.value != self.desk.draft.hardware:
             self.desk.draft.hardware = str(event.value or "")
             self.desk.draft_updated()
 
@@ -159,12 +162,12 @@ class RecipeScreen(DeskScreen):
     @on(Select.Changed, ".field-input")
     @on(Switch.Changed, ".field-input")
     def _field(self, event) -> None:
-        if self._filling:
-            return
         widget = event.control
         key = next(k for k, *_ in FIELDS if _field_id(k) == widget.id)
         value = widget.value
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if text == self.desk.draft.value(key):
+            return
         self.desk.draft.set_override(key, text)
         self._show_validation()
         self._refresh_chrome()
