@@ -117,14 +117,15 @@ def write_data(path: Path, rows: int, words_per_row: int, seed: int = 0) -> Path
     return path
 
 
-def overrides(model: Path, data: Path, runs: Path, length: int, micro: int, ckpt: bool) -> list[str]:
+def overrides(model: Path, data: Path, runs: Path, length: int, micro: int, ckpt: bool,
+              method: str = "qlora") -> list[str]:
     sets = {
         "model.name": str(model),
         "data.train_file": str(data),
         "data.format": "text",
         "data.max_length": length,
         "data.val_fraction": 0,  # no validation passes: they peak lower than training and only cost time
-        "train.method": "qlora",
+        "train.method": method,
         "train.device": "cpu",
         "train.micro_batch_size": micro,
         "train.grad_accum": 1,
@@ -142,7 +143,7 @@ def overrides(model: Path, data: Path, runs: Path, length: int, micro: int, ckpt
 def measure(sets: list[str], home: Path, log: Path, cap: bool) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
         result_path = tmp.name
-    argv = ["train", "--preset", "qlora", "--events", "none"]
+    argv = ["train", "--preset", "qlora", "--events", "none"]  # train.method comes with the --set list
     for s in sets:
         argv += ["--set", s]
     env = {**os.environ, "FT_DESK_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", help="comma-separated shape names (default: all)")
     parser.add_argument("--workdir", type=Path, help="keep built models and logs here (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON to this file")
+    parser.add_argument("--methods", default="qlora", help="comma-separated train.method values [default: qlora]")
     parser.add_argument("--verbose", action="store_true", help="print each plan's components")
     parser.add_argument("--allocator", choices=["as-shipped", "capped"], default=None,
                         help="as-shipped: run ft-desk train unchanged; capped: the child first calls "
@@ -212,26 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     rows_needed = STEPS * max(MICRO_BATCHES) + 4
     data = write_data(root / "data.jsonl", rows=rows_needed * 2, words_per_row=max(LENGTHS) * 2)
 
-    header = f"{'shape':16} {'len':>4} {'mb':>2} {'ckpt':>4}  {'predicted':>10} {'measured':>10} {'error':>7}  " \
-             f"{'plain logits':>12}  {'secs':>5}"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    header = (f"{'shape':16} {'method':6} {'len':>4} {'mb':>2} {'ckpt':>4}  {'predicted':>10} {'measured':>10} "
+              f"{'error':>7}  {'plain logits':>12}  {'secs':>5}")
     print(header)
     print("-" * len(header), flush=True)
     rows = []
-    for shape, length, micro, ckpt in itertools.product(shapes, LENGTHS, MICRO_BATCHES, (False, True)):
-        sets = overrides(models[shape.name], data, root / "runs", length, micro, ckpt)
+    for shape, method, length, micro, ckpt in itertools.product(shapes, methods, LENGTHS, MICRO_BATCHES,
+                                                                (False, True)):
+        sets = overrides(models[shape.name], data, root / "runs", length, micro, ckpt, method)
         plan = predict(models[shape.name], sets, cap)
         got = measure(sets, home, log, cap)
         if got.get("exit") != 0 or "peak" not in got:
-            print(f"{shape.name:16} {length:>4} {micro:>2} {str(ckpt)[0]:>4}  run failed (exit {got.get('exit')}), "
-                  f"see {log}", flush=True)
+            print(f"{shape.name:16} {method:6} {length:>4} {micro:>2} {str(ckpt)[0]:>4}  run failed "
+                  f"(exit {got.get('exit')}), see {log}", flush=True)
             continue
         measured = got["peak"] - got["idle"]
         error = (plan["predicted"] - measured) / measured
-        rows.append({"shape": shape.name, "max_length": length, "micro_batch": micro, "checkpointing": ckpt,
+        rows.append({"shape": shape.name, "method": method, "max_length": length, "micro_batch": micro,
+                     "checkpointing": ckpt,
                      "predicted_bytes": plan["predicted"], "measured_bytes": measured, "idle_bytes": got["idle"],
                      "peak_bytes": got["peak"], "error": error, "plain_logits_bytes": plan["plain_logits"],
                      "seconds": got["seconds"]})
-        print(f"{shape.name:16} {length:>4} {micro:>2} {str(ckpt)[0]:>4}  {plan['predicted'] / MIB:>7.0f} MiB "
+        print(f"{shape.name:16} {method:6} {length:>4} {micro:>2} {str(ckpt)[0]:>4}  "
+              f"{plan['predicted'] / MIB:>7.0f} MiB "
               f"{measured / MIB:>6.0f} MiB {error:>+7.1%}  {plan['plain_logits'] / MIB:>8.0f} MiB  "
               f"{got['seconds']:>5.0f}", flush=True)
         if args.verbose:
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(rows, key=lambda r: abs(r["error"]))
     print("-" * len(header))
     print(f"runs: {len(rows)}   mean absolute error: {mape:.1%}   worst: {worst['error']:+.1%} "
-          f"({worst['shape']}, len {worst['max_length']}, mb {worst['micro_batch']}, "
+          f"({worst['shape']} {worst['method']}, len {worst['max_length']}, mb {worst['micro_batch']}, "
           f"ckpt {worst['checkpointing']})   target: <= 15%")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "mape": mape}, indent=2))

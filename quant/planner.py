@@ -64,10 +64,10 @@ CUDA_CONTEXT_BYTES = 600 * 1024**2
 
 # Note: resident memory of a Python process after `import torch, transformers, peft, bitsandbytes` (Linux,
 # torch 2.13 CPU build: ~390 MiB measured), plus what a run adds beyond its tensors: the tokenizer, the model's
-# Python objects and modeling code, data, torch's thread pools (measured: 25 MiB above the weights right after
-# loading; 30 MiB left the 11M-model runs of bench/plan_accuracy.py within 4% with the allocator capped).
+# Python objects and modeling code, data, torch's per-thread kernel scratch, optimizer bookkeeping (measured:
+# 25 MiB above the weights right after loading, and 10-20 MiB more by the peak of the first steps).
 CPU_IMPORT_BYTES = 390 * 1024**2
-CPU_RUNTIME_BYTES = 30 * 1024**2
+CPU_RUNTIME_BYTES = 40 * 1024**2
 
 # Note: tensors alive while one lm_head + cross-entropy chunk runs backward: the recomputed fp32 logits, the
 # log-softmax output autograd keeps, and their two gradients. One more when logits are 16-bit (the fp32 copy)
@@ -411,8 +411,9 @@ def _layer_saved_tensors(shape: ModelShape, s: _Setup) -> list[int]:
 
 
 def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
-    """(saved activations at the peak, backward working set, the share of the saved activations held in tensors
-    small enough for glibc's heap) in bytes for one micro-batch."""
+    """(activations saved through the whole backward pass, what one layer's backward adds while it runs - with
+    checkpointing that includes its recomputed activations -, the share of one step's activations held in
+    tensors small enough for glibc's heap) in bytes for one micro-batch."""
     a = DTYPE_BYTES[s.compute]
     n = s.tokens
     layer = [t * n for t in _layer_saved_tensors(shape, s)]
@@ -420,13 +421,16 @@ def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
     inter = shape.intermediate_size
     if shape.num_experts:
         inter = (shape.expert_intermediate_size or inter) * max(1, shape.experts_per_token)
-    # Only each layer's input is kept with checkpointing; backward recomputes one layer at a time.
-    full_layers = 1 if s.checkpointing else shape.num_layers
     # Final norm output and the gathered hidden states of labelled positions feeding the chunked loss.
-    tensors = [layer_input] * (shape.num_layers + 2) + layer * full_layers
-    saved = sum(tensors)
-    heap = sum(t for t in tensors if t < GLIBC_MMAP_THRESHOLD_MAX)
+    tensors = [layer_input] * (shape.num_layers + 2)
     working = (BACKWARD_MLP_COPIES * inter + BACKWARD_RESIDUAL_COPIES * shape.hidden_size) * a * n
+    if s.checkpointing:
+        # Only each layer's input is kept; backward recomputes one layer at a time, after the loss is done.
+        working += sum(layer)
+    else:
+        tensors += layer * shape.num_layers
+    saved = sum(tensors)
+    heap = sum(t for t in tensors + layer if t < GLIBC_MMAP_THRESHOLD_MAX)
     return saved, working, heap
 
 
@@ -481,12 +485,13 @@ def _optimizer_step_extra(shape: ModelShape, s: _Setup) -> int:
 
 def _load_peak(shape: ModelShape, s: _Setup, resident: int) -> int:
     """Host memory while loading on CPU: the checkpoint pages being read plus the converted weights, plus the
-    full-precision copy of the tensor being quantized."""
+    full-precision copy of the linear weight being quantized."""
     converts = s.method == "qlora" or shape.checkpoint_dtype != (s.weights if s.method != "full" else "float32")
     # Note: safetensors files are memory-mapped; when no dtype conversion is needed the weights *are* the
     # mapped pages, so the file is not counted twice (measured: RSS after load = weights, peak = weights + file).
     checkpoint = shape.params * DTYPE_BYTES[shape.checkpoint_dtype] if converts else 0
-    quantizing = shape.largest_tensor * 4 if s.method == "qlora" else 0
+    widest_linear = max(i * o for _, i, o, _ in shape.linear_layers())
+    quantizing = widest_linear * 4 if s.method == "qlora" else 0
     return resident + checkpoint + quantizing
 
 
@@ -497,14 +502,21 @@ def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]
     saved, working, heap = _activation_bytes(shape, s)
     act_label = "activations, checkpointed" if s.checkpointing else "activations (no checkpointing)"
     components.append((f"{act_label}: {s.micro_batch} x {s.length} tokens", saved))
-    components.append(("backward working set", working + _dequant_bytes(shape, s)))
-    components.append((f"loss: logits in chunks of {min(s.chunk, s.tokens)} tokens", logits_bytes(shape, s)))
+    # The loss runs backward first, then the layers one by one: the peak is the larger of the two phases.
+    loss = logits_bytes(shape, s)
+    layer_phase = working + _dequant_bytes(shape, s)
+    transient = [(f"loss: logits in chunks of {min(s.chunk, s.tokens)} tokens", loss)]
+    if layer_phase > loss:
+        transient.append(("layer backward beyond the loss peak" + (" (one layer recomputed)" if s.checkpointing
+                                                                    else ""), layer_phase - loss))
     if s.method == "full" and s.compute != "float32":
         # Note: autocast keeps a 16-bit copy of every fp32 weight it casts for the forward, and linear layers
         # save those copies for backward, so they live until the backward pass has used them.
-        components.append((f"{s.compute} weight copies (autocast)", shape.params * DTYPE_BYTES[s.compute]))
+        transient.append((f"{s.compute} weight copies (autocast)", shape.params * DTYPE_BYTES[s.compute]))
+    components += transient
     model_bytes = sum(b for _, b in components)
-    step_extra = _optimizer_step_extra(shape, s) - (model_bytes - sum(b for _, b in components[:2]))
+    # The optimizer step runs once backward has freed all of the above that is transient.
+    step_extra = _optimizer_step_extra(shape, s) - saved - sum(b for _, b in transient)
     if step_extra > 0:
         components.append(("optimizer step temporaries above the backward peak", step_extra))
         model_bytes += step_extra

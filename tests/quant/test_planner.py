@@ -243,3 +243,17 @@ def test_online_fetches_config_json_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     assert load_model_config("meta-llama/Llama-2-7b-hf", revision="main", offline=False)["hidden_size"] == 4096
     assert calls == [("meta-llama/Llama-2-7b-hf", "config.json", "main")]
+
+
+def test_full_fine_tuning_counts_16_bytes_per_parameter_and_the_optimizer_step():
+    run = _run("train.method=full", "train.device=cuda", "train.micro_batch_size=1", "data.max_length=256",
+               "train.gradient_checkpointing=true")
+    plan = plan_memory(SMOLLM2_135M, run, RTX_3090)
+    n = model_shape(SMOLLM2_135M).params
+    assert plan.component("weights") + plan.component("gradients") == 16 * n
+    assert plan.component("bfloat16 weight copies (autocast)") == 2 * n
+    # With few activations, AdamW's multi-tensor step (one fp32 temporary per parameter) sets the peak.
+    assert plan.component("optimizer step") > 0
+    roomier = plan_memory(SMOLLM2_135M, _run("train.method=full", "train.device=cuda", "train.micro_batch_size=8",
+                                             "data.max_length=1024"), RTX_3090)
+    assert roomier.component("optimizer step") == 0
