@@ -43,16 +43,6 @@ def text_of(app, selector: str) -> str:
     return str(widget.render())
 
 
-async def test_every_step_is_one_key_away(make_app):
-    app = make_app()
-    async with app.run_test(size=(100, 30)) as pilot:
-        for key, mode in (("1", "model"), ("2", "data"), ("3", "recipe"), ("4", "train"), ("5", "evaluate"),
-                          ("6", "export"), ("h", "home")):
-            await pilot.press(key)
-            await settle(pilot)
-            assert app.current_mode == mode
-
-
 async def test_first_launch_offers_the_demo_on_one_key(make_app, backend, runs_dir):
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:
@@ -227,12 +217,14 @@ async def test_model_screen_lists_and_picks_a_model(make_app, backend):
         assert "SmolLM2-135M" in text_of(app, "#details")
 
 
-async def test_command_palette_offers_every_screen_action(make_app):
+async def test_every_step_is_one_key_away_and_every_action_is_in_the_palette(make_app):
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:
-        for key in ("h", "1", "2", "3", "4", "5", "6"):
+        for key, mode in (("1", "model"), ("2", "data"), ("3", "recipe"), ("4", "train"), ("5", "evaluate"),
+                          ("6", "export"), ("h", "home")):
             await pilot.press(key)
             await settle(pilot)
+            assert app.current_mode == mode
             screen = app.screen
             titles = {c.title for c in app.get_system_commands(screen)}
             for binding in screen.BINDINGS:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 class DeskScreen(Screen):
     MODE = ""
     TITLE = ""
+    MAIN = ""
+    """Selector of the widget that gets the focus when the screen is shown (arrow keys act on it first)."""
     BINDINGS = [Binding("escape", "leave_field", "Leave field", show=False)]
 
     @property
@@ -49,6 +51,13 @@ class DeskScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self._refresh_all()
+        focused = self.focused
+        main = self.main_widget()
+        if main and (focused is None or focused.id == "steps"):
+            self.query_one(main).focus()
+
+    def main_widget(self) -> str:
+        return self.MAIN
 
     def on_run_updated(self, _message: RunUpdated) -> None:
         self._refresh_chrome()

@@ -75,7 +75,9 @@ def findings(report: dict[str, Any]) -> list[str]:
 class DataScreen(DeskScreen):
     MODE = "data"
     TITLE = "Data"
+    MAIN = "#browse"  # not the text field: the step keys keep working until the user starts typing
     BINDINGS = [
+        Binding("slash", "type_path", "Type a path"),
         Binding("ctrl+k", "check", "Check file"),
         Binding("ctrl+o", "browse", "Browse"),
         Binding("ctrl+d", "use_demo", "Demo data"),
@@ -94,7 +96,8 @@ class DataScreen(DeskScreen):
             yield Button("Check", variant="primary", id="check", compact=True)
             yield Button("Browse…", id="browse", compact=True)
             yield Button("Demo data", id="demo", compact=True)
-        yield Static("Enter a file and press Check (ctrl+k). → accepts the path completion.", id="data-summary")
+        yield Static("/ types a path (→ completes it, enter checks it) · enter on Browse… picks a file · "
+                     "ctrl+d uses the demo data", id="data-summary")
         with Horizontal(id="data-main"):
             yield TokenHistogram(id="histogram")
             with VerticalScroll(id="data-findings"):
@@ -115,6 +118,7 @@ class DataScreen(DeskScreen):
     def on_mount(self) -> None:
         super().on_mount()
         self.query_one(TokenHistogram).show([], None)
+
 
     def refresh_view(self) -> None:
         draft = self.desk.draft
@@ -162,6 +166,9 @@ class DataScreen(DeskScreen):
             self.action_browse()
         elif event.button.id == "demo":
             self.action_use_demo()
+
+    def action_type_path(self) -> None:
+        self.query_one("#data-path", Input).focus()
 
     def action_use_demo(self) -> None:
         self.query_one("#data-path", Input).value = "demo"

@@ -146,6 +146,7 @@ def doctor_text(h: RunHistory) -> str:
 class EvaluateScreen(DeskScreen):
     MODE = "evaluate"
     TITLE = "Evaluate"
+    MAIN = "#eval-tabs Tabs"
     BINDINGS = [
         Binding("ctrl+r", "run_eval", "Full evaluation"),
         Binding("ctrl+b", "toggle_base", "Base model on/off"),

@@ -50,7 +50,9 @@ def fidelity_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     status = result.get("status")
     style = {"ok": "green", "unverified": "yellow", "failed": "red"}.get(str(status), "bold")
-    lines.append(f"[b {style}]{escape(str(status or 'done'))}[/]  {escape(str(result.get('out_dir', '')))}  "
+    word = {"ok": "verified ✓", "unverified": "written, not verified", "failed": "verification FAILED"}.get(
+        str(status), str(status or "done"))
+    lines.append(f"[b {style}]{escape(word)}[/]  {escape(str(result.get('out_dir', '')))}  "
                  f"({format_bytes(result.get('bytes'))}, {len(result.get('files') or [])} files, "
                  f"{result.get('elapsed_s', '?')} s)")
     if result.get("error"):
@@ -60,18 +62,18 @@ def fidelity_lines(result: dict[str, Any]) -> list[str]:
     for name, comparison in (fidelity.get("comparisons") or {}).items():
         if not isinstance(comparison, dict):
             continue
-        mark = "[green]✓[/]" if comparison.get("passed") else "[red]✗[/]"
+        verdict = "[green]passed[/]" if comparison.get("passed") else "[red]failed[/]"
         if comparison.get("informational"):
-            mark = "[dim]i[/]"
-        numbers = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in comparison.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool))
-        lines.append(f"{mark} {escape(name.replace('_', ' '))}: {escape(numbers)}")
-    reference = fidelity.get("reference") or {}
-    gens = reference.get("generations") or []
-    if gens:
-        stopped = sum(1 for g in gens if g.get("stopped"))
-        lines.append(f"{'[green]✓[/]' if stopped == len(gens) else '[yellow]![/]'} reference generations that "
-                     f"stop at the turn end: {stopped}/{len(gens)}")
+            verdict = "[dim]for information[/]"
+        lines.append(f"[b]{escape(name.replace('_', ' '))}[/b]: {verdict}")
+        checks = comparison.get("checks") or []
+        for check in checks:
+            mark = {True: "[green]✓[/]", False: "[red]✗[/]"}.get(check.get("ok"), "[dim]·[/]")
+            lines.append(f"  {mark} {escape(str(check.get('detail') or check.get('name')))}")
+        if not checks:
+            numbers = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in comparison.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool))
+            lines.append(f"  {escape(numbers)}")
     for note in (result.get("notes") or [])[:6]:
         lines.append(f"[dim]· {escape(str(note))}[/]")
     if result.get("command"):
@@ -88,6 +90,7 @@ def _num(value: float) -> str:
 class ExportScreen(DeskScreen):
     MODE = "export"
     TITLE = "Export"
+    MAIN = "#export-format"
     BINDINGS = [
         Binding("ctrl+e", "export", "Export"),
         Binding("ctrl+x", "cancel", "Cancel", show=False),

@@ -30,6 +30,7 @@ WELCOME = (
 class HomeScreen(DeskScreen):
     MODE = "home"
     TITLE = "Home"
+    MAIN = "#runs"
     BINDINGS = [
         Binding("enter", "open", "Open", show=True),
         Binding("n", "new_run", "New run"),
@@ -57,7 +58,6 @@ class HomeScreen(DeskScreen):
     def on_screen_resume(self) -> None:
         super().on_screen_resume()
         self.action_reload()
-        self.query_one("#runs", DataTable).focus()
 
     def action_reload(self) -> None:
         if self.app.screen is self:

@@ -59,6 +59,7 @@ def is_local_folder(text: str) -> bool:
 class ModelScreen(DeskScreen):
     MODE = "model"
     TITLE = "Model"
+    MAIN = "#find-table"
     BINDINGS = [
         Binding("enter", "use", "Use model", show=True),
         Binding("ctrl+d", "download", "Download"),

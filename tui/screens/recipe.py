@@ -54,6 +54,7 @@ def strategy_choices() -> list[str]:
 class RecipeScreen(DeskScreen):
     MODE = "recipe"
     TITLE = "Recipe"
+    MAIN = "#strategy"
     BINDINGS = [
         Binding("ctrl+s", "save_preset", "Save as preset"),
         Binding("ctrl+e", "estimate", "Re-estimate memory"),

@@ -24,6 +24,7 @@ LEVEL_STYLE = {"warning": "yellow", "error": "bold red", "step": "dim"}
 class TrainScreen(DeskScreen):
     MODE = "train"
     TITLE = "Train"
+    MAIN = "#run-log"
     BINDINGS = [
         Binding("t", "start", "Start training"),
         Binding("s", "stop", "Stop"),
