@@ -30,7 +30,7 @@ Measured, the same way for both:
                child's ru_maxrss from wait4 at exit). Nothing is subtracted in "peak"; "above idle" subtracts
                the same idle baseline from both: the peak RSS of a child that only imports torch,
                transformers, peft and bitsandbytes. "train MiB" is the highest sample inside the training
-               window alone (what the peak is when loading, eval or saving is not the high point).
+               window alone: it tells whether the peak came from training or from loading, eval or saving.
   train loss   mean of the last 5 step losses (per-token mean of each step, as each trainer logs it).
   val loss     ft-desk: token-weighted mean over the validation rows; TRL: its eval_loss (mean of batch means).
   wall         the child's whole life: imports, model load, data preparation, training, eval, saving.
