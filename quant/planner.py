@@ -412,8 +412,8 @@ def _layer_saved_tensors(shape: ModelShape, s: _Setup) -> list[int]:
 
 def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
     """(activations saved through the whole backward pass, what one layer's backward adds while it runs - with
-    checkpointing that includes its recomputed activations -, the share of one step's activations held in
-    tensors small enough for glibc's heap) in bytes for one micro-batch."""
+    checkpointing that includes its recomputed activations -, the bytes of one step's activation tensors small
+    enough for glibc's heap, checkpointed or not) for one micro-batch."""
     a = DTYPE_BYTES[s.compute]
     n = s.tokens
     layer = [t * n for t in _layer_saved_tensors(shape, s)]
@@ -430,7 +430,9 @@ def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
     else:
         tensors += layer * shape.num_layers
     saved = sum(tensors)
-    heap = sum(t for t in tensors + layer if t < GLIBC_MMAP_THRESHOLD_MAX)
+    # Checkpointing or not, every layer's forward allocates its full set once per step (see the allocator note).
+    everything = [layer_input] * (shape.num_layers + 2) + layer * shape.num_layers
+    heap = sum(t for t in everything if t < GLIBC_MMAP_THRESHOLD_MAX)
     return saved, working, heap
 
 
@@ -523,8 +525,11 @@ def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]
     if s.device == "cpu" and not s.allocator_capped:
         # Note: with glibc's default (growing) mmap threshold, blocks under 32 MiB come from its heaps once the
         # first step has freed some, and the next step's activations do not fit the holes the last step left:
-        # peak RSS grew by about the heap-sized part of one step's saved activations and loss tensors (measured
-        # on an 11M and a 135M model: +152 MiB for 139 predicted, +1072 for 1082). cap_cpu_allocator removes it.
+        # peak RSS grew by about the heap-sized part of one step's activations and loss tensors (measured on an
+        # 11M and a 135M model: +152 MiB for 139 predicted, +1072 for 1082). With gradient checkpointing the
+        # layers still allocate their full activations once per step, transiently, between long-lived layer
+        # outputs: the heap grew by 0.6-1.0x of what the run would save without checkpointing (bench/
+        # plan_accuracy.py); 1.0x is taken, the safe side. cap_cpu_allocator removes the whole term.
         chunk_tensor = min(s.chunk, s.tokens) * shape.vocab_size * 4
         loss_heap = logits_bytes(shape, s) if chunk_tensor < GLIBC_MMAP_THRESHOLD_MAX else 0
         components.append(("CPU allocator retention (glibc keeps the last step's blocks)", heap + loss_heap))
