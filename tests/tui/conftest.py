@@ -162,8 +162,17 @@ class FakeBackend(CliBackend):
 
     def export(self, run_dir, options, on_event, should_stop=lambda: False):
         self.calls.append(("export", options))
-        result = {}
-        for event in read_events(FIXTURES / "export_events.jsonl"):
+        return self._replay("export_events.jsonl", on_event)
+
+    def evaluate(self, run_dir, on_event, should_stop=lambda: False):
+        self.calls.append(("evaluate", run_dir))
+        return self._replay("eval_events.jsonl", on_event)
+
+    @staticmethod
+    def _replay(fixture: str, on_event) -> dict[str, Any]:
+        """A recorded tool run, event by event; the last event is the result, as commands.stream returns it."""
+        result: dict[str, Any] = {}
+        for event in read_events(FIXTURES / fixture):
             on_event(event)
             result = event
         return result

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Input, RichLog, Static
+from textual.widgets import DataTable, Input, RichLog, Static, TabbedContent
 
 from ft_desk.trainer.presets import load_config
 from ft_desk.tui.app import LIGHT
@@ -36,6 +36,15 @@ async def settle(pilot, until=None, timeout: float = 20.0) -> None:
     if until is not None and not until():
         workers = [f"{w.name}:{w.state.name}" for w in pilot.app.workers]
         raise AssertionError(f"condition not reached in {timeout} s; workers {workers}; screen {pilot.app.screen}")
+
+
+async def start_demo_and_wait_for_notice(pilot, app, text: str) -> list[str]:
+    """Start a run with the demo draft and wait for a notification containing `text`; all messages."""
+    await settle(pilot)
+    app.draft = demo_draft()
+    app.start_training()
+    await settle(pilot, until=lambda: any(text in n.message for n in app._notifications))
+    return [n.message for n in app._notifications]
 
 
 def text_of(app, selector: str) -> str:
@@ -83,6 +92,20 @@ async def test_a_finished_run_is_replayed_on_every_screen(make_app, runs_dir):
         assert text_of(app, "#doctor").strip()
 
 
+async def test_full_evaluation_shows_base_against_tuned(make_app, runs_dir):
+    run_dir = make_run(runs_dir, "demo-run")
+    app = make_app(start_mode="evaluate")
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.follow(run_dir)
+        await settle(pilot, until=lambda: app.session.ended)
+        await pilot.press("ctrl+r")
+        await settle(pilot, until=lambda: not app.screen.evaluating)
+        report = text_of(app, "#eval-report")
+        assert "base vs tuned on 35 held-out examples" in report
+        assert "ROUGE-L" in report and "better" in report and "nothing measurable was forgotten" in report
+        assert app.screen.query_one(TabbedContent).active == "tab-metrics"
+
+
 async def test_a_live_run_is_followed_stopped_and_reported(make_app, backend):
     backend.hold_after = 2  # the fake trainer waits after a few steps, like a long run
     app = make_app()
@@ -113,11 +136,7 @@ async def test_a_failed_run_says_what_happened_and_the_fix(make_app, backend, tm
     backend.events = failing
     app = make_app()
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
-        await settle(pilot)
-        app.draft = demo_draft()
-        app.start_training()
-        await settle(pilot, until=lambda: any("my.jsonl:7" in n.message for n in app._notifications))
-        messages = [n.message for n in app._notifications]
+        messages = await start_demo_and_wait_for_notice(pilot, app, "my.jsonl:7")
         assert any("my.jsonl:7" in m and "fix: repair line 7" in m for m in messages)
         assert "repair line 7" in text_of(app, "#run-stats")
 
@@ -140,11 +159,7 @@ async def test_a_child_that_dies_before_its_run_folder_exists_is_explained(make_
     backend.start_training = broken_start
     app = make_app()
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
-        await settle(pilot)
-        app.draft = demo_draft()
-        app.start_training()
-        await settle(pilot, until=lambda: any("no preset" in n.message for n in app._notifications))
-        messages = [n.message for n in app._notifications]
+        messages = await start_demo_and_wait_for_notice(pilot, app, "no preset")
         assert any("no preset named 'nope'" in m and "fix: pick one of qlora, lora" in m for m in messages), messages
         assert app.session.ended and app.session.status == "crashed"
 

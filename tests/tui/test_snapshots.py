@@ -7,7 +7,7 @@ Update after an intended change with: pytest tests/tui/test_snapshots.py --snaps
 from __future__ import annotations
 
 import pytest
-from textual.widgets import DataTable, Input, TabbedContent
+from textual.widgets import DataTable, TabbedContent
 
 from ft_desk.tui.app import FtDeskApp
 from ft_desk.tui.draft import demo_draft
@@ -35,6 +35,17 @@ def desk(snapshot_home):
 
     yield build
     backend.close()
+
+
+def with_demo_draft(app: FtDeskApp, until=None):
+    """run_before: the demo draft chosen, then wait until the screen shows what the snapshot is about."""
+
+    async def run_before(pilot) -> None:
+        app.draft = demo_draft()
+        app.draft_updated()
+        await settle(pilot, until=until)
+
+    return run_before
 
 
 def follow_demo_run(app: FtDeskApp, snapshot_home, mode: str):
@@ -78,39 +89,21 @@ def test_model(snap_compare, desk, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_data(snap_compare, desk, size):
     app = desk("data", runs=False)
-
-    async def run_before(pilot):
-        app.draft = demo_draft()
-        app.draft_updated()
-        await settle(pilot, until=lambda: app.screen.report is not None)
-        app.screen.query_one("#data-path", Input).blur()
-        await settle(pilot)
-
+    run_before = with_demo_draft(app, until=lambda: app.screen.report is not None)
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_recipe(snap_compare, desk, size):
     app = desk("recipe", runs=False)
-
-    async def run_before(pilot):
-        app.draft = demo_draft()
-        app.draft_updated()
-        await settle(pilot, until=lambda: "peak" in str(app.screen.query_one("#memory").render()))
-
+    run_before = with_demo_draft(app, until=lambda: "peak" in str(app.screen.query_one("#memory").render()))
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_train_ready(snap_compare, desk, size):
     app = desk("train", runs=False)
-
-    async def run_before(pilot):
-        app.draft = demo_draft()
-        app.draft_updated()
-        await settle(pilot)
-
-    assert snap_compare(app, terminal_size=size, run_before=run_before)
+    assert snap_compare(app, terminal_size=size, run_before=with_demo_draft(app))
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -16,7 +16,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from ..session import RunUpdated
+from ..session import RunSession, RunUpdated
 from ..widgets.sidebar import StepSidebar
 from ..widgets.topbar import TopBar
 
@@ -93,6 +93,13 @@ class DeskScreen(Screen):
 
     def refresh_view(self) -> None:
         """Redraw the body from the app's state (draft, followed run)."""
+
+    def followed_run(self) -> "RunSession | None":
+        """The run the app follows, or None after telling the user to open one."""
+        session = self.desk.session
+        if session is None:
+            self.notify("No run selected: open one from Home (h), or train one (4).", severity="warning")
+        return session
 
     def action_leave_field(self) -> None:
         """Escape from a text field back to the step list, so the step keys work again."""

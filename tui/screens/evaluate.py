@@ -259,9 +259,8 @@ class EvaluateScreen(DeskScreen):
         self.query_one("#eval-report", Static).update("\n" + "\n".join(eval_lines(report)))
 
     def action_run_eval(self) -> None:
-        session = self.desk.session
+        session = self.followed_run()
         if session is None:
-            self.notify("Open a run first (Home).", severity="warning")
             return
         if self.evaluating:
             self.notify("The evaluation is running.", severity="warning")

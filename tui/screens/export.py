@@ -176,9 +176,8 @@ class ExportScreen(DeskScreen):
             self.action_export()
 
     def action_export(self) -> None:
-        session = self.desk.session
+        session = self.followed_run()
         if session is None:
-            self.notify("Open a run first (Home).", severity="warning")
             return
         if self.running:
             self.notify("An export is running.", severity="warning")

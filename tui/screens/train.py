@@ -174,9 +174,8 @@ class TrainScreen(DeskScreen):
         self.desk.action_stop_run()
 
     def action_resume(self) -> None:
-        session = self.desk.session
+        session = self.followed_run()
         if session is None:
-            self.notify("No run selected: open one from Home.", severity="warning")
             return
         if session.live:
             self.notify(f"{session.name} is still training.", severity="warning")
