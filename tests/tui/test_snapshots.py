@@ -142,3 +142,15 @@ def test_export_report(snap_compare, desk, snapshot_home, size):
         await settle(pilot, until=lambda: not app.screen.running)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_train_light_theme(snap_compare, desk, snapshot_home):
+    app = desk("home")
+    follow = follow_demo_run(app, snapshot_home, "train")
+
+    async def run_before(pilot):
+        await follow(pilot)
+        await pilot.press("ctrl+t")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=run_before)

@@ -76,6 +76,7 @@ def metrics_text(h: RunHistory) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_REPLY_TOKENS = 128
 VERDICT_STYLE = {"better": "green", "worse": "red", "unclear": "yellow", "same": "dim"}
 
 
@@ -161,6 +162,7 @@ class EvaluateScreen(DeskScreen):
         self.messages: list[dict[str, str]] = []
         self._answer: Static | None = None
         self._answer_text = ""
+        self.max_tokens = DEFAULT_REPLY_TOKENS
         self._sample_count = -1
         self._eval_cancel = threading.Event()
         self.evaluating = False
@@ -331,6 +333,9 @@ class EvaluateScreen(DeskScreen):
             self._chat_line("[dim]This run has no checkpoint yet; chat opens once one is saved.[/]")
             return False
         if self.chat is None or not self.chat.running:
+            config = read_json(session.run_dir / "config.json") or {}
+            # Replies as long as the run's own samples: long enough to judge, short enough on a CPU.
+            self.max_tokens = int((config.get("eval") or {}).get("max_new_tokens") or DEFAULT_REPLY_TOKENS)
             self.chat_ready = False
             self.chat = ChatClient(session.run_dir, self._chat_event_from_thread, self._chat_exit_from_thread)
             self.chat.start()
@@ -352,7 +357,8 @@ class EvaluateScreen(DeskScreen):
             self.chat_ready = True
             base = "" if event.get("base_available") else " (no base toggle: every weight was trained)"
             self._chat_line(f"[dim]ready: {escape(str(event.get('model')))} + {escape(str(event.get('checkpoint')))}"
-                            f" on {escape(str(event.get('device')))}{base}[/]")
+                            f" on {escape(str(event.get('device')))}{base}; replies up to {self.max_tokens} tokens "
+                            "(the run's eval.max_new_tokens)[/]")
         elif kind == "chat_token":
             if self._answer is None:
                 self._answer = self._chat_line("", classes="chat-answer")
@@ -407,7 +413,7 @@ class EvaluateScreen(DeskScreen):
         self._chat_line(f"[b]{who}:[/b] {escape(text)}", classes="chat-question")
         self.messages.append({"role": "user", "content": text})
         assert self.chat is not None
-        self.chat.ask(self.messages, base=base)
+        self.chat.ask(self.messages, base=base, max_new_tokens=self.max_tokens)
 
     def action_toggle_base(self) -> None:
         switch = self.query_one("#base-switch", Switch)
