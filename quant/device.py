@@ -112,7 +112,9 @@ def probe_facts(device_type: str) -> DeviceFacts:
 # (up to 32 MiB), so after the first training step every activation tensor comes from the heaps, and the next
 # step's activations do not fit the holes the last one left: peak RSS grew by about one activation set
 # (measured on CPU QLoRA: 11M model 589 -> 741 MiB, 135M model 1.6 -> 2.7 GiB over the first steps).
-# Pinning the threshold at glibc's own starting value stops that growth.
+# Pinning the threshold at glibc's own starting value stops that growth, at a price: every large tensor is then
+# a fresh mmap whose pages the kernel zero-fills. Measured on 2 cores (SmolLM2-width 8-layer QLoRA, 2 x 512
+# tokens, 6 steps): peak 2020 -> 1348 MiB and wall time 23 -> 30 s at 128 KiB; 1430 MiB and 27.5 s at 1 MiB.
 CPU_MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3
 # Whether `ft-desk train` calls cap_cpu_allocator() before a CPU run; the planner models the peak accordingly.
