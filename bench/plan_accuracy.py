@@ -6,6 +6,8 @@ bitsandbytes), records its resident set (the idle baseline), then runs `ft-desk 
 optimizer steps and records the kernel's high-water mark of its resident set (VmHWM: exact, no sampling gaps).
 Measured = peak - baseline; predicted = the plan's total minus its framework overhead (the import baseline
 is what the subtraction removes; the plan's runtime share of the overhead stays in, as it does in the child).
+With --device cuda the run trains on the GPU and measured = torch.cuda.max_memory_allocated() of the child,
+predicted = the plan's total minus the CUDA context (which that counter does not include).
 Models are random-weight Llama/Qwen2-shaped checkpoints built locally in bf16 (like Hub checkpoints), trained
 with QLoRA on text rows long enough to fill every packed row to max length.
 
@@ -49,7 +51,8 @@ if sys.argv[2] == "cap":  # emulate a training process that calls quant.device.c
 del sys.argv[2]
 idle = status("VmRSS")
 code = cli.main(sys.argv[2:])
-json.dump({"idle": idle, "peak": status("VmHWM"), "exit": code}, open(sys.argv[1], "w"))
+cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+json.dump({"idle": idle, "peak": status("VmHWM"), "cuda_peak": cuda, "exit": code}, open(sys.argv[1], "w"))
 """
 
 
@@ -118,7 +121,7 @@ def write_data(path: Path, rows: int, words_per_row: int, seed: int = 0) -> Path
 
 
 def overrides(model: Path, data: Path, runs: Path, length: int, micro: int, ckpt: bool,
-              method: str = "qlora") -> list[str]:
+              method: str = "qlora", device: str = "cpu") -> list[str]:
     sets = {
         "model.name": str(model),
         "data.train_file": str(data),
@@ -126,7 +129,7 @@ def overrides(model: Path, data: Path, runs: Path, length: int, micro: int, ckpt
         "data.max_length": length,
         "data.val_fraction": 0,  # no validation passes: they peak lower than training and only cost time
         "train.method": method,
-        "train.device": "cpu",
+        "train.device": device,
         "train.micro_batch_size": micro,
         "train.grad_accum": 1,
         "train.max_steps": STEPS,
@@ -162,26 +165,24 @@ def measure(sets: list[str], home: Path, log: Path, cap: bool) -> dict:
     return result
 
 
-def predict(model: Path, sets: list[str], cap: bool) -> dict:
+def predict(model: Path, sets: list[str], cap: bool, device: str = "cpu") -> dict:
+    """The plan's total minus what the measurement cannot see: the import baseline on CPU (subtracted from the
+    child's peak), the CUDA context on a GPU (torch.cuda.max_memory_allocated does not count it)."""
     from ft_desk.quant.device import probe_facts
-    from ft_desk.quant.planner import load_model_config, plain_trainer_logits, plan_memory
+    from ft_desk.quant.planner import (CPU_IMPORT_BYTES, CUDA_CONTEXT_BYTES, load_model_config,
+                                       plain_trainer_logits, plan_memory)
     from ft_desk.trainer.presets import load_config
 
     run = load_config(["qlora"], sets)
     config = load_model_config(str(model))
-    plan = plan_memory(config, run, probe_facts("cpu"), cpu_allocator_capped=cap)
-    import_share = _import_bytes()
+    facts = probe_facts(device)
+    plan = plan_memory(config, run, facts, cpu_allocator_capped=cap)
+    unseen = CPU_IMPORT_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     return {
-        "predicted": plan.total_bytes - import_share,
-        "plain_logits": plain_trainer_logits(config, run, probe_facts("cpu")),
+        "predicted": plan.total_bytes - unseen,
+        "plain_logits": plain_trainer_logits(config, run, facts),
         "components": plan.components,
     }
-
-
-def _import_bytes() -> int:
-    from ft_desk.quant.planner import CPU_IMPORT_BYTES
-
-    return CPU_IMPORT_BYTES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep built models and logs here (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON to this file")
     parser.add_argument("--methods", default="qlora", help="comma-separated train.method values [default: qlora]")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: train on the GPU and compare with torch.cuda.max_memory_allocated [default: cpu]")
     parser.add_argument("--verbose", action="store_true", help="print each plan's components")
     parser.add_argument("--allocator", choices=["as-shipped", "capped"], default=None,
                         help="as-shipped: run ft-desk train unchanged; capped: the child first calls "
@@ -222,14 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape, method, length, micro, ckpt in itertools.product(shapes, methods, LENGTHS, MICRO_BATCHES,
                                                                 (False, True)):
-        sets = overrides(models[shape.name], data, root / "runs", length, micro, ckpt, method)
-        plan = predict(models[shape.name], sets, cap)
+        sets = overrides(models[shape.name], data, root / "runs", length, micro, ckpt, method, args.device)
+        plan = predict(models[shape.name], sets, cap, args.device)
         got = measure(sets, home, log, cap)
         if got.get("exit") != 0 or "peak" not in got:
             print(f"{shape.name:16} {method:6} {length:>4} {micro:>2} {str(ckpt)[0]:>4}  run failed "
                   f"(exit {got.get('exit')}), see {log}", flush=True)
             continue
-        measured = got["peak"] - got["idle"]
+        measured = got["cuda_peak"] if args.device == "cuda" else got["peak"] - got["idle"]
         error = (plan["predicted"] - measured) / measured
         rows.append({"shape": shape.name, "method": method, "max_length": length, "micro_batch": micro,
                      "checkpointing": ckpt,
