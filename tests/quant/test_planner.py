@@ -257,3 +257,11 @@ def test_full_fine_tuning_counts_16_bytes_per_parameter_and_the_optimizer_step()
     roomier = plan_memory(SMOLLM2_135M, _run("train.method=full", "train.device=cuda", "train.micro_batch_size=8",
                                              "data.max_length=1024"), RTX_3090)
     assert roomier.component("optimizer step") == 0
+
+
+def test_naming_lm_head_adds_its_adapter():
+    shape = model_shape(SMOLLM2_135M)
+    layers = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert planner.lora_params(shape, 16, layers) == planner.lora_params(shape, 16, ("all-linear",))
+    assert planner.lora_params(shape, 16, (*layers, "lm_head")) - planner.lora_params(shape, 16, layers) == \
+        16 * (576 + 49152)
