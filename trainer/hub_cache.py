@@ -52,6 +52,8 @@ def find_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
 def folder_status(path: Path) -> dict:
     """Completeness and safety facts about a model folder, without refusing anything (for listings)."""
     try:
+        # Listing only: nothing is loaded or executed here, so the opt-ins just stop the check from refusing;
+        # the report's remote_code field still tells the listing that the model needs code.
         report = check_model_folder(path, trust_remote_code=True, allow_pickle=True)
     except UserError as err:
         return {"complete": False, "problem": err.message, "weights_format": None, "remote_code": None,
