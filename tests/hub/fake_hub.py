@@ -98,6 +98,7 @@ class FakeHub:
         self.page_size = page_size
         self.cut_once: set[tuple[str, str]] = set()
         self.slow: dict[tuple[str, str], float] = {}  # (repo, path) -> seconds to wait between 16 KB pieces
+        self.trickled: dict[tuple[str, str], int] = {}  # (repo, path) -> bytes of a slow file sent so far
         self.connections: set = set()  # open client sockets (keep-alive), closed by stop()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -363,23 +364,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake.cut_once.discard(key)
             return self._cut(body, headers)
         if self.command == "GET" and key in self.fake.slow:
-            return self._trickle(status, body, headers, self.fake.slow[key])
+            return self._trickle(key, status, body, headers, self.fake.slow[key])
         self._send(status, body, headers, content_type="application/octet-stream")
 
-    def _trickle(self, status: int, body: bytes, headers: dict[str, str], pause: float) -> None:
+    def _trickle(self, key: tuple[str, str], status: int, body: bytes, headers: dict[str, str],
+                 pause: float) -> None:
         """Send a file slowly (a slow link), so a test can interrupt the transfer half-way."""
         import time
 
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        for key, value in headers.items():
-            self.send_header(key, value)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         try:
             for start in range(0, len(body), 16 * 1024):
                 self.wfile.write(body[start:start + 16 * 1024])
                 self.wfile.flush()
+                self.fake.trickled[key] = start + len(body[start:start + 16 * 1024])
                 time.sleep(pause)
         except OSError:  # the client went away
             self.close_connection = True
