@@ -74,11 +74,11 @@ class _Streamer:
 class ChatModel:
     def __init__(self, run_dir: Path, checkpoint: str) -> None:
         from .model import checkpoint_folder, load_trained
-        from .run import _stop_token_ids
+        from .run import stop_token_ids
 
         self.model, self.tokenizer, self.cfg = load_trained(run_dir, checkpoint)
         self.checkpoint = checkpoint_folder(run_dir, checkpoint).name
-        self.stop_ids = _stop_token_ids(self.tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self.device = next(self.model.parameters()).device
         self.base_available = hasattr(self.model, "disable_adapter")
 

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def list_runs(runs_dir: str | None = None) -> list[dict[str, Any]]:
     from .paths import runs_home
-    from .run import _pid_alive, read_state
+    from .run import pid_alive, read_state
 
     home = runs_home(runs_dir)
     out = []
@@ -28,7 +28,7 @@ def list_runs(runs_dir: str | None = None) -> list[dict[str, Any]]:
         if not state:
             continue
         status = state.get("status", "unknown")
-        if status == "running" and not _pid_alive(state.get("pid")):
+        if status == "running" and not pid_alive(state.get("pid")):
             status = "crashed"  # the process is gone without saying goodbye: resumable from its last checkpoint
         out.append({
             "run_dir": str(folder), "run_name": folder.name, "status": status,

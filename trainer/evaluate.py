@@ -362,7 +362,7 @@ def _torch_threads(threads: int):
 def _measure(plan: _Plan, sink: EventSink, clock: Callable[[], float]) -> _Measured:
     """Load once, then per model (base, tuned): reference loss, generation, probe perplexity."""
     from . import eval_generate as eg
-    from .run import _stop_token_ids
+    from .run import stop_token_ids
 
     cfg, options, wanted = plan.cfg, plan.options, plan.wanted
 
@@ -388,7 +388,7 @@ def _measure(plan: _Plan, sink: EventSink, clock: Callable[[], float]) -> _Measu
             if not m.items:
                 raise UserError(f"{plan.data_path}: no example could be rendered for this model",
                                 hint="check the file with: ft-desk data check FILE")
-            m.stop_ids = _stop_token_ids(tokenizer)
+            m.stop_ids = stop_token_ids(tokenizer)
             max_new, capped_note = _max_new_tokens(options, m.items, model)
             plan.generation["max_new_tokens"] = max_new
             if capped_note:

@@ -121,7 +121,7 @@ class ListSink:
         return [e for e in self.events if e["type"] == type_]
 
 
-def _fmt_duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None or seconds != seconds or seconds == float("inf"):
         return "--:--"
     seconds = int(max(0, seconds))
@@ -166,7 +166,7 @@ class PrettySink:
             text = (
                 f"[{bar}] {step}/{total}  loss {event['loss']:.4f}  lr {event['lr']:.2e}  "
                 f"{event['tokens_per_s']:.0f} tok/s  mem {format_bytes(event.get('memory_bytes'))}  "
-                f"ETA {_fmt_duration(event.get('eta_s'))}"
+                f"ETA {format_duration(event.get('eta_s'))}"
             )
             if self.tty:
                 self.stream.write("\r" + text.ljust(110))
@@ -230,7 +230,7 @@ def describe_event(event: dict[str, Any]) -> str:
             return f"run failed: {event.get('error')}{hint}"
         best = event.get("best_val_loss")
         best_txt = f", best val loss {best:.4f} at step {event.get('best_step')}" if best is not None else ""
-        return f"run {status} at step {event.get('final_step')} in {_fmt_duration(event.get('elapsed_s'))}{best_txt}"
+        return f"run {status} at step {event.get('final_step')} in {format_duration(event.get('elapsed_s'))}{best_txt}"
     if kind == "step":
         return f"step {event['step']}/{event['total_steps']} loss {event['loss']:.4f}"
     # Events of other tools (export, eval, download) carry a message or are shown by type and fields.

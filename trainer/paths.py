@@ -24,6 +24,16 @@ def cache_home() -> Path:
     return user_cache_path("ft-desk")
 
 
+def config_home() -> Path:
+    """User settings and presets saved from the TUI."""
+    override = os.environ.get("FT_DESK_HOME")
+    if override:
+        return Path(override).expanduser() / "config"
+    from platformdirs import user_config_path
+
+    return user_config_path("ft-desk")
+
+
 def runs_home(configured: str | None = None) -> Path:
     """The folder holding one sub-folder per run."""
     return Path(configured).expanduser() if configured else data_home() / "runs"

@@ -20,9 +20,9 @@ DEFAULT_PRESET = "demo"
 
 
 def user_presets_dir() -> Path:
-    from platformdirs import user_config_path
+    from .paths import config_home
 
-    return user_config_path("ft-desk") / "presets"
+    return config_home() / "presets"
 
 
 def shipped_presets_dir() -> Path:

@@ -150,7 +150,7 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
         run_dir = Path(resume_dir).expanduser().resolve()
         cfg = load_run_config(run_dir)
         previous = read_state(run_dir)
-        if previous.get("status") == "running" and _pid_alive(previous.get("pid")):
+        if previous.get("status") == "running" and pid_alive(previous.get("pid")):
             raise UserError(f"{run_dir} is still running (pid {previous.get('pid')})",
                             hint="attach to it in the app, or stop it first")
     else:
@@ -205,7 +205,8 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
     return outcome["exit_code"], run_dir
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether `pid` is a live (not zombie) ft-desk process: a stale state.json may name a reused pid."""
     if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
         return False
     try:
@@ -213,16 +214,17 @@ def _pid_alive(pid: Any) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    # A zombie or a reused pid is possible; check it is an ft-desk process where we can.
+        return True  # alive, owned by someone else
     try:
         import psutil
 
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and "ft_desk" in " ".join(proc.cmdline()) or \
-            "ft-desk" in " ".join(proc.cmdline())
-    except Exception:  # noqa: BLE001 - psutil may be missing or the process gone
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        command = " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - the process went away meanwhile, or its details are hidden
         return True
+    return "ft_desk" in command or "ft-desk" in command
 
 
 def _train(cfg: RunConfig, run_dir: Path, sink: EventSink, stop: StopFlag, resumed: bool) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def _train(cfg: RunConfig, run_dir: Path, sink: EventSink, stop: StopFlag, resum
                          memory_bytes=memory_in_use(device), model_dir=info.model_dir))
     update_state(run_dir, total_steps=total_steps, model_dir=info.model_dir, device=device)
 
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     prompts = [generation_prompt(ex, tokenizer, cfg.data) for ex in data.val_examples[: cfg.eval.sample_prompts]]
 
     def emit_samples(phase: str) -> None:
@@ -367,11 +369,11 @@ def _train(cfg: RunConfig, run_dir: Path, sink: EventSink, stop: StopFlag, resum
     return {"status": status}
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the chat template's turn-end tokens that exist in the vocabulary."""
-    ids = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS, the turn-end token the chat template writes, and the common turn-end tokens in the vocabulary."""
+    from .export.chat import stop_token_ids as template_stop_ids
+
+    ids = template_stop_ids(tokenizer)
     for text in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>"):
         tid = tokenizer.convert_tokens_to_ids(text)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0 and tid not in ids:

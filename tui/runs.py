@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.cmd_runs import list_runs as _list_rows
-from ft_desk.trainer.run import _pid_alive
+from ft_desk.trainer.run import pid_alive
 
 LIVE = "running"
 RESUMABLE = ("stopped", "failed", "crashed")
@@ -64,7 +64,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def process_alive(pid: Any) -> bool:
     """Whether `pid` is a live ft-desk process (not a zombie, not an unrelated process reusing the pid)."""
-    return _pid_alive(pid)
+    return pid_alive(pid)
 
 
 def _created(value: Any) -> float:

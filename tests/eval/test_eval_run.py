@@ -133,7 +133,7 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(memorized_r
     from ft_desk.trainer.eval_generate import generate
     from ft_desk.trainer.loop import generate_samples
     from ft_desk.trainer.model import load_trained
-    from ft_desk.trainer.run import _stop_token_ids
+    from ft_desk.trainer.run import stop_token_ids
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -142,7 +142,7 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(memorized_r
         examples, _, _ = load_examples(eval_files["train"])
         prompts = [generation_prompt(e, tokenizer, cfg.data) for e in examples]
         assert len({len(ids) for ids, _ in prompts}) > 1  # different lengths: the batch really is padded
-        stop = _stop_token_ids(tokenizer)
+        stop = stop_token_ids(tokenizer)
         one_by_one = generate_samples(model, tokenizer, prompts, max_new_tokens=12, device="cpu", stop_ids=stop)
         for adapter_off in (False, True):
             with model.disable_adapter() if adapter_off else torch.no_grad():

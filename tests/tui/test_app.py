@@ -5,6 +5,7 @@ recipe form's inline validation, "Save as preset", the command palette and the t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -184,8 +185,7 @@ async def test_recipe_field_errors_show_inline_and_block_training(make_app, back
         assert app.draft.config().lora.r == 8
 
 
-async def test_save_as_preset_writes_yaml_the_cli_reads(make_app, tmp_path, monkeypatch):
-    monkeypatch.setattr("ft_desk.trainer.presets.user_presets_dir", lambda: tmp_path / "presets")
+async def test_save_as_preset_writes_yaml_the_cli_reads(make_app):
     app = make_app(start_mode="recipe")
     async with app.run_test(size=(100, 30)) as pilot:
         app.draft = demo_draft()
@@ -197,7 +197,7 @@ async def test_save_as_preset_writes_yaml_the_cli_reads(make_app, tmp_path, monk
         await pilot.press(*"my-recipe")
         await pilot.press("enter")
         await settle(pilot)
-    assert (tmp_path / "presets" / "my-recipe.yaml").is_file()
+    assert (Path(os.environ["FT_DESK_HOME"]) / "config" / "presets" / "my-recipe.yaml").is_file()
     cfg = load_config(["my-recipe"])
     assert cfg.lora.r == 8 and cfg.model.name == "demo"
 

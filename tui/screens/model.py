@@ -17,7 +17,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent, TabPane
 
-from ft_desk.trainer.events import _fmt_duration, format_bytes
+from ft_desk.trainer.events import format_duration, format_bytes
 
 from ..commands import CommandFailed
 from ..widgets.dialogs import Confirm
@@ -374,7 +374,7 @@ class ModelScreen(DeskScreen):
         rate = event.get("rate_bytes_per_s")
         self.query_one("#download-text", Static).update(
             f"{format_bytes(done)} / {format_bytes(total)} · {format_bytes(rate) + '/s' if rate else '--/s'} · "
-            f"ETA {_fmt_duration(event.get('eta_s'))}  [dim]ctrl+x cancels[/]")
+            f"ETA {format_duration(event.get('eta_s'))}  [dim]ctrl+x cancels[/]")
 
     def _download_done(self, model_id: str, result: dict[str, Any] | None, error: CommandFailed | None) -> None:
         self.downloading = None

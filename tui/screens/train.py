@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import ProgressBar, RichLog, Static
 
 from ft_desk.trainer.config import ConfigError
-from ft_desk.trainer.events import _fmt_duration, format_bytes
+from ft_desk.trainer.events import format_duration, format_bytes
 
 from ..session import RunSession
 from ..widgets.loss_chart import LossChart
@@ -111,7 +111,7 @@ class TrainScreen(DeskScreen):
             elif session.ended:
                 eta = "trainer gone"
             elif last:
-                eta = f"ETA {_fmt_duration(last.get('eta_s'))}"
+                eta = f"ETA {format_duration(last.get('eta_s'))}"
             elif int((started.get("config") or {}).get("eval", {}).get("sample_prompts") or 0):
                 eta = "answering held-out prompts before training…"
             else:
