@@ -1,8 +1,9 @@
 """`ft-desk data check FILE`: lint a data file against a model's tokenizer before training on it.
 
 Prints the detected format, row counts, a token-length histogram against data.max_length, truncated rows,
-duplicates, empty turns, broken rows with file:line, and one sample rendered as training sees it with the
-trained tokens marked. `--json` prints `LintReport.to_dict()` (or {"ok": false, "error": ...}) as one object.
+duplicates, empty turns, broken rows with file:line, and a sample rendered as training sees it with the
+trained tokens marked (`--samples`: also the longest, shortest and a truncated row). `--json` prints
+`LintReport.to_dict()` (or {"ok": false, "error": ...}) as one object.
 Exit 0 when training could start on the file, 2 when it has broken rows (unless --skip-bad-rows) or cannot be
 used at all. Only the tokenizer is loaded, never the model weights.
 """
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     check = sub.add_parser(
         "check",
-        help="lint a data file: format, token lengths vs max length, duplicates, broken rows, a rendered sample",
+        help="lint a data file: format, token lengths vs max length, duplicates, broken rows, rendered samples",
         description=(
             "Lint a training data file (.jsonl, .json, .csv, .parquet) for a model. Formats: text, "
             "prompt/completion, Alpaca (instruction/input/output), ShareGPT (conversations with from/value), "
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--max-length", type=int, help="longest sequence in tokens (data.max_length)")
     check.add_argument("--skip-bad-rows", action="store_true",
                        help="broken rows are reported but do not fail the check (as training would skip them)")
+    check.add_argument("--samples", action="store_true",
+                       help="show every picked sample (first row, longest, shortest, truncated), not just the first")
     check.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
 
@@ -101,7 +104,7 @@ def _check(args) -> int:
         print(json.dumps(out, ensure_ascii=False))
     else:
         colour = sys.stdout.isatty()
-        print(format_report(report, cfg.model.name, cfg.data.skip_bad_rows, colour))
+        print(format_report(report, cfg.model.name, cfg.data.skip_bad_rows, colour, all_samples=args.samples))
     return EXIT_OK if ok else EXIT_BAD_INPUT
 
 
@@ -140,7 +143,7 @@ def _locations(report, items, count: int) -> str:
     return "at " + ", ".join(shown) + more
 
 
-def format_report(report, model: str, skip_bad_rows: bool, colour: bool = False) -> str:
+def format_report(report, model: str, skip_bad_rows: bool, colour: bool = False, all_samples: bool = False) -> str:
     """The human-readable report."""
     lines = [f"{report.path}: {report.format} format, {report.rows} rows, {report.usable_rows} usable"]
     if report.rendering:
@@ -175,14 +178,17 @@ def format_report(report, model: str, skip_bad_rows: bool, colour: bool = False)
         lines.append(f"  {row['where']}: {row['reason']}")
     if report.broken_count > len(report.broken_rows):
         lines.append(f"  ... and {report.broken_count - len(report.broken_rows)} more")
-    if report.sample:
-        mark = "green" if colour else "inside [[ ]]"
-        cut = ", cut at max length" if report.sample["truncated"] else ""
-        lines.append(
-            f"sample {report.sample['where']} ({report.sample['tokens']} tokens, "
-            f"{report.sample['trained_tokens']} trained, shown {mark}{cut}):"
-        )
-        lines.append(_sample_text(report.sample["segments"], colour))
+    mark = "green" if colour else "inside [[ ]]"
+    shown = report.samples if all_samples else report.samples[:1]
+    for sample in shown:
+        cut = ", cut at max length" if sample["truncated"] else ""
+        lines.append(f"sample: {sample['label']}, {sample['where']} ({sample['tokens']} tokens, "
+                     f"{sample['trained_tokens']} trained, shown {mark}{cut}):")
+        lines.append(_sample_text(sample["segments"], colour))
+    others = report.samples[len(shown):]
+    if others:
+        lines.append("other samples: " + ", ".join(f"{s['label']} ({s['where']})" for s in others)
+                     + " - add --samples to show them")
     if report.error:
         lines.append(f"not usable: {report.error}" + (f"\n  fix: {report.error_hint}" if report.error_hint else ""))
     elif report.broken_count and not skip_bad_rows:

@@ -3,8 +3,9 @@
 `lint_file(path, tokenizer, cfg)` reads the whole file (collecting broken rows instead of stopping at the first),
 then renders every usable row exactly as training would and reports: the detected format, row counts, token
 lengths (statistics and a histogram against data.max_length), truncated rows, duplicates, empty turns, rows with
-nothing to learn within max_length, and one rendered sample split into (text, trained) pieces so a CLI can
-bracket or colour the tokens that carry loss. Problems with the whole file (missing, empty, not UTF-8) raise
+nothing to learn within max_length, and a few rendered samples (the first row, the longest, the shortest, a
+truncated one, one with nothing to learn) split into (text, trained) pieces so a CLI can bracket or colour the
+tokens that carry loss. Problems with the whole file (missing, empty, not UTF-8) raise
 `DataError`. `tokenizer=None` gives the parts that need no tokenizer. `LintReport.to_dict()` is the --json form.
 """
 
@@ -49,7 +50,8 @@ class LintReport:
     broken_count: int = 0
     broken_rows: list = field(default_factory=list)  # [{"where", "reason", "kind"}], the first few
     broken_by_reason: dict = field(default_factory=dict)
-    sample: dict | None = None  # {"where", "segments": [[text, trained]], "tokens", "trained_tokens", "truncated"}
+    # [{"label", "where", "segments": [[text, trained]], "tokens", "trained_tokens", "truncated"}], first row first
+    samples: list = field(default_factory=list)
     error: str | None = None  # why the file cannot be used with this model at all
     error_hint: str = ""
 
@@ -118,7 +120,7 @@ def _token_findings(report: LintReport, examples: list[Example], tokenizer, cfg:
         return
     report.rendering = "chat_template" if renderer.use_template else "plain"
     lengths = []
-    sample_example = None
+    picks: dict[str, tuple[int, Example]] = {}  # sample label -> (tokens, example)
     for example in examples:
         try:
             encoded = renderer.encode(example)
@@ -134,11 +136,16 @@ def _token_findings(report: LintReport, examples: list[Example], tokenizer, cfg:
         if n > cfg.max_length:
             report.truncated += 1
             _note(report.truncated_where, example.where)
+            picks.setdefault("truncated", (n, example))
         if trained == 0:
             report.no_target += 1
             _note(report.no_target_where, example.where)
-        if sample_example is None:
-            sample_example = example
+            picks.setdefault("nothing to learn", (n, example))
+        picks.setdefault("first row", (n, example))
+        if n > picks.setdefault("longest", (n, example))[0]:
+            picks["longest"] = (n, example)
+        if n < picks.setdefault("shortest", (n, example))[0]:
+            picks["shortest"] = (n, example)
     if lengths:
         ordered = sorted(lengths)
         report.token_stats = {
@@ -149,16 +156,30 @@ def _token_findings(report: LintReport, examples: list[Example], tokenizer, cfg:
             "max": ordered[-1],
         }
         report.histogram = _histogram(lengths, cfg.max_length)
-    if sample_example is not None:
-        segments = renderer.segments(sample_example, cfg.max_length)
-        ids = renderer.tokenize(sample_example, cfg.max_length)
-        report.sample = {
-            "where": sample_example.where,
-            "segments": [[text, trained] for text, trained in segments],
+    report.samples = _samples(picks, renderer, cfg.max_length)
+
+
+SAMPLE_ORDER = ("first row", "longest", "shortest", "truncated", "nothing to learn")
+
+
+def _samples(picks: dict[str, tuple[int, Example]], renderer, max_length: int) -> list[dict]:
+    """Each picked example rendered once, in SAMPLE_ORDER; an example picked twice keeps its first label."""
+    samples, seen = [], set()
+    for label in SAMPLE_ORDER:
+        if label not in picks or picks[label][1].where in seen:
+            continue
+        example = picks[label][1]
+        seen.add(example.where)
+        ids = renderer.tokenize(example, max_length)
+        samples.append({
+            "label": label,
+            "where": example.where,
+            "segments": [[text, trained] for text, trained in renderer.segments(example, max_length)],
             "tokens": len(ids.input_ids),
             "trained_tokens": sum(1 for x in ids.labels if x != IGNORE),
             "truncated": ids.truncated,
-        }
+        })
+    return samples
 
 
 def lint_file(path: Path | str, tokenizer, cfg: DataConfig) -> LintReport:

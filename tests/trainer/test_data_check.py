@@ -66,11 +66,30 @@ def test_lint_report_finds_what_is_wrong(tmp_path, tokenizer):
     assert report.histogram[-1] == {"lo": 65, "hi": None, "count": 1}
     assert report.token_stats["max"] > 64 >= report.token_stats["min"]
     assert report.usable and not report.ok(skip_bad_rows=False) and report.ok(skip_bad_rows=True)
+    # Samples to browse: the first row, then the extremes; the long row is longest, truncated and has no target,
+    # and is shown once under its first label.
+    samples = {s["label"]: s for s in report.samples}
+    assert list(samples) == ["first row", "longest"]  # the first row is also the shortest
+    assert samples["first row"]["where"] == f"{path}:1"
+    assert samples["first row"]["tokens"] == report.token_stats["min"]
+    assert samples["longest"]["where"] == f"{path}:5" and samples["longest"]["truncated"]
+    assert samples["longest"]["tokens"] == 64 and samples["longest"]["trained_tokens"] == 0
+
+
+def test_lint_samples_show_the_extremes_of_the_file(tmp_path, tokenizer):
+    path = tmp_path / "varied.jsonl"
+    replies = ["A medium length reply here.", "Ok.", "A much longer reply that goes on and on for a while."]
+    path.write_text("".join(json.dumps(turn("Hi?", r)) + "\n" for r in replies), encoding="utf-8")
+    report = lint_file(path, tokenizer, DataConfig(max_length=512))
+    assert [(s["label"], s["where"]) for s in report.samples] == [
+        ("first row", f"{path}:1"), ("longest", f"{path}:3"), ("shortest", f"{path}:2")]
+    assert [s["tokens"] for s in report.samples][1:] == [report.token_stats["max"], report.token_stats["min"]]
+    assert not any(s["truncated"] for s in report.samples)
 
 
 def test_lint_sample_marks_exactly_the_trained_text(tmp_path, tokenizer):
     report = lint_file(good_file(tmp_path), tokenizer, DataConfig())
-    segments = report.sample["segments"]
+    segments = report.samples[0]["segments"]
     assert "".join(text for text, _ in segments) == tokenizer.apply_chat_template(
         turn("Question 0?", "Answer 0.")["messages"], tokenize=False)
     assert [text for text, trained in segments if trained] == ["Answer 0.<|im_end|>"]
@@ -89,7 +108,7 @@ def test_lint_without_tokenizer_and_with_multi_turn_but_no_template(tmp_path, to
     report = lint_file(path, bare, DataConfig())
     assert not report.usable and "several turns" in report.error and "chat_template=none" in report.error_hint
     report = lint_file(path, None, DataConfig())
-    assert report.usable and report.token_stats == {} and report.sample is None
+    assert report.usable and report.token_stats == {} and report.samples == []
 
 
 def test_cli_check_json_on_good_and_messy_files(tmp_path, tiny_model_dir, capsys):
@@ -141,3 +160,8 @@ def test_cli_human_report_lists_broken_rows(tmp_path, tiny_model_dir, capsys):
     assert "duplicates: 1 (dropped in training; at 3 (= 1))" in out and "empty turns: 1 (at 4)" in out
     assert ">64 |" in out and "truncated rows: 1" in out
     assert "not usable as is" in out
+    assert f"sample: first row, {messy}:1" in out and f"other samples: longest ({messy}:5)" in out
+    main(["data", "check", str(messy), "--model", str(tiny_model_dir), "--max-length", "64", "--samples"])
+    out = capsys.readouterr().out
+    assert f"sample: longest, {messy}:5 (64 tokens, 0 trained, shown inside [[ ]], cut at max length)" in out
+    assert "other samples" not in out

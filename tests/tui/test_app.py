@@ -214,8 +214,18 @@ async def test_data_screen_shows_the_lint_report(make_app, backend):
         summary = text_of(app, "#data-summary")
         assert f"{report['rows']} rows" in summary and report["format"] in summary
         assert "no problems found" in text_of(app, "#findings")
-        trained = [t for t, on in report["sample"]["segments"] if on]
+        first, longest = report["samples"][0], report["samples"][1]
+        trained = [t for t, on in first["segments"] if on]
         assert trained[0].strip()[:10] in text_of(app, "#sample")
+        assert "sample 1/3 first row support_desk.jsonl:1" in text_of(app, "#sample-title")
+        await pilot.press("escape", "right_square_bracket")  # leave the path field, then browse the samples
+        await settle(pilot)
+        name = Path(longest["where"]).name
+        assert f"sample 2/3 longest {name}: {longest['tokens']} tokens" in text_of(app, "#sample-title")
+        assert [t for t, on in longest["segments"] if on][0].strip()[:10] in text_of(app, "#sample")
+        await pilot.press("left_square_bracket", "left_square_bracket")
+        await settle(pilot)
+        assert "sample 3/3 shortest" in text_of(app, "#sample-title")
 
 
 async def test_model_screen_lists_and_picks_a_model(make_app, backend):

@@ -1,7 +1,8 @@
 """Data: pick a training file (typed with path completion, or browsed), lint it against the chosen model's
 tokenizer with `ft-desk data check --json`, and see what training will see: the format, row counts, a token-length
-histogram against max_length, truncated rows, duplicates, broken rows with file:line, a sample rendered with its
-trained tokens highlighted, and the validation split settings."""
+histogram against max_length, truncated rows, duplicates, broken rows with file:line, samples rendered with their
+trained tokens highlighted ([ and ] browse the first row, the longest, the shortest and a truncated one), and the
+validation split settings."""
 
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ class DataScreen(DeskScreen):
         Binding("ctrl+k", "check", "Check file"),
         Binding("ctrl+o", "browse", "Browse"),
         Binding("ctrl+d", "use_demo", "Demo data"),
+        Binding("left_square_bracket", "sample(-1)", "Prev sample"),
+        Binding("right_square_bracket", "sample(1)", "Next sample"),
         Binding("ctrl+n", "next", "Next: Recipe"),
     ]
 
@@ -88,6 +91,7 @@ class DataScreen(DeskScreen):
         super().__init__()
         self.report: dict[str, Any] | None = None
         self._checked_for: tuple | None = None
+        self._sample_index = 0
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="file-row"):
@@ -258,12 +262,31 @@ class DataScreen(DeskScreen):
                 + ("  [green]✓ ready[/]" if usable else ""))
         self.query_one(TokenHistogram).show(list(report.get("histogram") or []), report.get("max_length"))
         self.query_one("#findings", Static).update("\n".join(findings(report)))
-        sample = report.get("sample") or {}
-        if sample:
-            cut = " (cut at max_length)" if sample.get("truncated") else ""
-            self.query_one("#sample-title", Label).update(
-                f"sample {escape(Path(str(sample.get('where', ''))).name)}: {sample.get('tokens')} tokens, "
-                f"{sample.get('trained_tokens')} trained [reverse] highlighted [/]{cut}")
-            self.query_one("#sample", Static).update(sample_text(sample.get("segments") or []))
-        else:
+        self._sample_index = 0
+        self._show_sample()
+
+    def _samples(self) -> list[dict[str, Any]]:
+        return list((self.report or {}).get("samples") or [])
+
+    def action_sample(self, step: int) -> None:
+        samples = self._samples()
+        if len(samples) > 1:
+            self._sample_index = (self._sample_index + step) % len(samples)
+            self._show_sample()
+
+    def _show_sample(self) -> None:
+        samples = self._samples()
+        title = self.query_one("#sample-title", Label)
+        if not samples:
+            title.update("sample as training sees it ([reverse] highlighted [/] = tokens that carry loss)")
             self.query_one("#sample", Static).update("")
+            return
+        sample = samples[self._sample_index]
+        cut = " [yellow](cut at max_length)[/]" if sample.get("truncated") else ""
+        browse = " · \\[ ] browse" if len(samples) > 1 else ""
+        title.update(
+            f"sample {self._sample_index + 1}/{len(samples)} [b]{escape(str(sample.get('label', '')))}[/b] "
+            f"{escape(Path(str(sample.get('where', ''))).name)}: {sample.get('tokens')} tokens, "
+            f"{sample.get('trained_tokens')} trained [reverse] highlighted [/]{cut}{browse}")
+        self.query_one("#sample", Static).update(sample_text(sample.get("segments") or []))
+        self.query_one("#sample-box", VerticalScroll).scroll_home(animate=False)
