@@ -86,9 +86,12 @@ class FtDeskApp(App):
 
     # Start-up and settings.
     def on_mount(self) -> None:
-        theme = self._load_settings().get("theme")
-        if theme in (DARK, LIGHT):
-            self.theme = theme
+        settings = self._load_settings()
+        if settings.get("theme") in (DARK, LIGHT):
+            self.theme = settings["theme"]
+        saved = Draft.from_saved(settings.get("draft"))
+        if saved is not None:
+            self.draft = saved  # where the user left the wizard last time
         if self.start_mode and self.start_mode != self.current_mode:
             self.switch_mode(self.start_mode)
         self.load_runs(startup=self.reattach and self.start_mode is None)
@@ -109,9 +112,11 @@ class FtDeskApp(App):
 
     def _save_settings(self, **changes: Any) -> None:
         data = {**self._load_settings(), **changes}
+        partial_file = self.settings_file.with_name(self.settings_file.name + ".partial")
         try:
             self.settings_file.parent.mkdir(parents=True, exist_ok=True)
-            self.settings_file.write_text(json.dumps(data), encoding="utf-8")
+            partial_file.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(partial_file, self.settings_file)  # never a half-written settings file
         except OSError:
             pass  # settings are a convenience; a read-only home must not break the app
 
@@ -156,7 +161,12 @@ class FtDeskApp(App):
 
     # The draft.
     def draft_updated(self) -> None:
+        self.save_draft()
         self.draft_changed.publish(self.draft)
+
+    def save_draft(self) -> None:
+        """Keep the wizard's choices for the next start of the app."""
+        self._save_settings(draft=self.draft.to_dict())
 
     def action_new_run(self) -> None:
         keep = self.draft

@@ -2,12 +2,15 @@
 
 A `Draft` is plain mutable data owned by the app: the steps write into it, and `config()` turns it into a
 validated `RunConfig` exactly the way `ft-desk train` will (same presets, same `--set` overrides), so what the
-Recipe screen shows and what the child process runs cannot drift apart. Light imports only (no torch).
+Recipe screen shows and what the child process runs cannot drift apart. `to_dict()` / `from_saved()` keep it
+across restarts of the app. Light imports only (no torch).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from ft_desk.trainer.config import ConfigError, RunConfig
 from ft_desk.trainer.presets import load_config
@@ -33,6 +36,27 @@ class Draft:
     """Dotted key -> value typed by the user, exactly as `--set key=value` would receive it."""
     data_checked: bool = False
     """The Data step ran the lint report on train_file without errors."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """What is saved between sessions; the data check is kept only while the file is unchanged."""
+        return {"model": self.model, "train_file": self.train_file, "strategy": self.strategy,
+                "hardware": self.hardware, "overrides": dict(self.overrides), "data_checked": self.data_checked,
+                "data_stamp": file_stamp(self.train_file)}
+
+    @classmethod
+    def from_saved(cls, saved: Any) -> "Draft | None":
+        """The draft saved by `to_dict()`, or None when there is none or it is not one of ours."""
+        if not isinstance(saved, dict):
+            return None
+        texts = {key: saved.get(key, default) for key, default in
+                 (("model", ""), ("train_file", ""), ("strategy", "qlora"), ("hardware", ""))}
+        overrides = saved.get("overrides") or {}
+        if not all(isinstance(v, str) for v in texts.values()) or not isinstance(overrides, dict):
+            return None
+        draft = cls(**texts, overrides={str(k): str(v) for k, v in overrides.items()})
+        draft.data_checked = (saved.get("data_checked") is True and bool(draft.train_file)
+                              and saved.get("data_stamp") == file_stamp(draft.train_file))
+        return draft
 
     def presets(self) -> list[str]:
         return [self.strategy] + ([self.hardware] if self.hardware else [])
@@ -111,6 +135,17 @@ class Draft:
             "data": bool(self.train_file) and self.data_checked,
             "recipe": bool(self.model and self.train_file) and self.error() is None,
         }
+
+
+def file_stamp(path: str) -> list[int] | str | None:
+    """Size and modification time of a data file, to tell whether it changed since it was checked."""
+    if not path or path == "demo":
+        return path or None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns]
 
 
 def _dotted(config: RunConfig, key: str):

@@ -270,6 +270,30 @@ async def test_theme_toggle_is_remembered(make_app, tmp_path):
         assert again.theme == LIGHT
 
 
+async def test_wizard_choices_survive_a_restart_and_a_changed_file_is_checked_again(make_app, backend, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"text": "hello"}\n', encoding="utf-8")
+    app = make_app(start_mode="recipe")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.draft.model, app.draft.train_file, app.draft.hardware = "demo", str(data), "cpu"
+        app.draft.set_override("lora.r", "8")
+        app.draft_updated()
+        app.draft.data_checked = True  # as the Data screen records a clean check
+        app.save_draft()
+        await settle(pilot)
+    again = make_app(start_mode="recipe")
+    async with again.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert again.draft.cli_args() == app.draft.cli_args() and again.draft.data_checked
+        assert "lora.r=8" in again.draft.command_line()
+    data.write_text('{"text": "hello"}\n{"text": "a new row"}\n', encoding="utf-8")
+    third = make_app(start_mode="home")
+    async with third.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert third.draft.train_file == str(data) and not third.draft.data_checked  # to be checked again
+
+
 async def test_closing_the_app_leaves_the_run_training_and_reopening_reattaches(make_app, backend, runs_dir):
     backend.hold_after = 2
     app = make_app()

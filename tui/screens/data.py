@@ -245,6 +245,7 @@ class DataScreen(DeskScreen):
         usable = bool(report.get("ok")) and not report.get("error")
         if draft.data_checked != usable:
             draft.data_checked = usable
+            self.desk.save_draft()
             self._refresh_chrome()
         summary = self.query_one("#data-summary", Static)
         if report.get("error"):
