@@ -39,6 +39,62 @@ def build_model(folder: Path, **shape) -> Path:
     return build_tiny_model(folder, TinyShape(**{**SMALL, **shape}))
 
 
+# Text for the sentencepiece-style tokenizer: the demo corpus plus accented words, so that "é" and friends are
+# in its alphabet while an emoji is not (it must fall back to <0xNN> byte tokens).
+ACCENTED = "The café serves crème brûlée and naïve über-coffee for 3.50 each, déjà vu."
+# A Mistral-style chat template whose markers are special tokens, as in Mistral v0.3.
+INST_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                 "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
+                 "{% endif %}{% endfor %}")
+
+
+def build_spm_model(folder: Path, architecture: str = "mistral", **shape) -> Path:
+    """A tiny model with a sentencepiece-style tokenizer, laid out as Llama 2 / Mistral ship theirs.
+
+    BPE with byte fallback; ids 0-2 are <unk>, <s>, </s>, ids 3-258 the 256 <0xNN> byte tokens, then the learned
+    pieces; a Metaspace pre-tokenizer ("▁" for spaces, prepended to the start of the input only) and decoder; BOS
+    added to every encoding; [INST] / [/INST] as special tokens used by the chat template. The vocabulary is
+    trained here (words split at spaces, as sentencepiece does) and comes to exactly 1024 tokens.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from ft_desk.trainer.demo import demo_data_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    head = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    rows = [json.loads(line) for line in demo_data_path().read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [m["content"] for row in rows for m in row["messages"]] + [ACCENTED] * 3
+    learner.train_from_iterator(texts,
+                                trainer=trainers.BpeTrainer(vocab_size=1024 - len(head) - 2, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {token: i for i, token in enumerate(head)}
+    for token, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in learned["merges"]], byte_fallback=True,
+                               unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+                                     decoders.ByteFallback(), decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=["[INST]", "[/INST]"], model_max_length=4096)
+    assert len(fast) == 1024, len(fast)
+    fast.chat_template = INST_TEMPLATE
+    fast.save_pretrained(folder)
+    dims = {**SMALL, **shape}
+    dims.pop("vocab_size")
+    config = AutoConfig.for_model(architecture, vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                                  max_position_embeddings=1024, tie_word_embeddings=False, **dims)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
 def make_run(root: Path, model_dir: Path, method: str = "qlora", *, added_token: str | None = None,
              lora_targets: str | list[str] = "all-linear", use_dora: bool = False, seed: int = 0,
              modules_to_save: list[str] | None = None, scale: float = 0.05) -> FakeRun:
