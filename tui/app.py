@@ -77,7 +77,8 @@ class FtDeskApp(App):
         self.start_mode = start_mode
         self.settings_file = settings if settings is not None else settings_path()
         self.reattach = reattach
-        self.draft = Draft()
+        # Where the user left the wizard last time, if anything.
+        self.draft = Draft.from_saved(self._load_settings().get("draft")) or Draft()
         self.session: RunSession | None = None
         self.runs: list[RunSummary] = []
         self.offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -86,12 +87,9 @@ class FtDeskApp(App):
 
     # Start-up and settings.
     def on_mount(self) -> None:
-        settings = self._load_settings()
-        if settings.get("theme") in (DARK, LIGHT):
-            self.theme = settings["theme"]
-        saved = Draft.from_saved(settings.get("draft"))
-        if saved is not None:
-            self.draft = saved  # where the user left the wizard last time
+        theme = self._load_settings().get("theme")
+        if theme in (DARK, LIGHT):
+            self.theme = theme
         if self.start_mode and self.start_mode != self.current_mode:
             self.switch_mode(self.start_mode)
         self.load_runs(startup=self.reattach and self.start_mode is None)
@@ -194,6 +192,12 @@ class FtDeskApp(App):
                 self.switch_mode("train")
                 self.notify(f"Re-attached to {run.run_name}: it kept training while ft-desk was closed "
                             f"(step {run.step}/{run.total_steps or '?'}).", title="Run re-attached")
+            elif self.session is None:
+                # Nothing is training: open the run the user was last looking at, so Evaluate and Export
+                # carry on from where they left off.
+                last = self._load_settings().get("followed_run")
+                if any(str(r.run_dir) == last for r in runs):
+                    self.follow(Path(last))
 
     def _screen_of(self, mode: str):
         screen = self._screen_stacks.get(mode)
@@ -217,6 +221,7 @@ class FtDeskApp(App):
         session.watcher = RunWatcher(run_dir, on_events, on_end,
                                      process=launch.process if launch is not None else None).start()
         self.session = session
+        self._save_settings(followed_run=str(run_dir))
         self._run_updated()
         return session
 

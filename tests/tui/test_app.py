@@ -93,6 +93,24 @@ async def test_a_finished_run_is_replayed_on_every_screen(make_app, runs_dir):
         assert text_of(app, "#doctor").strip()
 
 
+async def test_the_run_last_opened_is_open_again_after_a_restart(make_app, runs_dir):
+    older = make_run(runs_dir, "older-run")
+    make_run(runs_dir, "newer-run", created="2026-01-01T22:00:00+00:00")  # newest, but not the one opened
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert app.session is None  # nothing training and nothing opened yet: Home waits for a choice
+        app.follow(older)
+        await settle(pilot)
+    again = make_app()
+    async with again.run_test(size=(100, 30)) as pilot:
+        await settle(pilot, until=lambda: again.session is not None and again.session.history.finished is not None)
+        assert again.session.run_dir == older and again.current_mode == "home"
+        await pilot.press("5")
+        await settle(pilot)
+        assert "val loss" in text_of(again, "#metrics")
+
+
 async def test_full_evaluation_shows_base_against_tuned(make_app, runs_dir):
     run_dir = make_run(runs_dir, "demo-run")
     app = make_app(start_mode="evaluate")
