@@ -11,6 +11,9 @@ Tensor names come from the gguf package's own name map (`gguf.get_tensor_name_ma
 Types: 1-D tensors (norms, biases) stay F32 as in llama.cpp; 2-D tensors take the requested type, falling back to
 F16 when a row is not a whole number of quantization blocks. For q4_0 / q5_0 the token embedding and output layer
 are kept at Q8_0 (Note below). Quantization itself is the gguf package's (`gguf.quants.quantize`).
+
+LLAMA_CPP_TYPES are mixes only llama.cpp's own quantizer makes (it picks a type per tensor): ft-desk writes the
+file in F16 first and hands it to llama.cpp (trainer/export/llamacpp.py) when llama-cpp-python is installed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ GEMMA_FAMILY = ("gemma", "gemma2", "gemma3")
 ALWAYS_TIED = ("gemma", "gemma2")
 
 TENSOR_TYPES = ("f16", "bf16", "q8_0", "q5_0", "q4_0")
+# Made by llama.cpp's quantizer from an F16 file: our name -> the llama_ftype constant's suffix in llama.h.
+LLAMA_CPP_TYPES = {"q4_k_m": "MOSTLY_Q4_K_M"}
 # Note: q4_0 / q5_0 keep the token embedding and the output layer at Q8_0: those two tensors carry most of the
 # quality loss of 4-5 bit files (llama.cpp's own mixes keep them at higher precision for the same reason).
 KEEP_Q8_FOR_LOW_BITS = ("token_embd.weight", "output.weight")
@@ -73,7 +78,10 @@ def file_type(tensor_type: str) -> int:
 
 
 def bytes_per_weight(tensor_type: str) -> float:
-    return {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_0": 22 / 32, "q4_0": 18 / 32}[tensor_type]
+    # Note: q4_k_m is a mix (Q4_K, with Q6_K for the output layer and half of attn_v / ffn_down); llama.cpp
+    # reports about 4.9 bits per weight for 7B models, so 5 bits is a safe size estimate.
+    return {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_0": 22 / 32, "q4_0": 18 / 32,
+            "q4_k_m": 5 / 8}[tensor_type]
 
 
 @dataclass(frozen=True)

@@ -68,16 +68,19 @@ def test_quantized_gguf_types_stay_close(tmp_path, llama_dir, gguf_type, limit):
         assert facts["tensor_types"]["q8_0"] == 2  # token embedding and output layer kept at 8 bits
 
 
-def test_gemma_v1_writes_and_reads_back(tmp_path):
-    """transformers cannot load gemma (v1) GGUF files; the file is checked tensor by tensor instead."""
+@pytest.mark.parametrize("gguf_type", ["f16", "q4_0"])
+def test_gemma_v1_writes_and_reads_back(tmp_path, gguf_type):
+    """transformers cannot load gemma (v1) GGUF files; the file is checked tensor by tensor instead, each tensor
+    against the error its storage type allows."""
     from ft_desk.trainer.export.gguf_writer import readback_check
 
     model_dir = build_model(tmp_path / "model", architecture="gemma", tie_word_embeddings=True,
                             num_hidden_layers=1)
-    facts = _write(model_dir, tmp_path / "gguf")
+    facts = _write(model_dir, tmp_path / "gguf", gguf_type)
     assert facts["architecture"] == "gemma" and not facts["transformers_can_load"]
-    report = readback_check(tmp_path / "gguf" / facts["file"], model_dir, "f16")
-    assert report["passed"] and not report["missing"]
+    report = readback_check(tmp_path / "gguf" / facts["file"], model_dir)
+    assert report["passed"] and not report["missing"] and report["tensors"] == 11
+    assert 0.05 < report["worst_vs_limit"] <= 1.0, report  # the limits are neither loose nor exceeded
 
 
 def test_gguf_metadata_names_the_turn_end_token_and_template(tmp_path, llama_dir):

@@ -126,3 +126,39 @@ def _demo_replies(n: int) -> list[str]:
 
     lines = demo_data_path().read_text(encoding="utf-8").splitlines()[:n]
     return [json.loads(line)["messages"][-1]["content"] for line in lines if line.strip()]
+
+
+def test_llama_cpp_reads_the_same_vocabulary_and_weights(spm_gguf):
+    """llama.cpp (when llama-cpp-python is installed) tokenizes plain text like the original and computes the same
+    logits. Where its sentencepiece rules differ from Hugging Face's Metaspace (see gguf_writer's docstring), the
+    difference is exactly the documented one: an extra "▁" before text that follows a special token or that starts
+    with a space. No GGUF key changes this, so the test pins it."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, out, facts = spm_gguf
+    original = AutoTokenizer.from_pretrained(model_dir)
+    llm = llama_cpp.Llama(model_path=str(out / facts["file"]), n_ctx=256, logits_all=True, verbose=False)
+
+    def llama_ids(text):
+        return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    plain = [t for t in TEXTS + _demo_replies(200) if t and not t[0].isspace() and "<" not in t and "[" not in t]
+    assert len(plain) > 200
+    for text in plain:
+        assert llama_ids(text) == original(text)["input_ids"], text
+    space = original.convert_tokens_to_ids("▁")
+    assert llama_ids(" leading space") == [1, space] + original(" leading space")["input_ids"][1:]
+    after_special = "[INST] Hi [/INST]"
+    ids = original(after_special)["input_ids"]
+    assert llama_ids(after_special) == ids[:2] + [space] + ids[2:]  # "[INST]", "▁", "▁Hi", "▁", "[/INST]"
+
+    chat = original.apply_chat_template(MESSAGES, tokenize=True)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(input_ids=torch.tensor([chat])).logits[0].double(), -1)
+    llm.eval(chat)
+    got = torch.log_softmax(torch.tensor(llm.scores[: len(chat)], dtype=torch.float64), -1)
+    llm.close()
+    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    assert kl < 1e-5, kl

@@ -76,10 +76,19 @@ def estimate_bytes(source, request: ExportRequest) -> int:
     merged = _params_bytes(source)
     if request.format == "merged":
         return merged * (2 if request.merge_into == "original" and request.verify else 1) + verify
+    from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES
+
     from .gguf_writer import bytes_per_weight
 
-    gguf_type = request.gguf_type or ("q8_0" if request.format == "ollama" else "f16")
-    return merged + int(merged / 2 * bytes_per_weight(gguf_type)) + verify
+    gguf_type = gguf_type_of(request)
+    # llama.cpp quantizes from an F16 file written next to the export first.
+    intermediate = merged if gguf_type in LLAMA_CPP_TYPES else 0
+    return merged + intermediate + int(merged / 2 * bytes_per_weight(gguf_type)) + verify
+
+
+def gguf_type_of(request: ExportRequest) -> str:
+    """The GGUF tensor type an export writes: the one asked for, else f16 (gguf) or q8_0 (ollama)."""
+    return request.gguf_type or ("q8_0" if request.format == "ollama" else "f16")
 
 
 class _Progress:
@@ -110,6 +119,10 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     started = time.time()
     if request.format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {request.format!r}")
+    if request.format in ("gguf", "ollama"):
+        from .llamacpp import require
+
+        require(gguf_type_of(request))
     source = open_run(request.run_dir, request.checkpoint)
     out = Path(request.out).expanduser() if request.out else default_out(request)
     target = check_target(out, request.force)
@@ -184,9 +197,9 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
 
     from .gguf_writer import export_gguf
 
-    gguf_type = request.gguf_type or ("q8_0" if fmt == "ollama" else "f16")
+    gguf_type = gguf_type_of(request)
     gguf_facts = export_gguf(merged_dir, stage.path, gguf_type, name=_model_name(source, request),
-                             progress=_Progress(sink, "gguf"))
+                             progress=_Progress(sink, "gguf"), work_dir=stage.work)
     facts = {**{k: v_ for k, v_ in facts.items() if k != "weights"}, **gguf_facts,
              "notes": facts.get("notes", []) + gguf_facts.get("notes", [])}
     if reference is not None and not gguf_facts["transformers_can_load"]:
@@ -194,7 +207,7 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
 
         notes.append(f"transformers cannot load {gguf_facts['architecture']} GGUF files, so the file was checked "
                      "by reading every tensor back with the gguf package instead of by reloading the model")
-        comparisons["gguf_readback"] = readback_check(stage.path / gguf_facts["file"], merged_dir, gguf_type)
+        comparisons["gguf_readback"] = readback_check(stage.path / gguf_facts["file"], merged_dir)
     elif reference is not None:
         _note(sink, "verify")("reloading the GGUF file with transformers' GGUF loader")
         args = _hf_args(stage.path, reference, None)
@@ -205,11 +218,12 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
         limits = v.THRESHOLDS[gguf_type]
         comparisons["gguf_vs_merged"] = v.judge(result, reference, limits, label="merged")
         comparisons["gguf_vs_trained"] = v.judge(result, reference, limits)
-        from .gguf_writer import verify_with_llama_cpp
+    from . import llamacpp
 
-        llama = verify_with_llama_cpp(stage.path / gguf_facts["file"], reference)
-        if llama is not None:
-            comparisons["llama_cpp"] = llama
+    if reference is not None and llamacpp.installed_version():
+        _note(sink, "verify")("running the GGUF file in llama.cpp (llama-cpp-python is installed)")
+        result = llamacpp.score(stage.path / gguf_facts["file"], reference, stage.work)
+        comparisons["llama_cpp"] = llamacpp.judge(result, reference, v.THRESHOLDS[gguf_type])
     if fmt == "ollama":
         from .ollama import write_modelfile
 

@@ -103,6 +103,18 @@ def _eos_ids(model, extra):
     return ids
 
 
+def generation_record(new, expected, eos, text):
+    """One greedy reply compared with the trained model's reply to the same prompt (llamacpp_check.py uses it too)."""
+    stopped = bool(new) and new[-1] in eos
+    same = 0
+    for a, b in zip(new, expected):
+        if a != b:
+            break
+        same += 1
+    return {"output_ids": new, "stopped": stopped, "stop_id": new[-1] if stopped else None, "same_prefix": same,
+            "identical": new == expected, "text": text}
+
+
 def main(path):
     import torch
     from safetensors.torch import load_file, save_file
@@ -161,16 +173,8 @@ def main(path):
                                  max_new_tokens=reference["max_new_tokens"], do_sample=False,
                                  eos_token_id=eos, pad_token_id=eos[0] if eos else None)
             new = out[0, input_ids.shape[1]:].tolist()
-            stopped = bool(new) and new[-1] in eos
-            expected = prompt["output_ids"]
-            same = 0
-            for a, b in zip(new, expected):
-                if a != b:
-                    break
-                same += 1
-            generations.append({"output_ids": new, "stopped": stopped, "stop_id": new[-1] if stopped else None,
-                                "same_prefix": same, "identical": new == expected,
-                                "text": tokenizer.decode(new, skip_special_tokens=False)})
+            generations.append(generation_record(new, prompt["output_ids"], eos,
+                                                 tokenizer.decode(new, skip_special_tokens=False)))
 
     result = {
         "tokens": tokens,
