@@ -49,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class _HumanSink:
-    """Progress on stderr, one line per phase change or every 10%."""
+    """Progress on stderr, one line per phase change, per note, or every 10%."""
 
     def __init__(self) -> None:
-        self.last: tuple[str, int] | None = None
+        self.last: tuple[str, int, str | None] | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -63,7 +63,7 @@ class _HumanSink:
         elif kind == "export_progress":
             total = event.get("total") or 0
             pct = int(100 * event.get("done", 0) / total) // 10 * 10 if total else -1
-            key = (event["phase"], pct)
+            key = (event["phase"], pct, event.get("message") if pct < 0 else None)
             if key != self.last:
                 self.last = key
                 where = f" {pct}%" if pct >= 0 else ""
@@ -81,6 +81,11 @@ def report_lines(event: dict[str, Any]) -> list[str]:
 
     lines = [f"exported {event['format']} to {event['out_dir']} ({format_bytes(event.get('bytes'))}, "
              f"{len(event.get('files') or [])} files) in {event.get('elapsed_s')} s"]
+    facts = event.get("facts") or {}
+    if facts.get("tensor_types"):
+        types = ", ".join(f"{n} {t}" for t, n in sorted(facts["tensor_types"].items(), key=lambda kv: -kv[1]))
+        made = f", quantized by {facts['quantized_by']}" if facts.get("quantized_by") else ""
+        lines.append(f"GGUF {facts['file']}: tensors stored as {types}{made}")
     fidelity = event.get("fidelity")
     if fidelity is None:
         lines.append("not verified (--no-verify)")

@@ -53,6 +53,7 @@ def test_q4_k_m_is_quantized_by_llama_cpp_and_verified_in_transformers_and_llama
     pytest.importorskip("llama_cpp")
     import gguf
 
+    from ft_desk.trainer.cmd_export import report_lines
     from ft_desk.trainer.events import ListSink
     from ft_desk.trainer.export.pipeline import ExportRequest, export_run
 
@@ -75,6 +76,9 @@ def test_q4_k_m_is_quantized_by_llama_cpp_and_verified_in_transformers_and_llama
     assert stored["output_norm.weight"] == "F32"
     counts = event["facts"]["tensor_types"]
     assert counts == {"q4_k": 13, "q6_k": 3, "f32": 5}, counts
+    report = "\n".join(report_lines(event))
+    assert "tensors stored as 13 q4_k, 5 f32, 3 q6_k, quantized by llama.cpp" in report
+    assert "GGUF run by llama.cpp vs trained: PASS" in report
 
 
 def test_narrow_rows_fall_back_and_the_report_says_so(tmp_path, llama_dir):
