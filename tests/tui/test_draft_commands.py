@@ -86,3 +86,21 @@ def test_the_live_estimate_is_computed_in_process_once_the_device_is_known(tmp_p
     assert big["total_bytes"] > small["total_bytes"]
     with pytest.raises(NeedsChild):  # not downloaded: only `ft-desk plan` can fetch its config.json
         planner.plan(Draft(model="nobody/not-cached", train_file="demo").config())
+
+
+def test_q4_k_m_is_offered_only_where_llama_cpp_can_make_it(monkeypatch):
+    import importlib.util
+    import sys
+
+    from ft_desk.tui.screens import export
+
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, _on=installed: (
+            object() if _on else None) if name == "llama_cpp" else real_find_spec(name, *a))
+        values = [value for _label, value in export.gguf_type_choices()]
+        assert ("q4_k_m" in values) is installed and values[:4] == ["auto", "f16", "bf16", "q8_0"]
+    monkeypatch.undo()
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+    export.gguf_type_choices()
+    assert "llama_cpp" not in sys.modules  # looked up, never imported by the app

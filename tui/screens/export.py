@@ -4,6 +4,7 @@ model behave like the trained one, and does it stop where it should."""
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from typing import Any
 
@@ -25,6 +26,15 @@ FORMATS = (
     ("gguf", "GGUF", "one .gguf file for llama.cpp and friends, written without llama.cpp"),
     ("ollama", "Ollama", "GGUF + a Modelfile with the chat template and stop tokens; prints the `ollama create` line"),
 )
+def gguf_type_choices() -> list[tuple[str, str]]:
+    """(label, value) of the GGUF tensor types; q4_k_m is made by llama.cpp's quantizer, so it is offered only
+    where llama-cpp-python is installed (found without importing it: the export child imports it)."""
+    choices = [(t, t) for t in ("auto", "f16", "bf16", "q8_0", "q5_0", "q4_0")]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        choices.append(("q4_k_m (llama.cpp)", "q4_k_m"))
+    return choices
+
+
 PHASES = {"merge": "merging", "gguf": "writing GGUF", "verify": "verifying", "write": "writing files"}
 
 
@@ -119,8 +129,7 @@ class ExportScreen(DeskScreen):
                                  id="merge-into", compact=True)
                 with Horizontal(classes="field-row", id="row-gguf"):
                     yield Label("GGUF type", classes="field-label")
-                    yield Select([(t, t) for t in ("auto", "f16", "bf16", "q8_0", "q5_0", "q4_0")],
-                                 allow_blank=False, id="gguf-type", compact=True)
+                    yield Select(gguf_type_choices(), allow_blank=False, id="gguf-type", compact=True)
                 with Horizontal(classes="field-row", id="row-name"):
                     yield Label("Ollama name", classes="field-label")
                     yield Input(placeholder="default: from the run", id="ollama-name", compact=True)
