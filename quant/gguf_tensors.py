@@ -143,6 +143,41 @@ def permute_for_rope(weight, n_heads: int):
     return weight.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+# llama.cpp takes some Gemma 2 / 3 settings from the model size or hard-codes them instead of reading them from the
+# file: the attention scale (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models, which it recognises by
+# layer count), which layers use the sliding window (every other one / five in six), and the sliding layers' rope
+# (theta 10000, unscaled). Every released Gemma 2 / 3 checkpoint follows these; a model that does not would load
+# in llama.cpp and quietly compute something else.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+
+
+def llama_cpp_mismatches(arch: str, config) -> list[str]:
+    """What llama.cpp would compute differently from transformers for this config (see the comment above)."""
+    if arch not in _GEMMA_27B_LAYERS:
+        return []
+    problems = []
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    assumed = config.hidden_size // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is not None and float(scalar) != float(assumed):
+        problems.append(f"its attention scale is 1/sqrt(query_pre_attn_scalar={scalar}) where llama.cpp uses "
+                        f"1/sqrt({assumed})")
+    pattern = _GEMMA_SWA_PATTERN[arch]
+    assumed_types = ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(layers)]
+    layer_types = list(getattr(config, "layer_types", None) or assumed_types)
+    if layer_types != assumed_types:
+        problems.append(f"its sliding-window layers {layer_types} differ from llama.cpp's fixed pattern (one full "
+                        f"attention layer in {pattern})")
+    rope = getattr(config, "rope_parameters", None) or {}
+    local = rope.get("sliding_attention") if isinstance(rope, dict) else None
+    if arch == "gemma3" and local and (float(local.get("rope_theta", 10000.0)) != 10000.0
+                                       or (local.get("rope_type") or "default") != "default"):
+        problems.append(f"its sliding layers' rope {local} differs from llama.cpp's fixed theta 10000, unscaled")
+    return problems
+
+
 def transform(arch: str, hf_name: str, tensor, n_heads: int, n_kv_heads: int):
     """The tensor's value as llama.cpp stores it for this architecture (fp32 torch tensor in, same out)."""
     if arch == "llama":

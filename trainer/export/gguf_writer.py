@@ -268,7 +268,7 @@ def export_gguf(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
     from transformers import AutoConfig, AutoTokenizer
 
     from ft_desk.quant.gguf_tensors import (LLAMA_CPP_TYPES, TENSOR_TYPES, TensorSpec, UnsupportedArchitecture,
-                                            encode, ggml_type, gguf_arch, transform)
+                                            encode, ggml_type, gguf_arch, llama_cpp_mismatches, transform)
 
     if tensor_type in LLAMA_CPP_TYPES and work_dir is None:
         import tempfile
@@ -286,6 +286,10 @@ def export_gguf(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
         arch = gguf_arch(text_config.model_type)
     except UnsupportedArchitecture as exc:
         raise UserError(str(exc), hint="export --format merged (or adapter) instead") from None
+    problems = llama_cpp_mismatches(arch, text_config)
+    if problems:
+        raise UserError(f"llama.cpp would not run this {arch} model as transformers does: {'; '.join(problems)}",
+                        hint="export --format merged instead (fine-tunes of released Gemma models are not affected)")
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     meta = tokenizer_metadata(tokenizer, text_config.vocab_size)
     specs = plan_tensors(merged_dir, arch, text_config, tensor_type)
