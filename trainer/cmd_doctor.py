@@ -45,8 +45,11 @@ def model_costs(model: str, device) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from ft_desk.quant.device import probe
 
+    from .export.llamacpp import capabilities
+
     report = probe()
     data = report.to_dict()
+    data["export"] = capabilities()
     if args.model:
         costs = model_costs(args.model, report.facts)
         data["model_costs"] = costs
@@ -103,6 +106,11 @@ def render(d: dict[str, Any]) -> str:
         state = "4-bit works here" if fb["usable"] else f"4-bit does NOT work here: {fb['reason']}"
         bnb = f"{fb['version']} · backend {fb['backend'] or '?'} · {lib} · {state}"
     rows.append(("bitsandbytes", bnb))
+    export = d.get("export") or {}
+    if export:
+        llama = (f"llama-cpp-python {export['llama_cpp']} (q4_k_m and a llama.cpp check of every GGUF)"
+                 if export.get("llama_cpp") else "llama-cpp-python not installed (optional: q4_k_m needs it)")
+        rows.append(("Export", f"GGUF types {', '.join(export.get('gguf_types') or [])} · {llama}"))
     costs = d.get("model_costs")
     if costs:
         rows.append(("Model", f"{costs['model']}: QLoRA ~{_gib(costs['qlora']['total_bytes'])} "

@@ -73,10 +73,13 @@ def test_plan_offline_hub_id_not_cached(capsys):
 def test_doctor_human_and_json(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for row in ("OS", "Python", "Packages", "Device", "CPU", "RAM", "CUDA", "bitsandbytes"):
+    for row in ("OS", "Python", "Packages", "Device", "CPU", "RAM", "CUDA", "bitsandbytes", "Export"):
         assert f"  {row}" in out
     data = _json_out(capsys, ["doctor", "--json"])
-    assert {"os", "python", "packages", "device", "facts", "compute_dtype", "cpu", "four_bit", "advice"} <= set(data)
+    assert {"os", "python", "packages", "device", "facts", "compute_dtype", "cpu", "four_bit", "advice",
+            "export"} <= set(data)
+    assert {"f16", "q8_0", "q4_0"} <= set(data["export"]["gguf_types"])
+    assert ("q4_k_m" in data["export"]["gguf_types"]) == (data["export"]["llama_cpp"] is not None)
     assert data["packages"]["torch"]
     assert isinstance(data["four_bit"]["usable"], bool)
 
