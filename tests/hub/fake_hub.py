@@ -12,7 +12,8 @@ answers 401 (no token) or 403 (a token without access) with X-Error-Code GatedRe
 
 Every request is recorded (method, path, headers) so tests can assert what was - or was not - asked. `cut_once`
 makes the first GET of a file send half its bytes and drop the connection, to exercise resume with Range;
-`slow` trickles a file out, so a test can cancel a download half-way.
+`slow` trickles a file out, so a test can cancel a download half-way; `ignore_range` answers a Range request for a
+file with the whole file (200), like some proxies and CDNs.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class FakeHub:
         self.cut_once: set[tuple[str, str]] = set()
         self.slow: dict[tuple[str, str], float] = {}  # (repo, path) -> seconds to wait between 16 KB pieces
         self.trickled: dict[tuple[str, str], int] = {}  # (repo, path) -> bytes of a slow file sent so far
+        self.ignore_range: set[tuple[str, str]] = set()
         self.connections: set = set()  # open client sockets (keep-alive), closed by stop()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -352,14 +354,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             headers["ETag"] = f'"{git_blob_sha1(data)}"'
         status, body = 200, data
+        key = (repo.repo_id, file_path)
         range_header = self.headers.get("Range")
-        if range_header and range_header.startswith("bytes="):
+        if range_header and range_header.startswith("bytes=") and key not in self.fake.ignore_range:
             start_text, _, end_text = range_header[len("bytes="):].partition("-")
             start = int(start_text)
             end = int(end_text) if end_text else len(data) - 1
             status, body = 206, data[start:end + 1]
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        key = (repo.repo_id, file_path)
         if self.command == "GET" and status == 200 and key in self.fake.cut_once:
             self.fake.cut_once.discard(key)
             return self._cut(body, headers)
