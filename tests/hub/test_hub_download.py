@@ -1,11 +1,11 @@
-"""Downloading from the local Hub-compatible server: only training files, progress, resume, completeness, safety."""
+"""Downloading from the local Hub-compatible server: only training files, progress, completeness, safety.
+
+Resuming interrupted downloads is in test_hub_resume.py."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -62,25 +62,6 @@ def test_sharded_weights_skip_the_duplicate_consolidated_file_and_show_a_bar(hub
     assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
             "model.safetensors.index.json"} <= snapshot_files(snapshot)
     assert not hub.server.file_requests("consolidated.safetensors")
-
-
-def test_cut_transfer_resumes_with_a_range_request(hub, cli, monkeypatch, tiny_files):
-    from huggingface_hub import constants
-
-    # Note: huggingface_hub writes 10 MB chunks; smaller ones let a 0.5 MB test file be cut mid-way after a
-    # chunk has landed, which is what a multi-GB shard sees on a real network.
-    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 32 * 1024)
-    hub.server.cut_once.add(("acme/tiny-chat", "model.safetensors"))
-    code, out, _ = cli("models", "download", "acme/tiny-chat", "--json")
-    assert code == 0
-    gets = hub.server.file_requests("model.safetensors")
-    assert len(gets) == 2 and "range" not in gets[0].headers
-    start = int(gets[1].headers["range"].removeprefix("bytes=").rstrip("-"))
-    assert 0 < start < len(tiny_files["model.safetensors"])
-    path = Path(events(out)[-1]["path"]) / "model.safetensors"
-    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(tiny_files["model.safetensors"]).digest()
-    final = [e for e in events(out) if e["type"] == "download_progress"][-1]
-    assert final["bytes_done"] == final["bytes_total"]  # the retry did not double-count the resumed part
 
 
 def test_incomplete_snapshot_is_refused_and_repaired(hub, cli):
@@ -183,38 +164,6 @@ def test_list_and_remove_cached_models(hub, cli, monkeypatch):
     assert cli("models", "rm", "acme/tiny-sharded", "--yes")[0] == 2  # nothing left to remove
 
 
-def test_cancelled_download_leaves_no_partial_file_and_continues_later(hub, cli):
-    import signal
-    import subprocess
-    import sys
-
-    shard = "model-00001-of-00002.safetensors"
-    hub.server.slow[("acme/tiny-sharded", shard)] = 0.2  # ~5 s for the shard: plenty of time to cancel mid-way
-    child = subprocess.Popen([sys.executable, "-m", "ft_desk.trainer.cli", "models", "download", "acme/tiny-sharded",
-                              "--json"], env=hub.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Cancel (as the TUI does) while the slow shard is on the wire. The server says how far it got: the client's
-    # own progress events only move every 10 MB (huggingface_hub's read size), after this small shard is done.
-    deadline = time.monotonic() + 60
-    while hub.server.trickled.get(("acme/tiny-sharded", shard), 0) < 64 * 1024:
-        assert child.poll() is None and time.monotonic() < deadline, "the slow shard never started"
-        time.sleep(0.05)
-    child.send_signal(signal.SIGTERM)
-    out, err = child.communicate(timeout=60)
-    assert child.returncode == 130
-    failed = json.loads(out.splitlines()[-1])
-    assert failed["type"] == "download_failed" and failed["cancelled"] is True
-    assert not list(hub.cache.rglob("*.incomplete"))  # huggingface_hub cleaned up its partial file
-    with pytest.raises(ModelError):
-        resolve_model_dir(ModelConfig(name="acme/tiny-sharded"))
-
-    del hub.server.slow[("acme/tiny-sharded", shard)]
-    before = hub.server.count()
-    code, out, _ = cli("models", "download", "acme/tiny-sharded", "--json")
-    assert code == 0 and resolve_model_dir(ModelConfig(name="acme/tiny-sharded")).is_dir()
-    fetched = {r.path.rsplit("/", 1)[-1] for r in hub.server.requests[before:] if r.method == "GET" and "/resolve/" in r.path}
-    assert shard in fetched and "tokenizer.json" not in fetched  # files finished before the cancel are kept
-
-
 def test_progress_reports_bytes_rate_and_eta_from_the_clock():
     from ft_desk.trainer.events import ListSink
     from ft_desk.trainer.hub_download import DownloadProgress
@@ -223,11 +172,12 @@ def test_progress_reports_bytes_rate_and_eta_from_the_clock():
     sink = ListSink()
     progress = DownloadProgress(sink, "acme/x", total_bytes=1000, files_total=2, clock=lambda: now[0], interval=0)
     progress.file_started("a.safetensors")
-    progress.add(100, transferred=False)  # already in the cache: counts as done, not towards the rate
+    progress.resume(100)  # kept from an interrupted download: counts as done, not towards the rate
     now[0] = 1.0
     progress.add(100)
     last = sink.events[-1]
     assert (last["bytes_done"], last["rate_bytes_per_s"], last["eta_s"]) == (200, 100.0, 8.0)
+    assert last["bytes_resumed"] == 100
     now[0] = 2.0
     progress.add(300)
     assert (sink.events[-1]["rate_bytes_per_s"], sink.events[-1]["eta_s"]) == (200.0, 2.5)
