@@ -4,7 +4,7 @@ Written from the Go documentation of text/template (trim markers, if / else if /
 functions eq ne and or not len slice) and from Ollama's template/template.go (collate) and server/routes.go (the
 Modelfile SYSTEM). It exists so the TEMPLATE lines ft-desk writes can be executed in tests without Go or Ollama.
 Anything outside the subset raises TemplateError instead of rendering something plausible: a renderer that guessed
-would prove nothing. test_gotemplate.py pins its output against hand-computed Go results, and against the real Go
+would prove nothing. test_ollama.py pins its output against hand-computed Go results, and against the real Go
 text/template package when a Go toolchain happens to be installed.
 
 Data model, as Go sees Ollama's values: a dict is a Go map (a missing key gives nil, printed "<no value>"), a

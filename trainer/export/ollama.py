@@ -8,9 +8,10 @@ that opens without one. So each TEMPLATE writes the system prompt from .System o
 loop over .Messages, and ends with the assistant's generation prompt; it renders the same under either behaviour.
 
 Which family a model gets is decided by rendering its own (Jinja) chat template on a probe conversation and
-matching the result against each family's rendering (ChatML, Llama 3, Gemma, Mistral [INST] in its v1 spacing,
-Phi-3), so a template that merely looks similar is not taken for one that formats differently. A template that
-matches none gets no TEMPLATE line (Ollama then reads the chat template stored in the GGUF) and the report says so.
+matching the result against each family's rendering (ChatML, Llama 3, Gemma, Mistral's [INST] as spaced by
+Mistral 7B Instruct v0.1's template, Phi-3), so a template that merely looks similar is not taken for one that
+formats differently. A template that matches none gets no TEMPLATE line (Ollama then reads the chat template stored
+in the GGUF) and the report says so.
 PARAMETER stop lists the turn-end and EOS tokens.
 
 Verified without Ollama (tests/export/test_ollama.py): each TEMPLATE, run by a Go text/template renderer written
