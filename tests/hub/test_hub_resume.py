@@ -45,7 +45,7 @@ def sha256(data: bytes) -> str:
 
 def start_slow_download(hub, repo_id: str, path: str) -> subprocess.Popen:
     """`ft-desk models download` in a child process, with `path` on the wire (trickling) when this returns."""
-    hub.server.slow[(repo_id, path)] = 0.2  # 16 KB every 0.2 s: ~5 s for the shard, plenty of time to stop it
+    hub.server.slow[(repo_id, path)] = 0.3  # 16 KB every 0.3 s: ~8 s for the shard, plenty of time to stop it
     child = subprocess.Popen([sys.executable, "-m", "ft_desk.trainer.cli", "models", "download", repo_id, "--json"],
                              env=hub.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
