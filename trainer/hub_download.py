@@ -537,6 +537,8 @@ class _Fetch:
                                      "again later: it continues from there")
                 time.sleep(RETRY_WAIT_S)
                 location = None
+            out.flush()
+            os.fsync(out.fileno())  # on disk before it gets the blob's name: a crash cannot leave a named torn file
         return self.hasher
 
     def _get(self, location: str, out, etag: str) -> None:
