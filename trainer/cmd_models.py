@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="accept *.bin (pickle) weights when the model has no safetensors")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="accept a model that runs its own Python code; the download pins the reviewed commit")
-    p.add_argument("--verify-hashes", action="store_true", help="also check each weight file's sha256")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="also re-check the sha256 of files already in the cache (downloaded files are always checked)")
     p.add_argument("--events", choices=("jsonl",), default=None, help="JSON Lines events on stdout (same as --json)")
 
     p = add("rm", "remove a model from the local Hugging Face cache")
@@ -144,14 +145,19 @@ def _search(args) -> int:
 
 
 def _list(args) -> int:
-    from .hub_cache import cached_models, hf_cache_dir, partial_download_bytes
+    from .hub_cache import cached_models, hf_cache_dir, partial_download_bytes, resumable_downloads
 
     models = cached_models()
     partial = partial_download_bytes()
+    resumable = resumable_downloads()
     if args.json:
         _print_json({"cache_dir": str(hf_cache_dir()), "total_bytes": sum(m.size_bytes for m in models),
-                     "partial_download_bytes": partial, "models": [m.to_dict() for m in models]})
+                     "partial_download_bytes": partial, "resumable_downloads": resumable,
+                     "models": [m.to_dict() for m in models]})
         return 0
+    for repo_id, size in sorted(resumable.items()):
+        print(f"{repo_id}: {format_bytes(size)} downloaded so far; `ft-desk models download {repo_id}` continues "
+              f"from there (`ft-desk models rm {repo_id}` removes it)")
     if not models:
         print(f"no models in the Hugging Face cache ({hf_cache_dir()})")
         print("download one with: ft-desk models download ID   (see: ft-desk models search)")
@@ -265,8 +271,8 @@ def _download(args) -> int:
 
     jsonl = args.json or args.events == "jsonl"
     sink = JsonlSink(sys.stdout) if jsonl else DownloadBar()
-    # The TUI cancels a download with SIGTERM: turn it into KeyboardInterrupt so huggingface_hub removes its
-    # partial file instead of leaving it in the cache.
+    # The TUI cancels a download with SIGTERM: turn it into KeyboardInterrupt so the download stops cleanly and keeps
+    # the partial file the next run continues from.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         result = download_model(args.model_id, args.revision, allow_pickle=args.allow_pickle,
@@ -280,7 +286,7 @@ def _download(args) -> int:
     except KeyboardInterrupt:
         if jsonl:
             sink.emit(make_event("download_failed", repo_id=args.model_id, error="download cancelled",
-                                 hint="run the same command again to continue with the files still missing",
+                                 hint="run the same command again: it continues where this download stopped",
                                  cancelled=True))
         raise
     finally:

@@ -124,11 +124,25 @@ def cached_models(check: bool = True) -> list[CachedModel]:
 
 
 def partial_download_bytes() -> int:
-    """Bytes of unfinished downloads (huggingface_hub's *.incomplete files) left in the cache by killed processes."""
+    """Bytes of unfinished downloads left in the cache by killed processes (huggingface_hub's *.incomplete files)."""
     root = hf_cache_dir()
     if not root.is_dir():
         return 0
     return sum(f.stat().st_size for f in root.glob("models--*/blobs/*.incomplete") if f.is_file())
+
+
+def resumable_downloads() -> dict[str, int]:
+    """Repo id -> bytes already fetched by an unfinished `ft-desk models download` (it continues from there)."""
+    from .hub_download import PARTIAL_SUFFIX
+
+    root = hf_cache_dir()
+    found: dict[str, int] = {}
+    if root.is_dir():
+        for f in root.glob(f"models--*/blobs/*{PARTIAL_SUFFIX}"):
+            if f.is_file():
+                repo_id = f.parent.parent.name[len("models--"):].replace("--", "/")
+                found[repo_id] = found.get(repo_id, 0) + f.stat().st_size
+    return found
 
 
 def cached_ids() -> set[str]:

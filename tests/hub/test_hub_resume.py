@@ -87,6 +87,9 @@ def test_cancelled_download_keeps_the_partial_file_and_continues_from_its_last_b
     assert not list(hub.cache.rglob("*.incomplete"))
     with pytest.raises(ModelError):
         resolve_model_dir(ModelConfig(name="acme/tiny-sharded"))  # never mistaken for a whole snapshot
+    listing = json.loads(cli("models", "list", "--json")[1])
+    assert listing["resumable_downloads"] == {"acme/tiny-sharded": kept}
+    assert "`ft-desk models download acme/tiny-sharded` continues from there" in cli("models", "list")[1]
 
     del hub.server.slow[("acme/tiny-sharded", SHARD)]
     before = hub.server.count()
