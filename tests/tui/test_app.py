@@ -260,6 +260,17 @@ async def test_model_screen_lists_and_picks_a_model(make_app, backend):
         assert "SmolLM2-135M" in text_of(app, "#details")
 
 
+async def test_download_progress_shows_bytes_resumed_from_an_earlier_try(make_app):
+    app = make_app(start_mode="model")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.screen._download_event({"type": "download_progress", "bytes_done": 3 * 2**20, "bytes_total": 8 * 2**20,
+                                    "bytes_resumed": 2 * 2**20, "rate_bytes_per_s": 2**20, "eta_s": 5})
+        await settle(pilot)
+        text = text_of(app, "#download-text")
+        assert "3.0 MB / 8.0 MB (2.0 MB resumed)" in text and "ETA" in text
+
+
 async def test_every_step_is_one_key_away_and_every_action_is_in_the_palette(make_app):
     app = make_app()
     async with app.run_test(size=(100, 30)) as pilot:

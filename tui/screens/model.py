@@ -372,8 +372,11 @@ class ModelScreen(DeskScreen):
         done = event.get("bytes_done") or 0
         self.query_one("#download-bar", ProgressBar).update(total=total or 100, progress=done)
         rate = event.get("rate_bytes_per_s")
+        resumed = event.get("bytes_resumed") or 0
         self.query_one("#download-text", Static).update(
-            f"{format_bytes(done)} / {format_bytes(total)} · {format_bytes(rate) + '/s' if rate else '--/s'} · "
+            f"{format_bytes(done)} / {format_bytes(total)}"
+            + (f" ({format_bytes(resumed)} resumed)" if resumed else "")
+            + f" · {format_bytes(rate) + '/s' if rate else '--/s'} · "
             f"ETA {format_duration(event.get('eta_s'))}  [dim]ctrl+x cancels[/]")
 
     def _download_done(self, model_id: str, result: dict[str, Any] | None, error: CommandFailed | None) -> None:
