@@ -73,12 +73,14 @@ async def test_the_wizard_trains_evaluates_and_exports_the_demo(demo_model_dir, 
         await settle(pilot)
         assert len(app.screen.query(".sample-out")) == 2
         app.screen.query_one("#eval-tabs", TabbedContent).active = "tab-chat"
-        await settle(pilot, until=lambda: app.screen.chat_ready, timeout=180)
         chat = app.screen.query_one("#chat-input", Input)
         chat.focus()
-        await pilot.press(*"Where is my order?", "enter")
+        await pilot.press(*"Where is my order?", "enter")  # asked while the model still loads: sent once ready
+        notes = " ".join(str(w.render()) for w in app.screen.query(".chat-note"))
+        assert not app.screen.chat_ready and "sent once the model has loaded" in notes
         await settle(pilot, until=lambda: app.screen.messages and app.screen.messages[-1]["role"] == "assistant",
-                     timeout=120)
+                     timeout=180)
+        assert [m["role"] for m in app.screen.messages] == ["user", "assistant"]
 
         # Export: the adapter, verified against the trained model by `ft-desk export`.
         await pilot.press("escape")

@@ -159,6 +159,8 @@ class EvaluateScreen(DeskScreen):
         super().__init__()
         self.chat: ChatClient | None = None
         self.chat_ready = False
+        self._waiting: tuple[str, bool] | None = None  # (question, base) asked while the model was loading
+        self._busy = False  # a question is out and its answer not finished
         self.messages: list[dict[str, str]] = []
         self._answer: Static | None = None
         self._answer_text = ""
@@ -359,6 +361,9 @@ class EvaluateScreen(DeskScreen):
             self._chat_line(f"[dim]ready: {escape(str(event.get('model')))} + {escape(str(event.get('checkpoint')))}"
                             f" on {escape(str(event.get('device')))}{base}; replies up to {self.max_tokens} tokens "
                             "(the run's eval.max_new_tokens)[/]")
+            if self._waiting is not None:
+                question, self._waiting = self._waiting, None
+                self._send(*question)
         elif kind == "chat_token":
             if self._answer is None:
                 self._answer = self._chat_line("", classes="chat-answer")
@@ -373,10 +378,12 @@ class EvaluateScreen(DeskScreen):
             self._chat_line(f"[dim]{event.get('tokens')} tokens in {event.get('seconds')} s{stop}[/]")
             self.messages.append({"role": "assistant", "content": str(event.get("text", ""))})
             self._answer = None
+            self._busy = False
         elif kind == "chat_error":
             hint = f"\nfix: {event['hint']}" if event.get("hint") else ""
             self._chat_line(f"[red]{escape(str(event.get('error')))}{escape(hint)}[/]")
             self._answer = None
+            self._busy = False
             if self.messages and self.messages[-1]["role"] == "user":
                 self.messages.pop()
 
@@ -386,6 +393,7 @@ class EvaluateScreen(DeskScreen):
             why = last[-1][len("ft-desk: "):] if last else f"exit code {code}"
             self._chat_line(f"[red]the chat process ended: {escape(why)}[/]")
         self.chat_ready = False
+        self._waiting, self._busy = None, False
 
     def _chat_line(self, markup: str, classes: str = "chat-note") -> Static:
         line = Static(markup, classes=classes)
@@ -401,16 +409,21 @@ class EvaluateScreen(DeskScreen):
             return
         if not self._ensure_chat():
             return
-        if not self.chat_ready:
-            self.notify("The model is still loading; ask again in a moment.", severity="warning")
-            return
-        if self._answer is not None:
+        if self._busy or self._waiting is not None:
             self.notify("Wait for the answer to finish.", severity="warning")
             return
         event.input.value = ""
         base = self.query_one("#base-switch", Switch).value
         who = "you → base model" if base else "you"
         self._chat_line(f"[b]{who}:[/b] {escape(text)}", classes="chat-question")
+        if self.chat_ready:
+            self._send(text, base)
+        else:
+            self._waiting = (text, base)  # asked while the model loads: sent as soon as it is ready
+            self._chat_line("[dim]sent once the model has loaded…[/]")
+
+    def _send(self, text: str, base: bool) -> None:
+        self._busy = True
         self.messages.append({"role": "user", "content": text})
         assert self.chat is not None
         self.chat.ask(self.messages, base=base, max_new_tokens=self.max_tokens)
@@ -436,6 +449,7 @@ class EvaluateScreen(DeskScreen):
             self.chat.close()
             self.chat = None
             self.chat_ready = False
+            self._waiting, self._busy = None, False
             if clear:
                 self.action_clear_chat()
 
