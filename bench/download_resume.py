@@ -1,7 +1,7 @@
 """Resumable downloads: what a cancelled `ft-desk models download` costs the next run, and the fetch speed, each
 against huggingface_hub's hf_hub_download (which restarts the file in flight) measured in the same run.
 
-Both talk to the tests' hub-compatible server on 127.0.0.1 (tests/hub/fake_hub.py), run in its own process:
+Both talk to the tests' hub-compatible server on 127.0.0.1 (tests/trainer/hub/fake_hub.py), run in its own process:
   1. cancel (SIGTERM, as the TUI does) after 25%, 50% and 90% of a 16 MiB weight file has been sent, run the
      download again, and report how many bytes the second run asked for;
   2. fetch a 256 MiB file into a fresh cache, best of 3, and print the time ratio ft-desk / hf_hub_download
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "hub"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "trainer" / "hub"))
 
 REPO, FILE = "acme/big", "model.safetensors"
 
@@ -55,7 +55,7 @@ HF_CANCELLABLE = ("import signal\n"
                   f"hf_hub_download({REPO!r}, {FILE!r})")
 COMMANDS = {
     "hf_hub_download": ["-c", HF_CANCELLABLE],
-    "ft-desk": ["-m", "ft_desk.trainer.cli", "models", "download", REPO, "--json"],
+    "ft-desk": ["-m", "ft_desk.trainer.cli.main", "models", "download", REPO, "--json"],
 }
 
 
@@ -114,7 +114,7 @@ def fetch_speed(work: Path) -> None:
     url = queue.get()
     code = ("import sys, time\n"
             "from huggingface_hub import hf_hub_download\n"
-            "from ft_desk.trainer.hub_download import DownloadProgress, _Fetch, plan_download\n"
+            "from ft_desk.trainer.hub.download import DownloadProgress, _Fetch, plan_download\n"
             "plan = plan_download(%r)\n"
             "[weights] = [f for f in plan.files if f.path == %r]\n"
             "cache = sys.argv[2]\n"

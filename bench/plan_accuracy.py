@@ -44,7 +44,7 @@ def status(key):
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
 import torch, transformers, peft, bitsandbytes  # what `ft-desk train` imports before loading a model
-import ft_desk.trainer.cli as cli
+import ft_desk.trainer.cli.main as cli
 if sys.argv[2] == "cap":  # emulate a training process that calls quant.device.cap_cpu_allocator()
     from ft_desk.quant.device import cap_cpu_allocator
     cap_cpu_allocator()
@@ -169,8 +169,13 @@ def predict(model: Path, sets: list[str], cap: bool, device: str = "cpu") -> dic
     """The plan's total minus what the measurement cannot see: the import baseline on CPU (subtracted from the
     child's peak), the CUDA context on a GPU (torch.cuda.max_memory_allocated does not count it)."""
     from ft_desk.quant.device import probe_facts
-    from ft_desk.quant.planner import (CPU_IMPORT_BYTES, CUDA_CONTEXT_BYTES, load_model_config,
-                                       plain_trainer_logits, plan_memory)
+    from ft_desk.quant.planner import (
+        CPU_IMPORT_BYTES,
+        CUDA_CONTEXT_BYTES,
+        load_model_config,
+        plain_trainer_logits,
+        plan_memory,
+    )
     from ft_desk.trainer.presets import load_config
 
     run = load_config(["qlora"], sets)

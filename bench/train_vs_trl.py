@@ -2,7 +2,7 @@
 
 For each model the script builds (random weights, bf16 on disk like Hub checkpoints, a byte-level BPE tokenizer
 trained on the WikiSQL text itself), it trains in child processes, one after the other, never in parallel:
-  (a) ft-desk: `python -m ft_desk.trainer.cli train --preset qlora --events jsonl --set ...`, read from its events;
+  (a) ft-desk: `python -m ft_desk.trainer.cli.main train --preset qlora --events jsonl --set ...`, read from its events;
   (b) bench/baseline_trl_qlora.py: TRL's SFTTrainer + peft + bitsandbytes as a hobbyist writes it.
 Same settings where they correspond: NF4 + double quant, fp32 compute on CPU, LoRA r=16 alpha=32 dropout 0.05 on
 all linear layers, AdamW at lr 2e-4 with a linear decay and no warmup, gradient clipping at 1.0, the same grad
@@ -301,7 +301,7 @@ def run_ftdesk(job: Job, args, layout: str, row_length: int) -> Result:
         "output.run_name": f"{job.tag}-{layout}",
         "output.save_every": 0,
     }
-    cmd = [sys.executable, "-m", "ft_desk.trainer.cli", "train", "--preset", "qlora", "--events", "jsonl"]
+    cmd = [sys.executable, "-m", "ft_desk.trainer.cli.main", "train", "--preset", "qlora", "--events", "jsonl"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     out, err = job.tmp / f"ftdesk-{job.tag}-{layout}.jsonl", job.tmp / f"ftdesk-{job.tag}-{layout}.log"

@@ -49,7 +49,7 @@ def training_view(weight, recipe: QuantRecipe):
     import bitsandbytes.functional as F  # heavy import: only qlora exports reach this
     import torch
 
-    from .policy import torch_dtype
+    from ft_desk.quant.policy import torch_dtype
 
     w = weight.to(torch_dtype(recipe.load_dtype)).contiguous().to(recipe.device)
     packed, state = F.quantize_4bit(

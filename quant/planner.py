@@ -28,8 +28,8 @@ from typing import Any
 from ft_desk.trainer.config import RunConfig, replace as replace_config
 from ft_desk.trainer.errors import ModelError, UserError
 
-from .device import TRAINING_CAPS_CPU_ALLOCATOR, DeviceFacts, choose_compute_dtype
-from .policy import four_bit_bytes
+from ft_desk.quant.device import TRAINING_CAPS_CPU_ALLOCATOR, DeviceFacts, choose_compute_dtype
+from ft_desk.quant.policy import four_bit_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

@@ -62,7 +62,7 @@ def bnb_config(quant_type: str, double_quant: bool, compute_dtype: str, skip_mod
 def bnb_config_for(quant, device) -> Any:
     """BitsAndBytesConfig for a RunConfig's `quant` section on `device` (DeviceFacts): `auto` compute dtype
     resolved the way training resolves it."""
-    from .device import choose_compute_dtype
+    from ft_desk.quant.device import choose_compute_dtype
 
     compute = choose_compute_dtype(device, quant.compute_dtype)
     return bnb_config(quant.quant_type, quant.double_quant, compute, quant.skip_modules)

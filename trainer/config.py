@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin
 
-from .errors import UserError
+from ft_desk.trainer.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

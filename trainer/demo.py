@@ -160,7 +160,7 @@ def build_tiny_model(
 
 
 def demo_cache_dir() -> Path:
-    from .paths import cache_home
+    from ft_desk.trainer.paths import cache_home
 
     return cache_home() / f"demo-model-v{DEMO_BUILD_VERSION}"
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, apply_overrides, build_config, merge_layer
+from ft_desk.trainer.config import ConfigError, RunConfig, apply_overrides, build_config, merge_layer
 
 DEFAULT_PRESET = "demo"
 
 
 def user_presets_dir() -> Path:
-    from .paths import config_home
+    from ft_desk.trainer.paths import config_home
 
     return config_home() / "presets"
 

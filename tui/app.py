@@ -26,15 +26,15 @@ from textual.worker import Worker, WorkerState
 from ft_desk.trainer.config import ConfigError
 from ft_desk.trainer.paths import data_home
 
-from .backend import CliBackend
-from .commands import CommandFailed, parse_failure
-from .draft import Draft, demo_draft
-from .runs import RunSummary
-from .screens.home import HomeScreen
-from .session import RunEnded, RunEvents, RunSession, RunUpdated
-from .watch import RunWatcher
-from .widgets.dialogs import Confirm, LogViewer
-from .widgets.sidebar import STEPS, StepList
+from ft_desk.tui.backend import CliBackend
+from ft_desk.tui.commands import CommandFailed, parse_failure
+from ft_desk.tui.draft import Draft, demo_draft
+from ft_desk.tui.runs import RunSummary
+from ft_desk.tui.screens.home import HomeScreen
+from ft_desk.tui.session import RunEnded, RunEvents, RunSession, RunUpdated
+from ft_desk.tui.watch import RunWatcher
+from ft_desk.tui.widgets.dialogs import Confirm, LogViewer
+from ft_desk.tui.widgets.sidebar import STEPS, StepList
 
 DARK, LIGHT = "textual-dark", "textual-light"
 

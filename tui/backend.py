@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from . import commands
-from .draft import Draft
-from .planning import NeedsChild, Planner
-from .launch import Launch, resume_training, start_training, stop_training
-from .runs import RunSummary, list_runs
+from ft_desk.tui import commands
+from ft_desk.tui.draft import Draft
+from ft_desk.tui.planning import NeedsChild, Planner
+from ft_desk.tui.launch import Launch, resume_training, start_training, stop_training
+from ft_desk.tui.runs import RunSummary, list_runs
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -31,7 +31,7 @@ def _recipe_args(draft: Draft) -> list[str]:
 
 
 class CliBackend:
-    """The real thing: child processes of `python -m ft_desk.trainer.cli`."""
+    """The real thing: child processes of `python -m ft_desk.trainer.cli.main`."""
 
     def __init__(self, runs_dir: str | None = None) -> None:
         self.runs_dir = runs_dir

@@ -20,7 +20,7 @@ from ft_desk.trainer.events import parse_line
 
 def cli_argv(*args: str) -> list[str]:
     """The command line of the headless CLI with this interpreter (works without `ft-desk` on PATH)."""
-    return [sys.executable, "-m", "ft_desk.trainer.cli", *args]
+    return [sys.executable, "-m", "ft_desk.trainer.cli.main", *args]
 
 
 def child_env() -> dict[str, str]:

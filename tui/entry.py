@@ -11,10 +11,10 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        from .app import run_app  # textual is imported only when the app opens
+        from ft_desk.tui.app import run_app  # textual is imported only when the app opens
 
         return run_app()
-    from ft_desk.trainer.cli import main as cli_main
+    from ft_desk.trainer.cli.main import main as cli_main
 
     return cli_main(args)
 

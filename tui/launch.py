@@ -1,6 +1,6 @@
 """Starting, stopping and resuming training as a detached child process.
 
-The child is `python -m ft_desk.trainer.cli train ... --events jsonl` in its own session (start_new_session), so
+The child is `python -m ft_desk.trainer.cli.main train ... --events jsonl` in its own session (start_new_session), so
 closing the app, a dropped SSH connection (SIGHUP) or Ctrl-C in the app's terminal never reaches it. The app
 names the run folder itself (`--set output.run_name=...`) so it can follow RUN_DIR/events.jsonl from the first
 line without talking to the child; the child's stdout is discarded (events.jsonl has every event) and its
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.paths import cache_home, runs_home
-from ft_desk.trainer.run import slug
+from ft_desk.trainer.training.run import slug
 
-from .commands import child_env, cli_argv
+from ft_desk.tui.commands import child_env, cli_argv
 
 
 @dataclass

@@ -15,8 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ft_desk.trainer.cmd_runs import list_runs as _list_rows
-from ft_desk.trainer.run import pid_alive
+from ft_desk.trainer.cli.runs import list_runs as _list_rows
+from ft_desk.trainer.training.run import pid_alive
 
 LIVE = "running"
 RESUMABLE = ("stopped", "failed", "crashed")

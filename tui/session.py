@@ -14,10 +14,10 @@ from typing import Any
 
 from textual.message import Message
 
-from .history import RunHistory
-from .launch import Launch
-from .runs import read_json
-from .watch import RunWatcher
+from ft_desk.tui.history import RunHistory
+from ft_desk.tui.launch import Launch
+from ft_desk.tui.runs import read_json
+from ft_desk.tui.watch import RunWatcher
 
 
 class RunEvents(Message):

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .runs import LIVE, process_alive, read_json
-from .tail import EventTail
+from ft_desk.tui.runs import LIVE, process_alive, read_json
+from ft_desk.tui.tail import EventTail
 
 EventsCallback = Callable[[list[dict[str, Any]], bool], None]
 EndCallback = Callable[["int | None"], None]

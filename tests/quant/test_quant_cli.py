@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ft_desk.trainer.cli import main
+from ft_desk.trainer.cli.main import main
 
 
 def _json_out(capsys, argv):
@@ -92,7 +92,7 @@ def test_doctor_with_a_model_prices_qlora_and_lora(capsys, demo_model_dir):
 
 def test_help_lists_plan_and_doctor_without_importing_torch():
     code = ("import sys, io, contextlib\n"
-            "from ft_desk.trainer.cli import main\n"
+            "from ft_desk.trainer.cli.main import main\n"
             "buf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf):\n"
             "    try: main(['plan', '--help'])\n"

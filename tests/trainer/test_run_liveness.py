@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from ft_desk.trainer.run import pid_alive
+from ft_desk.trainer.training.run import pid_alive
 
 
 def test_only_a_live_ft_desk_process_counts_as_the_runs_owner():

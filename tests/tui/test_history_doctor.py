@@ -2,7 +2,7 @@
 
 import math
 
-from ft_desk.tui.doctor import diagnose
+from ft_desk.tui.loss_diagnosis import diagnose
 from ft_desk.tui.history import RunHistory
 
 

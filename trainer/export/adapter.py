@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunSource
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.export.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunSource
 
 
 def tokenizer_changes(source: RunSource, tokenizer) -> list[str]:

@@ -12,7 +12,7 @@ that reproduce the merge order (llama.cpp merges by score and never reads merges
 refused. One sentencepiece difference remains that no GGUF key expresses: llama.cpp prepends the "▁" space to
 every text run that follows a special token and to text that already starts with a space, where a Hugging Face
 Metaspace tokenizer (prepend_scheme "first") prepends it only at the start of the input, and only when no space is
-there (tests/export/test_gguf_spm.py pins both).
+there (tests/trainer/export/test_gguf_spm.py pins both).
 
 q4_k_m is written as F16 and then quantized by llama.cpp itself (llamacpp.py), when llama-cpp-python is installed.
 """
@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
-from .safetensors_io import read_header, read_tensor
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.export.safetensors_io import read_header, read_tensor
 
 Progress = Callable[[int, int, str], None]
 
@@ -78,7 +78,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
     """Everything the GGUF needs about the tokenizer."""
     import gguf
 
-    from .chat import stop_token_ids, turn_end_tokens
+    from ft_desk.trainer.export.chat import stop_token_ids, turn_end_tokens
 
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("GGUF export needs a fast tokenizer (tokenizer.json); this model has only a slow one")
@@ -234,7 +234,7 @@ def plan_tensors(merged_dir: Path, arch: str, config, tensor_type: str):
     """[(TensorSpec, safetensors entry or None)] in file order, plus notes."""
     from ft_desk.quant.gguf_tensors import ALWAYS_TIED, NameMap, TensorSpec, choose_type
 
-    from .source import base_shards
+    from ft_desk.trainer.export.source import base_shards
 
     names = NameMap(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -267,8 +267,17 @@ def export_gguf(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
     import numpy as np
     from transformers import AutoConfig, AutoTokenizer
 
-    from ft_desk.quant.gguf_tensors import (LLAMA_CPP_TYPES, TENSOR_TYPES, TensorSpec, UnsupportedArchitecture,
-                                            encode, ggml_type, gguf_arch, llama_cpp_mismatches, transform)
+    from ft_desk.quant.gguf_tensors import (
+        LLAMA_CPP_TYPES,
+        TENSOR_TYPES,
+        TensorSpec,
+        UnsupportedArchitecture,
+        encode,
+        ggml_type,
+        gguf_arch,
+        llama_cpp_mismatches,
+        transform,
+    )
 
     if tensor_type in LLAMA_CPP_TYPES and work_dir is None:
         import tempfile
@@ -336,7 +345,7 @@ def export_gguf(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
 def _export_with_llama_cpp(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
                            progress: Progress | None, work_dir: Path) -> dict[str, Any]:
     """F16 file into work_dir, then llama.cpp's quantizer into out_dir; the facts describe the quantized file."""
-    from . import llamacpp
+    from ft_desk.trainer.export import llamacpp
 
     llamacpp.require(tensor_type)
     f16 = export_gguf(merged_dir, work_dir, "f16", name, progress)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ft_desk.trainer.errors import UserError
 
 INSTALL = "pip install llama-cpp-python"
 
@@ -105,7 +105,7 @@ def score(path: Path, reference, workdir: Path) -> dict[str, Any]:
 
 def judge(result: dict[str, Any], reference, thresholds) -> dict[str, Any]:
     """The fidelity report for llama.cpp, with the checks of the transformers reload (verify.judge)."""
-    from .verify import judge as judge_reload
+    from ft_desk.trainer.export.verify import judge as judge_reload
 
     if "error" in result:
         detail = f"llama.cpp ({installed_version()}) could not run the GGUF file: {result['error']}"

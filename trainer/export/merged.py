@@ -19,9 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import ModelError, UserError
-from .safetensors_io import ShardWriter, TensorEntry, element_size, read_all, read_header, read_tensor
-from .source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, RunSource, base_shards
+from ft_desk.trainer.errors import ModelError, UserError
+from ft_desk.trainer.export.safetensors_io import (
+    ShardWriter,
+    TensorEntry,
+    element_size,
+    read_all,
+    read_header,
+    read_tensor,
+)
+from ft_desk.trainer.export.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, RunSource, base_shards
 
 OUT_DTYPES = {"bf16": ("bfloat16", "BF16"), "fp16": ("float16", "F16")}
 MERGE_INTO = ("quantized", "original")
@@ -122,8 +129,8 @@ def training_dtypes(source: RunSource) -> tuple[str, str]:
     """
     from ft_desk.quant.device import available_device_types
 
-    from ..events import read_events
-    from ..model import run_dtypes
+    from ft_desk.trainer.events import read_events
+    from ft_desk.trainer.training.model import run_dtypes
 
     cfg = source.cfg
     if source.trained_device in available_device_types():
@@ -372,7 +379,7 @@ def write_model_files(source: RunSource, plan: MergePlan, folder: Path, tokenize
     """config.json, generation_config.json and the tokenizer; returns what was decided (for the report)."""
     from transformers import AutoConfig, GenerationConfig  # heavy import
 
-    from .chat import stop_token_ids, turn_end_tokens
+    from ft_desk.trainer.export.chat import stop_token_ids, turn_end_tokens
 
     config = AutoConfig.from_pretrained(source.base_dir, trust_remote_code=source.cfg.model.trust_remote_code)
     if hasattr(config, "quantization_config"):

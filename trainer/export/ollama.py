@@ -14,7 +14,7 @@ formats differently. A template that matches none gets no TEMPLATE line (Ollama 
 in the GGUF) and the report says so.
 PARAMETER stop lists the turn-end and EOS tokens.
 
-Verified without Ollama (tests/export/test_ollama.py): each TEMPLATE, run by a Go text/template renderer written
+Verified without Ollama (tests/trainer/export/test_ollama.py): each TEMPLATE, run by a Go text/template renderer written
 for the tests (checked against Go's own text/template where a Go toolchain is installed) after Ollama's message
 handling, in both its current and its older form, equals the family's Jinja templates rendered with
 add_generation_prompt=True, BOS left out (llama.cpp prepends it from the GGUF's add_bos_token flag), for a user
@@ -138,7 +138,7 @@ def _renders_as(rendered: str | None, expected: str, tokenizer) -> bool:
 
 def match_family(tokenizer) -> TemplateFamily | None:
     """The family whose rendering equals the model's own template's rendering of the probe conversation."""
-    from .chat import render_probe
+    from ft_desk.trainer.export.chat import render_probe
 
     with_system = render_probe(tokenizer, system=True)
     without = render_probe(tokenizer, system=False)
@@ -153,7 +153,7 @@ def match_family(tokenizer) -> TemplateFamily | None:
 
 def template_notes(tokenizer, family: TemplateFamily) -> list[str]:
     """Where Ollama's prompt cannot equal the model's own template: a refused system role, a BOS mismatch."""
-    from .chat import render_probe
+    from ft_desk.trainer.export.chat import render_probe
 
     notes = []
     if render_probe(tokenizer, system=True) is None:
@@ -197,8 +197,8 @@ def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source,
     """Write folder/Modelfile; returns the command to run and what was chosen."""
     from transformers import AutoConfig
 
-    from ..run import slug
-    from .chat import turn_end_tokens
+    from ft_desk.trainer.training.run import slug
+    from ft_desk.trainer.export.chat import turn_end_tokens
 
     family = match_family(tokenizer)
     stops: list[str] = []

@@ -18,9 +18,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..events import EventSink, make_event
-from .safety import Staging, check_target
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.events import EventSink, make_event
+from ft_desk.trainer.export.safety import Staging, check_target
 
 FORMATS = ("adapter", "merged", "gguf", "ollama")
 FIDELITY_FILE = "fidelity.json"
@@ -55,8 +55,8 @@ def default_out(request: ExportRequest) -> Path:
 
 def _params_bytes(source) -> int:
     """Bytes of the base weights at 2 bytes per parameter (from the safetensors headers, no weights read)."""
-    from .safetensors_io import read_header
-    from .source import base_shards
+    from ft_desk.trainer.export.safetensors_io import read_header
+    from ft_desk.trainer.export.source import base_shards
 
     total = 0
     for shard in base_shards(source.base_dir):
@@ -67,8 +67,8 @@ def _params_bytes(source) -> int:
 
 def estimate_bytes(source, request: ExportRequest) -> int:
     """Disk space the export needs while it runs (output plus work files), roughly."""
-    from .source import ADAPTER_WEIGHTS
-    from .verify import VERIFY_LOGPROB_BYTES
+    from ft_desk.trainer.export.source import ADAPTER_WEIGHTS
+    from ft_desk.trainer.export.verify import VERIFY_LOGPROB_BYTES
 
     verify = VERIFY_LOGPROB_BYTES * 2 if request.verify else 0
     if request.format == "adapter":
@@ -78,7 +78,7 @@ def estimate_bytes(source, request: ExportRequest) -> int:
         return merged * (2 if request.merge_into == "original" and request.verify else 1) + verify
     from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES
 
-    from .gguf_writer import bytes_per_weight
+    from ft_desk.trainer.export.gguf_writer import bytes_per_weight
 
     gguf_type = gguf_type_of(request)
     # llama.cpp quantizes from an F16 file written next to the export first.
@@ -114,13 +114,13 @@ def _note(sink: EventSink, phase: str):
 
 def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     """Run one export; returns the export_finished event it emitted. UserErrors propagate after that event."""
-    from .source import load_tokenizer, open_run
+    from ft_desk.trainer.export.source import load_tokenizer, open_run
 
     started = time.time()
     if request.format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {request.format!r}")
     if request.format in ("gguf", "ollama"):
-        from .llamacpp import require
+        from ft_desk.trainer.export.llamacpp import require
 
         require(gguf_type_of(request))
     source = open_run(request.run_dir, request.checkpoint)
@@ -160,7 +160,7 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
 
 def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging, sink: EventSink,
                       notes: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    from . import verify as v
+    from ft_desk.trainer.export import verify as v
 
     fmt = request.format
     reference = None
@@ -169,7 +169,7 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
     comparisons: dict[str, Any] = {}
 
     if fmt == "adapter":
-        from .adapter import export_adapter
+        from ft_desk.trainer.export.adapter import export_adapter
 
         facts = export_adapter(source, stage.path, tokenizer)
         if reference is not None:
@@ -177,7 +177,7 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
             comparisons["adapter_vs_trained"] = v.judge(result, reference, v.THRESHOLDS["exact"])
         return facts, _fidelity(reference, comparisons, notes)
 
-    from .merged import export_merged
+    from ft_desk.trainer.export.merged import export_merged
 
     merged_dir = stage.path if fmt == "merged" else stage.work / "merged"
     merged_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
     if fmt == "merged":
         return facts, _fidelity(reference, comparisons, notes)
 
-    from .gguf_writer import export_gguf
+    from ft_desk.trainer.export.gguf_writer import export_gguf
 
     gguf_type = gguf_type_of(request)
     gguf_facts = export_gguf(merged_dir, stage.path, gguf_type, name=_model_name(source, request),
@@ -203,7 +203,7 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
     facts = {**{k: v_ for k, v_ in facts.items() if k != "weights"}, **gguf_facts,
              "notes": facts.get("notes", []) + gguf_facts.get("notes", [])}
     if reference is not None and not gguf_facts["transformers_can_load"]:
-        from .gguf_writer import readback_check
+        from ft_desk.trainer.export.gguf_writer import readback_check
 
         notes.append(f"transformers cannot load {gguf_facts['architecture']} GGUF files, so the file was checked "
                      "by reading every tensor back with the gguf package instead of by reloading the model")
@@ -218,21 +218,21 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
         limits = v.THRESHOLDS[gguf_type]
         comparisons["gguf_vs_merged"] = v.judge(result, reference, limits, label="merged")
         comparisons["gguf_vs_trained"] = v.judge(result, reference, limits)
-    from . import llamacpp
+    from ft_desk.trainer.export import llamacpp
 
     if reference is not None and llamacpp.installed_version():
         _note(sink, "verify")("running the GGUF file in llama.cpp (llama-cpp-python is installed)")
         result = llamacpp.score(stage.path / gguf_facts["file"], reference, stage.work)
         comparisons["llama_cpp"] = llamacpp.judge(result, reference, v.THRESHOLDS[gguf_type])
     if fmt == "ollama":
-        from .ollama import write_modelfile
+        from ft_desk.trainer.export.ollama import write_modelfile
 
         facts.update(write_modelfile(stage.path, gguf_facts, tokenizer, source, request.name))
     return facts, _fidelity(reference, comparisons, notes)
 
 
 def _model_name(source, request: ExportRequest) -> str:
-    from ..run import slug
+    from ft_desk.trainer.training.run import slug
 
     return request.name or slug(f"{source.run_name}")
 
@@ -243,7 +243,7 @@ def _hf_args(folder: Path, reference, save_dir: Path | None) -> dict[str, Any]:
 
 
 def _adapter_args(source, folder: Path, reference) -> dict[str, Any]:
-    from .merged import training_dtypes
+    from ft_desk.trainer.export.merged import training_dtypes
 
     compute, weights = training_dtypes(source)
     quant = None
@@ -259,8 +259,8 @@ def _adapter_args(source, folder: Path, reference) -> dict[str, Any]:
 def _compare_quantized_merge(source, tokenizer, request: ExportRequest, stage: Staging, reference,
                              sink: EventSink) -> dict[str, Any]:
     """--merge-into original: also measure the NF4 merge, so the report shows which one is closer."""
-    from . import verify as v
-    from .merged import export_merged
+    from ft_desk.trainer.export import verify as v
+    from ft_desk.trainer.export.merged import export_merged
 
     other = stage.work / "merged-quantized"
     other.mkdir()

@@ -22,8 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..events import format_bytes
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.events import format_bytes
 
 MANIFEST = ".ft-desk-export.json"
 # Note: headroom asked for on top of the estimated size (file system metadata, the manifest, fidelity.json).

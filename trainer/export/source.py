@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
-from ..errors import ModelError, UserError
+from ft_desk.trainer.config import RunConfig
+from ft_desk.trainer.errors import ModelError, UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -68,8 +68,8 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
     """Read a run folder; a missing or unusable piece is a UserError naming it."""
-    from ..hub import resolve_model_dir
-    from ..model import checkpoint_folder, load_run_config
+    from ft_desk.trainer.hub.resolve import resolve_model_dir
+    from ft_desk.trainer.training.model import checkpoint_folder, load_run_config
 
     run_dir = Path(run_dir).expanduser().absolute()
     if not run_dir.is_dir():

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
-from .source import RunSource, read_val_rows
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.export.source import RunSource, read_val_rows
 
 # Note: validation rows scored, and the token cap per row. A few hundred tokens already measure KL well; more
 # only costs time.
@@ -92,8 +92,8 @@ def _device(source: RunSource) -> str:
 def _load_trained(source: RunSource, device: str):
     """(model, cfg) as evaluation loads the run. When the run's tokenizer grew (added tokens), the base is resized to
     it before the adapter goes on, since the adapter then carries the resized embedding and output layers."""
-    from ..model import load_base, load_trained
-    from .source import load_tokenizer
+    from ft_desk.trainer.training.model import load_base, load_trained
+    from ft_desk.trainer.export.source import load_tokenizer
 
     if source.method != "full":
         grown = len(load_tokenizer(source))
@@ -116,8 +116,8 @@ def build_reference(source: RunSource, folder: Path, note: Progress | None = Non
     import torch  # heavy imports
     from safetensors.torch import save_file
 
-    from .chat import stop_token_ids, turn_end_tokens, verify_examples
-    from .source import load_tokenizer
+    from ft_desk.trainer.export.chat import stop_token_ids, turn_end_tokens, verify_examples
+    from ft_desk.trainer.export.source import load_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     device = _device(source)

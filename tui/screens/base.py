@@ -16,12 +16,12 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from ..session import RunSession, RunUpdated
-from ..widgets.sidebar import StepSidebar
-from ..widgets.topbar import TopBar
+from ft_desk.tui.session import RunSession, RunUpdated
+from ft_desk.tui.widgets.sidebar import StepSidebar
+from ft_desk.tui.widgets.topbar import TopBar
 
 if TYPE_CHECKING:
-    from ..app import FtDeskApp
+    from ft_desk.tui.app import FtDeskApp
 
 
 class DeskScreen(Screen):

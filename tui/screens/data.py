@@ -17,10 +17,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
-from ..commands import CommandFailed
-from ..widgets.file_picker import FilePicker, PathSuggester
-from ..widgets.histogram import TokenHistogram
-from .base import DeskScreen
+from ft_desk.tui.commands import CommandFailed
+from ft_desk.tui.widgets.file_picker import FilePicker, PathSuggester
+from ft_desk.tui.widgets.histogram import TokenHistogram
+from ft_desk.tui.screens.base import DeskScreen
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 TRAINED_STYLE = "bold black on green"

@@ -18,12 +18,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Label, ProgressBar, Static, Switch, TabbedContent, TabPane
 
-from ..chat import ChatClient
-from ..commands import CommandFailed
-from ..runs import read_json
-from ..doctor import diagnose
-from ..history import RunHistory
-from .base import DeskScreen
+from ft_desk.tui.chat_client import ChatClient
+from ft_desk.tui.commands import CommandFailed
+from ft_desk.tui.runs import read_json
+from ft_desk.tui.loss_diagnosis import diagnose
+from ft_desk.tui.history import RunHistory
+from ft_desk.tui.screens.base import DeskScreen
 
 SEVERITY_MARK = {"error": "[b red]✗[/]", "warning": "[b yellow]![/]", "ok": "[b green]✓[/]", "info": "[b]·[/]"}
 _SPECIAL = re.compile(r"<\|[^|>]{1,40}\|>|<s>|</s>|<end_of_turn>|<start_of_turn>")

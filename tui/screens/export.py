@@ -17,8 +17,8 @@ from textual.widgets import Button, Checkbox, Input, Label, ProgressBar, RadioBu
 
 from ft_desk.trainer.events import format_bytes
 
-from ..commands import CommandFailed
-from .base import DeskScreen
+from ft_desk.tui.commands import CommandFailed
+from ft_desk.tui.screens.base import DeskScreen
 
 FORMATS = (
     ("adapter", "adapter", "PEFT adapter + tokenizer: small; load it onto the base model with peft"),

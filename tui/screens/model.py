@@ -19,10 +19,10 @@ from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent
 
 from ft_desk.trainer.events import format_duration, format_bytes
 
-from ..commands import CommandFailed
-from ..widgets.dialogs import Confirm
-from ..widgets.memory import components, verdict_line
-from .base import DeskScreen
+from ft_desk.tui.commands import CommandFailed
+from ft_desk.tui.widgets.dialogs import Confirm
+from ft_desk.tui.widgets.memory import components, verdict_line
+from ft_desk.tui.screens.base import DeskScreen
 
 SEARCH_DELAY_S = 0.5
 """Note: each search is a Hub request from a child process; wait for a pause in typing."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
-from ..history import RunHistory
+from ft_desk.tui.history import RunHistory
 
 MAX_POINTS = 400
 """Note: plotext redraws every point on each refresh; beyond a few hundred the chart is thinned to keep it cheap."""

@@ -1,0 +1,179 @@
+"""`ft-desk chat RUN_DIR`: talk to a trained model - the adapter on its base, loaded the way it was trained.
+
+Interactive in a terminal (type a message, get the reply streamed; `/base` toggles answering with the base model,
+adapter off; `/reset` clears the conversation). With `--events jsonl` it is the TUI's chat playground: it reads
+one JSON request per stdin line, {"messages": [{"role", "content"}...], "base": bool, "max_new_tokens": int},
+and writes events on stdout: chat_ready (model, device, checkpoint, base_available) once loaded, then per request
+chat_token (text) pieces as they are generated and one chat_done (text, tokens, seconds, stopped) or chat_error
+(error, hint). Prompts are rendered exactly as in training (same chat template or plain rendering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ft_desk.trainer.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run folder (see: ft-desk runs)")
+    parser.add_argument("--checkpoint", default="best", help="best (default), last, or a step number")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    parser.add_argument("--base", action="store_true", help="start by answering with the base model (adapter off)")
+    parser.add_argument("--events", choices=["jsonl"], default=None,
+                        help="jsonl: read JSON requests on stdin, write events on stdout (the app uses this)")
+
+
+def _prompt_ids(messages: list[dict[str, str]], tokenizer, cfg) -> list[int]:
+    """Token ids of the conversation followed by the assistant's turn, rendered as training renders it."""
+    from ft_desk.trainer.data.prepare import generation_prompt
+    from ft_desk.trainer.data.formats import Example, Message
+
+    if not messages or messages[-1].get("role") != "user":
+        raise UserError("a chat request must end with a user message")
+    turns = tuple(Message(str(m.get("role")), str(m.get("content", ""))) for m in messages)
+    # The placeholder reply only marks where generation starts; it is never rendered.
+    example = Example(messages=turns + (Message("assistant", "."),), text=None, where="chat")
+    ids, _reference = generation_prompt(example, tokenizer, cfg.data)
+    return ids
+
+
+class _Streamer:
+    """Receives token ids from generate() (same thread) and emits decoded text as it becomes printable."""
+
+    def __init__(self, tokenizer, emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # half of a multi-byte character: wait for the rest
+        if len(text) > self.sent:
+            self.emit(text[self.sent:])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.emit(text[self.sent:])
+            self.sent = len(text)
+
+
+class ChatModel:
+    def __init__(self, run_dir: Path, checkpoint: str) -> None:
+        from ft_desk.trainer.training.model import checkpoint_folder, load_trained
+        from ft_desk.trainer.training.run import stop_token_ids
+
+        self.model, self.tokenizer, self.cfg = load_trained(run_dir, checkpoint)
+        self.checkpoint = checkpoint_folder(run_dir, checkpoint).name
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.device = next(self.model.parameters()).device
+        self.base_available = hasattr(self.model, "disable_adapter")
+
+    def reply(self, messages: list[dict[str, str]], base: bool, max_new_tokens: int,
+              emit: Callable[[str], None]) -> dict[str, Any]:
+        import contextlib
+
+        import torch  # heavy import: only once a model is loaded
+
+        if base and not self.base_available:
+            raise UserError("this run trained every weight (method full): there is no adapter to turn off")
+        ids = _prompt_ids(messages, self.tokenizer, self.cfg)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        streamer = _Streamer(self.tokenizer, emit)
+        started = time.time()
+        adapter_off = self.model.disable_adapter() if base else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off:
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=list(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True, streamer=streamer,
+            )
+        new = out[0, input_ids.shape[1]:].tolist()
+        stopped = bool(new) and new[-1] in self.stop_ids
+        return {"text": self.tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": len(new),
+                "seconds": round(time.time() - started, 3), "stopped": stopped}
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = args.run_dir.expanduser()
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json)", hint="list runs with: ft-desk runs")
+    if args.events == "jsonl":
+        return _serve(run_dir, args)
+    return _interactive(run_dir, args)
+
+
+def _serve(run_dir: Path, args: argparse.Namespace) -> int:
+    from ft_desk.trainer.events import JsonlSink, make_event
+    from ft_desk.trainer.training.run import stdout_for_events
+
+    sink = JsonlSink(stdout_for_events())
+    try:
+        chat = ChatModel(run_dir, args.checkpoint)
+    except UserError as err:
+        sink.emit(make_event("chat_error", error=err.message, hint=err.hint, fatal=True))
+        raise
+    sink.emit(make_event("chat_ready", model=chat.cfg.model.name, device=str(chat.device),
+                         checkpoint=chat.checkpoint, base_available=chat.base_available))
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            result = chat.reply(list(request.get("messages") or []), bool(request.get("base")),
+                                int(request.get("max_new_tokens") or args.max_new_tokens),
+                                lambda text: sink.emit(make_event("chat_token", text=text)))
+        except UserError as err:
+            sink.emit(make_event("chat_error", error=err.message, hint=err.hint))
+            continue
+        except (ValueError, TypeError) as exc:
+            sink.emit(make_event("chat_error", error=f"bad request: {exc}", hint=""))
+            continue
+        sink.emit(make_event("chat_done", **result))
+    return 0
+
+
+def _interactive(run_dir: Path, args: argparse.Namespace) -> int:
+    print(f"loading {run_dir.name}…", file=sys.stderr)
+    chat = ChatModel(run_dir, args.checkpoint)
+    base = args.base
+    history: list[dict[str, str]] = []
+    print(f"{chat.cfg.model.name} + {chat.checkpoint} on {chat.device}. /base toggles the base model, /reset clears, "
+          "Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input("base> " if base else "you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if text == "/base":
+            base = not base
+            print("answering with the base model (adapter off)" if base else "answering with the tuned model")
+            continue
+        if text == "/reset":
+            history.clear()
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            result = chat.reply(history, base, args.max_new_tokens, lambda t: print(t, end="", flush=True))
+        except UserError as err:
+            print(f"\n{err.full()}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": result["text"]})

@@ -1,0 +1,332 @@
+"""`ft-desk models search|list|info|download|rm`: choose, fetch and manage base models.
+
+  search [QUERY] [--sort downloads|likes|updated]   curated list first without a query or without the Hub
+  list                                              models in the local Hugging Face cache, sizes, completeness
+  info ID                                           params, size, license, gated, weights, remote code, fit
+  download ID [--allow-pickle] [--trust-remote-code] only the files training needs, with progress, resumable
+  rm ID [--yes]                                     delete from the cache after confirmation
+
+Every subcommand takes --json (one JSON object on stdout, for the TUI); `download --json` (or `--events jsonl`) writes
+JSON Lines events instead - download_started, download_progress..., download_finished (the result) - and a
+download_failed event before exiting non-zero. Human output: data on stdout, the progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.events import JsonlSink, format_bytes, make_event
+from ft_desk.trainer.hub.credentials import redact
+
+SUBCOMMANDS = ("search", "list", "info", "download", "rm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout (for the TUI)")
+        return p
+
+    def fit_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-fit", action="store_true", help="skip the fit verdict (no device probe)")
+        p.add_argument("--preset", action="append", default=None, metavar="NAME",
+                       help="recipe the fit verdict is computed for (default: qlora); repeatable")
+        p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                       help="override a config value for the fit verdict, e.g. data.max_length=1024")
+
+    p = add("search", "search the Hub for text-generation models (curated list first without a query)")
+    p.add_argument("query", nargs="?", default=None, help="words in the model id; omit for the curated list")
+    p.add_argument("--sort", choices=("downloads", "likes", "updated"), default="downloads")
+    p.add_argument("--limit", type=int, default=20, help="Hub results to show (default 20)")
+    fit_args(p)
+
+    add("list", "list models in the local Hugging Face cache with their sizes")
+
+    p = add("info", "details of one model: params, size, license, gated, weights format, remote code, fit")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    fit_args(p)
+
+    p = add("download", "download only the files training needs into the Hugging Face cache")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--revision", default=None, help="branch, tag or commit to fetch (default: main)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept *.bin (pickle) weights when the model has no safetensors")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accept a model that runs its own Python code; the download pins the reviewed commit")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="also re-check the sha256 of files already in the cache (downloaded files are always checked)")
+    p.add_argument("--events", choices=("jsonl",), default=None, help="JSON Lines events on stdout (same as --json)")
+
+    p = add("rm", "remove a model from the local Hugging Face cache")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--revision", default=None, help="remove only this revision (commit or branch)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    parser.set_defaults(_models_parser=parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    command = getattr(args, "models_command", None)
+    if command is None:
+        args._models_parser.print_help()
+        return 0
+    return {"search": _search, "list": _list, "info": _info, "download": _download, "rm": _rm}[command](args)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, default=str))
+
+
+def _fit_context(args):
+    if args.no_fit:
+        return None
+    from ft_desk.trainer.hub.search import FitContext
+
+    return FitContext.from_presets(args.preset, args.overrides)
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "?"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+def _date(value: str | float | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc).strftime("%Y-%m-%d")
+    return str(value)[:10]
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def _search(args) -> int:
+    from ft_desk.trainer.hub.search import search_models
+
+    result = search_models(args.query, sort=args.sort, limit=args.limit, fit=_fit_context(args))
+    if args.json:
+        _print_json(result)
+        return 0
+    if result["note"]:
+        print(f"note: {result['note']}")
+    rows = []
+    for m in result["models"]:
+        fit = (m.get("fit") or {}).get("verdict") or ""
+        flags = " ".join(f for f, on in (("curated", m.get("curated")), ("cached", m.get("cached"))) if on)
+        size = ("~" if m.get("size_estimated") else "") + format_bytes(m["size_bytes"]) if m.get("size_bytes") else "?"
+        rows.append([m["id"], _params(m.get("params")), size, m.get("license") or "?", "gated" if m.get("gated") else "", _date(m.get("last_modified")),
+                     fit, flags])
+    if not rows:
+        print("no text-generation models found" + (f" for {args.query!r}" if args.query else ""))
+        return 0
+    print(_table(rows, ["MODEL", "PARAMS", "SIZE", "LICENSE", "GATED", "UPDATED", "FIT", ""]))
+    print("\ndetails: ft-desk models info ID    download: ft-desk models download ID")
+    return 0
+
+
+def _list(args) -> int:
+    from ft_desk.trainer.hub.cache import cached_models, hf_cache_dir, partial_download_bytes, resumable_downloads
+
+    models = cached_models()
+    partial = partial_download_bytes()
+    resumable = resumable_downloads()
+    if args.json:
+        _print_json({"cache_dir": str(hf_cache_dir()), "total_bytes": sum(m.size_bytes for m in models),
+                     "partial_download_bytes": partial, "resumable_downloads": resumable,
+                     "models": [m.to_dict() for m in models]})
+        return 0
+    for repo_id, size in sorted(resumable.items()):
+        print(f"{repo_id}: {format_bytes(size)} downloaded so far; `ft-desk models download {repo_id}` continues "
+              f"from there (`ft-desk models rm {repo_id}` removes it)")
+    if not models:
+        print(f"no models in the Hugging Face cache ({hf_cache_dir()})")
+        print("download one with: ft-desk models download ID   (see: ft-desk models search)")
+        return 0
+    rows = []
+    for m in models:
+        for i, r in enumerate(m.revisions):
+            status = "ok" if r.status.get("complete") else f"incomplete: {r.status.get('problem')}"
+            if r.status.get("remote_code"):
+                status += " (runs repo code)"
+            rows.append([m.repo_id if i == 0 else "", format_bytes(m.size_bytes) if i == 0 else "",
+                         r.commit[:12], ",".join(r.refs), _date(r.last_modified), status])
+    print(_table(rows, ["MODEL", "SIZE", "COMMIT", "REFS", "MODIFIED", "STATUS"]))
+    print(f"\n{len(models)} model(s), {format_bytes(sum(m.size_bytes for m in models))} in {hf_cache_dir()}")
+    if partial:
+        print(f"{format_bytes(partial)} of unfinished downloads are left in the cache (`hf cache prune` cleans them)")
+    return 0
+
+
+def _info(args) -> int:
+    from ft_desk.trainer.hub.search import model_details
+
+    details = model_details(args.model_id, args.revision, fit=_fit_context(args))
+    if args.json:
+        _print_json(details)
+        return 0
+    if details.get("note"):
+        print(f"note: {details['note']}")
+    cached = details.get("cached")
+    lines = [
+        ("model", details["id"]), ("page", details["model_page"]),
+        ("commit", details.get("commit") or "?"), ("parameters", _params(details.get("params"))),
+        ("download size", format_bytes(details["size_bytes"]) if details.get("size_bytes") is not None else "?"),
+        ("license", details.get("license") or "?"),
+        ("gated", {True: f"yes ({details.get('gated_mode')})", False: "no"}.get(details.get("gated"), "?")),
+        ("last modified", _date(details.get("last_modified")) or "?"),
+        ("weights", details.get("weights_format") or "?"),
+        ("remote code", details.get("remote_code") or "not needed"),
+        ("cached", (cached["path"] + ("" if cached["complete"] else f" (incomplete: {cached['problem']})"))
+         if cached else "no"),
+    ]
+    curated = details.get("curated")
+    if curated:
+        lines += [("chat template", curated["chat_template"]),
+                  ("LoRA targets", ", ".join(curated["lora_target_modules"])),
+                  ("max length", str(curated["max_length"])), ("note", curated["note"])]
+    if details.get("unsafe_file_names"):
+        lines.append(("UNSAFE", f"file names that escape the folder: {details['unsafe_file_names']}"))
+    fit = details.get("fit")
+    if fit:
+        total = f", about {format_bytes(fit['total_bytes'])}" if fit.get("total_bytes") else ""
+        reason = f" ({fit['reason']})" if fit.get("reason") else ""
+        lines.append(("fit", f"{fit.get('verdict')}{total}{reason}; breakdown: ft-desk plan {details['id']}"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+class DownloadBar:
+    """Human rendering of download events on stderr: one redrawn bar on a terminal, a line every 5 s otherwise."""
+
+    def __init__(self, stream=None, clock=time.monotonic) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.clock = clock
+        self._last_line = float("-inf")
+        self._open = False
+
+    def emit(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "download_started":
+            self._write(f"downloading {event['repo_id']} at {event['commit'][:12]}: {len(event['files'])} files, "
+                        f"{format_bytes(event['total_bytes'])} ({event['weights_format']} weights)\n")
+        elif kind == "download_progress":
+            total = event["bytes_total"] or 0
+            frac = event["bytes_done"] / total if total else 1.0
+            bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+            rate = f"{format_bytes(event['rate_bytes_per_s'])}/s" if event.get("rate_bytes_per_s") else "--/s"
+            eta = event.get("eta_s")
+            eta_txt = f"{int(eta) // 60:02d}:{int(eta) % 60:02d}" if eta is not None else "--:--"
+            text = (f"[{bar}] {frac * 100:5.1f}%  {format_bytes(event['bytes_done'])} / {format_bytes(total)}  "
+                    f"{rate}  ETA {eta_txt}  {event.get('file') or ''}")
+            if self.tty:
+                self.stream.write("\r" + text[:120].ljust(120))
+                self.stream.flush()
+                self._open = True
+            elif self.clock() - self._last_line >= 5.0 or event["bytes_done"] >= total:
+                self._last_line = self.clock()
+                self._write(text + "\n")
+        elif kind == "download_finished":
+            self._write("")
+
+    def _write(self, text: str) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self._open = False
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        self._write("")
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _download(args) -> int:
+    from ft_desk.trainer.hub.download import download_model
+
+    jsonl = args.json or args.events == "jsonl"
+    sink = JsonlSink(sys.stdout) if jsonl else DownloadBar()
+    # The TUI cancels a download with SIGTERM: turn it into KeyboardInterrupt so the download stops cleanly and keeps
+    # the partial file the next run continues from.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = download_model(args.model_id, args.revision, allow_pickle=args.allow_pickle,
+                                trust_remote_code=args.trust_remote_code, sink=sink,
+                                verify_hashes=args.verify_hashes)
+    except UserError as err:
+        if jsonl:
+            sink.emit(make_event("download_failed", repo_id=args.model_id, error=redact(err.message),
+                                 hint=redact(err.hint), cancelled=False))
+        raise
+    except KeyboardInterrupt:
+        if jsonl:
+            sink.emit(make_event("download_failed", repo_id=args.model_id, error="download cancelled",
+                                 hint="run the same command again: it continues where this download stopped",
+                                 cancelled=True))
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sink.close()
+    if jsonl:
+        return 0
+    if result["already_cached"]:
+        print(f"{result['repo_id']} is already in the cache: {result['path']}")
+    else:
+        rate = result["bytes_downloaded"] / result["elapsed_s"] if result["elapsed_s"] else 0
+        print(f"downloaded {result['repo_id']} ({format_bytes(result['bytes_total'])}, "
+              f"{format_bytes(rate)}/s) into {result['path']}")
+    if result.get("pinned_revision"):
+        print(f"this model runs its own code; train it pinned to the reviewed commit:\n"
+              f"  --set model.trust_remote_code=true --set model.revision={result['pinned_revision']}")
+    pickle = " --set model.allow_pickle=true" if result.get("weights_format") == "pickle" else ""
+    print(f"train with: ft-desk train --set model.name={result['repo_id']}{pickle} --set data.train_file=FILE")
+    return 0
+
+
+def _rm(args) -> int:
+    from ft_desk.trainer.hub.cache import hf_cache_dir, remove_model, removal_plan
+
+    _, freed, commits = removal_plan(args.model_id, args.revision)
+    what = f"{args.model_id}" + (f" revision {args.revision}" if args.revision else "")
+    if not args.yes:
+        if args.json:
+            raise UserError(f"not removing {what} without confirmation", hint="add --yes to remove it")
+        try:
+            answer = input(f"remove {what} ({len(commits)} revision(s), {format_bytes(freed)}) from "
+                           f"{hf_cache_dir()}? [y/N] ")
+        except EOFError:  # no one to ask (stdin closed)
+            raise UserError(f"not removing {what} without confirmation", hint="add --yes to remove it") from None
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    freed = remove_model(args.model_id, args.revision)
+    if args.json:
+        _print_json({"removed": args.model_id, "revision": args.revision, "commits": commits, "freed_bytes": freed})
+    else:
+        print(f"removed {what}, freed {format_bytes(freed)}")
+    return 0

@@ -1,0 +1,57 @@
+"""`ft-desk runs`: the runs on this machine, newest first (also the data behind the app's Home screen)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    parser.add_argument("--runs-dir", help="folder holding the runs (default: the per-user data folder)")
+
+
+def list_runs(runs_dir: str | None = None) -> list[dict[str, Any]]:
+    from ft_desk.trainer.paths import runs_home
+    from ft_desk.trainer.training.run import pid_alive, read_state
+
+    home = runs_home(runs_dir)
+    out = []
+    if not home.is_dir():
+        return out
+    for folder in home.iterdir():
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        state = read_state(folder)
+        if not state:
+            continue
+        status = state.get("status", "unknown")
+        if status == "running" and not pid_alive(state.get("pid")):
+            status = "crashed"  # the process is gone without saying goodbye: resumable from its last checkpoint
+        out.append({
+            "run_dir": str(folder), "run_name": folder.name, "status": status,
+            "model_name": state.get("model_name"), "method": state.get("method"),
+            "best_val_loss": state.get("best_val_loss"), "best_step": state.get("best_step"),
+            "step": state.get("step"), "total_steps": state.get("total_steps"),
+            "created": state.get("created"), "updated": state.get("updated"), "error": state.get("error"),
+        })
+    out.sort(key=lambda r: r.get("created") or "", reverse=True)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = list_runs(args.runs_dir)
+    if args.json:
+        print(json.dumps({"runs": runs}, indent=1))
+        return 0
+    if not runs:
+        print("no runs yet - start one with: ft-desk demo")
+        return 0
+    print(f"{'status':<10} {'steps':>9} {'best val':>9}  {'model':<28} run")
+    for r in runs:
+        steps = f"{r['step'] or 0}/{r['total_steps'] or '?'}"
+        best = f"{r['best_val_loss']:.4f}" if r["best_val_loss"] is not None else "-"
+        print(f"{r['status']:<10} {steps:>9} {best:>9}  {str(r['model_name'])[:28]:<28} {Path(r['run_dir']).name}")
+    return 0

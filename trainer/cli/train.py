@@ -1,0 +1,103 @@
+"""`ft-desk train` and `ft-desk demo`: build the config from presets and --set overrides, then run.
+
+Exit codes: 0 completed, 1 failed (bug or environment; see run.log), 2 bad input (config, data, model),
+3 stopped by SIGINT/SIGTERM after saving a checkpoint (resume with --resume RUN_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
+    parser.add_argument("--preset", action="append", default=None, metavar="NAME",
+                        help="preset name or .yaml path; repeat to layer (e.g. --preset qlora --preset gpu-8gb)"
+                        + (" [default: demo]" if name == "demo" else " [default: demo]"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set lora.r=32 --set optim.lr=1e-4")
+    parser.add_argument("--model", help="shortcut for --set model.name=...")
+    parser.add_argument("--data", help="shortcut for --set data.train_file=...")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable data rows and report counts")
+    parser.add_argument("--events", choices=["pretty", "jsonl", "none"], default=None,
+                        help="jsonl: machine-readable events on stdout (the app uses this); "
+                             "pretty: a progress bar (default in a terminal)")
+    if name == "train":
+        parser.add_argument("--resume", metavar="RUN_DIR", type=Path,
+                            help="continue a stopped or crashed run from its last checkpoint")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def resolve_config(args: argparse.Namespace):
+    from ft_desk.trainer.presets import load_config
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name={args.model}")
+    if args.data:
+        overrides.append(f"data.train_file={args.data}")
+    if args.skip_bad_rows:
+        overrides.append("data.skip_bad_rows=true")
+    return load_config(args.preset, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ft_desk.trainer.events import JsonlSink, PrettySink
+    from ft_desk.trainer.training.run import StopFlag, stdout_for_events, train
+
+    resume = getattr(args, "resume", None)
+    cfg = None
+    if resume is None:
+        cfg = resolve_config(args)
+        if args.print_config:
+            print(cfg.to_json())
+            return 0
+    elif args.preset or args.overrides or args.model or args.data:
+        from ft_desk.trainer.errors import UserError
+
+        raise UserError("--resume continues a run with its saved config; it takes no --preset/--set/--model/--data",
+                        hint="start a new run instead to change settings")
+    mode = args.events or ("pretty" if sys.stderr.isatty() else "pretty")
+    if mode == "jsonl":
+        sink = JsonlSink(stdout_for_events())
+    elif mode == "none":
+        from ft_desk.trainer.events import ListSink
+
+        sink = ListSink()
+    else:
+        sink = PrettySink(sys.stderr)
+    stop = StopFlag()
+    stop.install()
+    code, run_dir = train(cfg, sink, resume_dir=resume, stop=stop)
+    sink.close()
+    if mode == "pretty" and run_dir is not None:
+        _print_summary(run_dir)
+    return code
+
+
+def _print_summary(run_dir: Path) -> None:
+    """Before/after samples side by side and the validation curve, for a human at a terminal."""
+    from ft_desk.trainer.events import read_events
+
+    events = list(read_events(run_dir / "events.jsonl"))
+    evals = [e for e in events if e["type"] == "eval"]
+    samples = {(e["phase"], e["index"]): e for e in events if e["type"] == "sample"}
+    out = sys.stderr
+    if evals:
+        curve = "  ".join(f"{e['step']}:{e['val_loss']:.3f}" for e in evals)
+        out.write(f"\nvalidation loss by step: {curve}\n")
+        if len(evals) > 1:
+            first, best = evals[0]["val_loss"], min(e["val_loss"] for e in evals)
+            out.write(f"val loss {first:.3f} -> {best:.3f} ({(best - first) / first * 100:+.1f}%)\n")
+    indexes = sorted({i for (_, i) in samples})
+    for i in indexes:
+        before, after = samples.get(("before", i)), samples.get(("after", i))
+        ref = (before or after or {}).get("reference", "")
+        out.write(f"\nsample {i + 1}\n  expected: {ref[:300]!r}\n")
+        if before:
+            out.write(f"  before:   {before['output'][:300]!r}\n")
+        if after:
+            out.write(f"  after:    {after['output'][:300]!r}\n")
+    out.write(f"\nrun folder: {run_dir}\n")
+    out.flush()

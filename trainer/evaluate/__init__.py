@@ -1,0 +1,1 @@
+"""The Evaluate step: base vs tuned on held-out rows (loss, task metrics, stop rate, retention), and the report."""

@@ -1,0 +1,261 @@
+"""Loading models the way a run trains them: the base (4-bit NF4 for qlora, 16-bit for lora, fp32 for full),
+LoRA adapters on top, and a trained run's weights back for evaluation, export and chat.
+
+Every path goes through `load_base`, so training, evaluation and export see bit-identical base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ft_desk.trainer.config import RunConfig, config_from_dict
+from ft_desk.trainer.errors import ModelError, UserError
+
+log = logging.getLogger("ft_desk.model")
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FULL_WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class LoadedInfo:
+    model_dir: str
+    device: str
+    dtype: str  # dtype of the 16-bit parts / compute
+    quantized: bool
+    params: int
+    load_seconds: float
+
+
+def load_tokenizer(model_dir: Path, cfg: RunConfig):
+    from transformers import AutoTokenizer  # heavy import
+
+    tok = AutoTokenizer.from_pretrained(
+        model_dir, revision=None, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tok.pad_token_id is None:
+        # Padding never carries loss (targets are -100 there), so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def run_dtypes(cfg: RunConfig, device: str) -> tuple[str, str]:
+    """(compute dtype, dtype of the unquantized weights) for this run on this device."""
+    from ft_desk.quant.device import choose_compute_dtype, probe_facts
+
+    facts = probe_facts(device)
+    compute = choose_compute_dtype(facts, cfg.quant.compute_dtype if cfg.train.method == "qlora" else cfg.model.dtype)
+    if cfg.train.method == "full":
+        return compute, "float32"  # full fine-tuning keeps fp32 master weights; autocast does the 16-bit math
+    weights = compute if cfg.model.dtype == "auto" else cfg.model.dtype
+    return compute, weights
+
+
+def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None):
+    """(model, tokenizer, LoadedInfo) with the base loaded exactly as training loads it; no adapter yet."""
+    import time
+
+    from transformers import AutoModelForCausalLM  # heavy import: only when a model is really loaded
+
+    from ft_desk.quant.policy import bnb_config, disable_cpu_repack, torch_dtype
+
+    from ft_desk.trainer.hub.resolve import resolve_model_dir
+
+    started = time.perf_counter()
+    model_dir = Path(model_dir) if model_dir else resolve_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir, cfg)
+    compute, weights_dtype = run_dtypes(cfg, device)
+    kwargs: dict = dict(
+        dtype=torch_dtype(weights_dtype),
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=None if cfg.model.allow_pickle else True,
+    )
+    quantized = cfg.train.method == "qlora"
+    if quantized:
+        if device == "mps":
+            raise UserError(
+                "QLoRA needs bitsandbytes 4-bit, which does not run on Apple GPUs (MPS)",
+                hint="use --preset lora (16-bit base) or --set train.device=cpu",
+            )
+        kwargs["quantization_config"] = bnb_config(
+            cfg.quant.quant_type, cfg.quant.double_quant, compute, cfg.quant.skip_modules
+        )
+        kwargs["device_map"] = {"": device if device != "cuda" else 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except OSError as exc:
+        if "safetensors" in str(exc).lower() or "pytorch_model.bin" in str(exc):
+            raise ModelError(
+                f"{model_dir} has no safetensors weights and ft-desk does not load pickle files by default",
+                hint="pass --set model.allow_pickle=true only if you trust where the model came from",
+            ) from None
+        raise
+    if not quantized:
+        model.to(device)
+    else:
+        disable_cpu_repack(model)
+    model.config.use_cache = False
+    params = sum(p.numel() for p in model.parameters())
+    info = LoadedInfo(
+        model_dir=str(model_dir),
+        device=device,
+        dtype=compute,
+        quantized=quantized,
+        params=_logical_params(model, params),
+        load_seconds=time.perf_counter() - started,
+    )
+    return model, tokenizer, info
+
+
+def _logical_params(model, stored: int) -> int:
+    """Parameter count as the model defines it (a packed 4-bit tensor stores two weights per element)."""
+    from ft_desk.quant.policy import four_bit_layers
+
+    extra = 0
+    for _, module in four_bit_layers(model):
+        extra += module.in_features * module.out_features - module.weight.numel()
+    return stored + extra
+
+
+def target_modules(cfg: RunConfig):
+    targets = list(cfg.lora.target_modules)
+    return "all-linear" if targets == ["all-linear"] else targets
+
+
+def attach_lora(model, cfg: RunConfig):
+    """Wrap `model` with fresh LoRA adapters (peft); seeded so a run's initial adapter is reproducible."""
+    import torch  # heavy imports
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.train.seed)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=target_modules(cfg),
+        use_dora=cfg.lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise UserError(
+            f"lora.target_modules {list(cfg.lora.target_modules)} do not match this model ({exc})",
+            hint="use --set lora.target_modules=all-linear, or names such as q_proj,v_proj",
+        ) from None
+
+
+def prepare_for_training(model, cfg: RunConfig):
+    """Adapters or full training set up, gradient checkpointing on if asked. Returns the model to train."""
+    if cfg.train.method in ("qlora", "lora"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = attach_lora(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "enable_input_require_grads") and cfg.train.method != "full":
+            base.enable_input_require_grads()
+    return model
+
+
+def trainable_state(model, cfg: RunConfig) -> dict:
+    """The tensors a checkpoint must hold to restore training: adapter weights, or every weight for full."""
+    if cfg.train.method == "full":
+        return {k: v for k, v in model.state_dict().items()}
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def save_weights(model, cfg: RunConfig, folder: Path) -> None:
+    """Adapter (peft format) or full weights (safetensors) into folder."""
+    if cfg.train.method == "full":
+        from safetensors.torch import save_model  # handles tied (shared) tensors
+
+        save_model(model, str(folder / FULL_WEIGHTS))
+        model.config.save_pretrained(folder)
+        return
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load_weights(model, cfg: RunConfig, folder: Path) -> None:
+    """Restore what save_weights wrote into an already prepared model (same structure)."""
+    if cfg.train.method == "full":
+        from safetensors.torch import load_model
+
+        load_model(model, str(folder / FULL_WEIGHTS))
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / ADAPTER_WEIGHTS), device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"{folder} does not match this model: unexpected tensors {unexpected[:3]}")
+
+
+def checkpoint_folder(run_dir: Path, checkpoint: str | int = "best") -> Path:
+    """Folder of a run's checkpoint: best, last, or a step number."""
+    state_path = run_dir / "state.json"
+    if not state_path.is_file():
+        raise UserError(f"{run_dir} is not an ft-desk run folder (no state.json)", hint="list runs with: ft-desk runs")
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    if checkpoint == "best":
+        for final in (run_dir / "adapter", run_dir / "model"):  # model/ holds a full fine-tune's weights
+            if (final / ADAPTER_WEIGHTS).is_file() or (final / FULL_WEIGHTS).is_file():
+                return final
+        if state.get("best_step") is not None:
+            candidate = run_dir / "checkpoints" / f"step-{int(state['best_step']):06d}"
+            if candidate.is_dir():
+                return candidate
+        checkpoint = "last"
+    if checkpoint == "last":
+        if not ckpts:
+            raise UserError(f"{run_dir} has no checkpoint yet", hint="train longer, or resume it: ft-desk train --resume")
+        return ckpts[-1]
+    try:
+        step = int(checkpoint)
+    except (TypeError, ValueError):
+        raise UserError(f"--checkpoint must be best, last or a step number, got {checkpoint!r}") from None
+    folder = run_dir / "checkpoints" / f"step-{step:06d}"
+    if not folder.is_dir():
+        have = ", ".join(p.name.removeprefix("step-").lstrip("0") or "0" for p in ckpts) or "none"
+        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {have}")
+    return folder
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not an ft-desk run folder (no config.json)", hint="list runs with: ft-desk runs")
+    return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def load_trained(run_dir: Path, checkpoint: str | int = "best", device: str | None = None):
+    """(model, tokenizer, cfg): the run's base loaded as in training with its trained weights, in eval mode."""
+    from ft_desk.quant.device import resolve_device
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    folder = checkpoint_folder(run_dir, checkpoint)
+    device = device or resolve_device(cfg.train.device)
+    model, tokenizer, _ = load_base(cfg, device)
+    if cfg.train.method == "full":
+        load_weights(model, cfg, folder)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    model.eval()
+    return model, tokenizer, cfg

@@ -1,0 +1,78 @@
+"""The chat playground's child process: `ft-desk chat RUN_DIR --events jsonl`.
+
+The child loads the run's model once (the adapter on the base, as trained) and then reads one JSON request per
+line on stdin - {"messages": [...], "base": bool, "max_new_tokens": int} - answering each with chat_token events
+(streamed text) and one chat_done (or chat_error). It is tied to the app: closing stdin ends it, and the app
+ends it when it closes or switches runs. Callbacks run on the reader thread.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from ft_desk.trainer.events import parse_line
+
+from ft_desk.tui.commands import child_env, cli_argv
+from ft_desk.tui.launch import launch_dir
+
+
+class ChatClient:
+    def __init__(self, run_dir: Path, on_event: Callable[[dict[str, Any]], None],
+                 on_exit: Callable[[int, str], None]) -> None:
+        self.run_dir = run_dir
+        self.on_event = on_event
+        self.on_exit = on_exit
+        self.process: subprocess.Popen | None = None
+        self.stderr_path = launch_dir() / f"chat-{run_dir.name}.stderr.log"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        with open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen(
+                cli_argv("chat", str(self.run_dir), "--events", "jsonl"), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=err, env=child_env(), text=True, bufsize=1,
+            )
+        threading.Thread(target=self._read, name="chat-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        process = self.process
+        assert process is not None and process.stdout is not None
+        for line in process.stdout:
+            event = parse_line(line)
+            if event is not None:
+                self.on_event(event)
+        code = process.wait()
+        try:
+            tail = "\n".join(self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
+        except OSError:
+            tail = ""
+        self.on_exit(code, tail)
+
+    def ask(self, messages: list[dict[str, str]], base: bool = False, max_new_tokens: int = 256) -> None:
+        if not self.running:
+            raise RuntimeError("the chat process is not running")
+        assert self.process is not None and self.process.stdin is not None
+        request = {"messages": messages, "base": base, "max_new_tokens": max_new_tokens}
+        self.process.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        try:
+            if process.stdin is not None:
+                process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            process.terminate()
