@@ -323,6 +323,15 @@ def _field_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(section_cls)}
 
 
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a setting with a fixed set of them, by dotted key (e.g. `data.format`)."""
+    section, _, name = key.partition(".")
+    tp = _field_types(_section_types()[section])[name]
+    if get_origin(tp) is not Literal:
+        raise ValueError(f"{key} takes any value of its type, not one of a fixed set")
+    return get_args(tp)
+
+
 def _check(key: str, value: Any) -> None:
     rule = _RULES.get(key)
     if rule is not None and value is not None and not rule[0](value):

@@ -84,3 +84,12 @@ def test_every_field_has_help_text():
     for section, cls in RunConfig.__dataclass_fields__.items():
         for key in cls.default_factory().__dataclass_fields__:  # type: ignore[misc]
             assert help_.get(f"{section}.{key}"), f"{section}.{key} has no docstring"
+
+
+def test_choices_lists_the_allowed_values_of_a_fixed_set_setting():
+    from ft_desk.trainer.config import choices
+
+    assert choices("data.format") == ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages")
+    assert choices("data.train_on") == ("assistant", "all")
+    with pytest.raises(ValueError, match="data.max_length"):
+        choices("data.max_length")

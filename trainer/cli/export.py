@@ -18,20 +18,18 @@ from typing import Any
 
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_FAILED, EXIT_OK, JsonlSink, format_bytes, make_event
+from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_TYPES, MERGED_DTYPES
 
-FORMATS = ("adapter", "merged", "gguf", "ollama")
-# q4_k_m is made by llama.cpp's quantizer and needs llama-cpp-python (refused with the install command without it).
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q5_0", "q4_0", "q4_k_m")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="run folder (see: ft-desk runs)")
-    p.add_argument("--format", required=True, choices=FORMATS,
+    p.add_argument("--format", required=True, choices=FORMAT_NAMES,
                    help="adapter: peft folder; merged: standalone safetensors model; gguf: one .gguf file; "
                         "ollama: GGUF + Modelfile")
     p.add_argument("--out", type=Path, default=None,
                    help="new or empty folder to write (default: RUN_DIR/exports/<format>-<time>)")
-    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="merged weights dtype (default bf16)")
+    p.add_argument("--dtype", choices=MERGED_DTYPES, default="bf16", help="merged weights dtype (default bf16)")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
                    help="GGUF tensor type (default f16 for gguf, q8_0 for ollama); q4_k_m needs llama-cpp-python")
     p.add_argument("--merge-into", choices=("quantized", "original"), default="quantized",

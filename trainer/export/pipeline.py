@@ -21,8 +21,8 @@ from typing import Any
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EventSink, make_event
 from ft_desk.trainer.export.safety import Staging, check_target
+from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_FORMATS, default_gguf_type
 
-FORMATS = ("adapter", "merged", "gguf", "ollama")
 FIDELITY_FILE = "fidelity.json"
 
 
@@ -88,7 +88,7 @@ def estimate_bytes(source, request: ExportRequest) -> int:
 
 def gguf_type_of(request: ExportRequest) -> str:
     """The GGUF tensor type an export writes: the one asked for, else f16 (gguf) or q8_0 (ollama)."""
-    return request.gguf_type or ("q8_0" if request.format == "ollama" else "f16")
+    return request.gguf_type or default_gguf_type(request.format)
 
 
 class _Progress:
@@ -117,9 +117,9 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     from ft_desk.trainer.export.source import load_tokenizer, open_run
 
     started = time.time()
-    if request.format not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {request.format!r}")
-    if request.format in ("gguf", "ollama"):
+    if request.format not in FORMAT_NAMES:
+        raise UserError(f"--format must be one of {', '.join(FORMAT_NAMES)}, got {request.format!r}")
+    if request.format in GGUF_FORMATS:
         from ft_desk.trainer.export.llamacpp import require
 
         require(gguf_type_of(request))
@@ -183,7 +183,7 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
     merged_dir.mkdir(parents=True, exist_ok=True)
     facts = export_merged(source, merged_dir, tokenizer, request.dtype, request.merge_into,
                           _Progress(sink, "merge"))
-    merged_lp = stage.work / "merged-logprobs" if fmt in ("gguf", "ollama") else None
+    merged_lp = stage.work / "merged-logprobs" if fmt in GGUF_FORMATS else None
     if reference is not None:
         _note(sink, "verify")("reloading the merged model with plain transformers")
         result = v.run_reload_check(_hf_args(merged_dir, reference, merged_lp), stage.work, "merged")

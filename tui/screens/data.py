@@ -17,12 +17,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
+from ft_desk.trainer.config import choices
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.widgets.file_picker import FilePicker, PathSuggester
 from ft_desk.tui.widgets.histogram import TokenHistogram
 from ft_desk.tui.screens.base import DeskScreen
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
 TRAINED_STYLE = "bold black on green"
 
 
@@ -112,7 +112,7 @@ class DataScreen(DeskScreen):
             yield Static("", id="sample")
         with Horizontal(id="split-row"):
             yield Label("format", classes="field-label short")
-            yield Select([(f, f) for f in FORMATS], allow_blank=False, id="data-format", compact=True)
+            yield Select([(f, f) for f in choices("data.format")], allow_blank=False, id="data-format", compact=True)
             yield Label("validation share", classes="field-label")
             yield Input(id="val-fraction", compact=True, classes="small-input")
             yield Label("or file", classes="field-label short")

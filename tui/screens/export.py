@@ -16,22 +16,17 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Checkbox, Input, Label, ProgressBar, RadioButton, RadioSet, Select, Static
 
 from ft_desk.trainer.events import format_bytes
-
+from ft_desk.trainer.export_formats import (FORMATS, GGUF_FORMATS, GGUF_TYPES, LLAMA_CPP_ONLY_TYPES,
+                                           MERGED_DTYPES)
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.screens.base import DeskScreen
 
-FORMATS = (
-    ("adapter", "adapter", "PEFT adapter + tokenizer: small; load it onto the base model with peft"),
-    ("merged", "merged", "one standalone model (safetensors, Hugging Face layout): works with plain transformers"),
-    ("gguf", "GGUF", "one .gguf file for llama.cpp and friends, written without llama.cpp"),
-    ("ollama", "Ollama", "GGUF + a Modelfile with the chat template and stop tokens; prints the `ollama create` line"),
-)
 def gguf_type_choices() -> list[tuple[str, str]]:
     """(label, value) of the GGUF tensor types; q4_k_m is made by llama.cpp's quantizer, so it is offered only
     where llama-cpp-python is installed (found without importing it: the export child imports it)."""
-    choices = [(t, t) for t in ("auto", "f16", "bf16", "q8_0", "q5_0", "q4_0")]
+    choices = [("auto", "auto")] + [(t, t) for t in GGUF_TYPES if t not in LLAMA_CPP_ONLY_TYPES]
     if importlib.util.find_spec("llama_cpp") is not None:
-        choices.append(("q4_k_m (llama.cpp)", "q4_k_m"))
+        choices += [(f"{t} (llama.cpp)", t) for t in LLAMA_CPP_ONLY_TYPES]
     return choices
 
 
@@ -44,7 +39,7 @@ def export_args(fmt: str, dtype: str, gguf_type: str, merge_into: str, out: str,
     args = ["--format", fmt, "--checkpoint", checkpoint or "best"]
     if fmt == "merged":
         args += ["--dtype", dtype, "--merge-into", merge_into]
-    if fmt in ("gguf", "ollama") and gguf_type != "auto":
+    if fmt in GGUF_FORMATS and gguf_type != "auto":
         args += ["--gguf-type", gguf_type]
     if fmt == "ollama" and name:
         args += ["--name", name]
@@ -115,13 +110,13 @@ class ExportScreen(DeskScreen):
         yield Static("", id="export-run")
         with Horizontal(id="export-main"):
             with RadioSet(id="export-format"):
-                for value, label, _help in FORMATS:
+                for value, label in ((f.name, f.label) for f in FORMATS):
                     yield RadioButton(label, value=value == "adapter", id=f"fmt-{value}")
             with VerticalScroll(id="export-options"):
                 yield Static("", id="format-help")
                 with Horizontal(classes="field-row", id="row-dtype"):
                     yield Label("dtype", classes="field-label")
-                    yield Select([("bf16", "bf16"), ("fp16", "fp16")], allow_blank=False, id="dtype", compact=True)
+                    yield Select([(d, d) for d in MERGED_DTYPES], allow_blank=False, id="dtype", compact=True)
                 with Horizontal(classes="field-row", id="row-merge"):
                     yield Label("merge into", classes="field-label")
                     yield Select([("the 4-bit weights trained against", "quantized"),
@@ -174,10 +169,10 @@ class ExportScreen(DeskScreen):
     def _show_options(self) -> None:
         fmt = self._format()
         self.query_one("#format-help", Static).update(
-            f"[dim]{escape(next(h for v, _l, h in FORMATS if v == fmt))}[/]")
+            f"[dim]{escape(next(f.description for f in FORMATS if f.name == fmt))}[/]")
         self.query_one("#row-dtype").display = fmt == "merged"
         self.query_one("#row-merge").display = fmt == "merged"
-        self.query_one("#row-gguf").display = fmt in ("gguf", "ollama")
+        self.query_one("#row-gguf").display = fmt in GGUF_FORMATS
         self.query_one("#row-name").display = fmt == "ollama"
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
