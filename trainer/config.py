@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin
 
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_model
 
 
 class ConfigError(UserError, ValueError):
@@ -24,7 +25,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "demo"
+    name: str = DEMO_MODEL_NAME
     """Base model: a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`), a local folder, or `demo` (a tiny model built locally)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; None means the cached/default one."""
@@ -66,7 +67,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_file: str = "demo"
+    train_file: str = DEMO_DATA_NAME
     """Training data: a .jsonl/.json/.csv/.parquet file, or `demo` for the bundled support-desk sample."""
     valid_file: str | None = None
     """Validation data; when None, val_fraction of train_file is held out (deterministic from seed)."""
@@ -399,7 +400,7 @@ def _check_whole(config: RunConfig) -> None:
     """Rules that involve more than one key."""
     if config.train.method == "full" and config.lora.use_dora:
         raise ConfigError("lora.use_dora needs train.method qlora or lora; full fine-tuning has no adapter")
-    if config.model.trust_remote_code and config.model.revision is None and config.model.name not in ("demo",):
+    if config.model.trust_remote_code and config.model.revision is None and not is_demo_model(config.model.name):
         raise ConfigError(
             "model.trust_remote_code needs model.revision pinned to the commit you reviewed "
             "(for example --set model.revision=<40-hex sha>)"

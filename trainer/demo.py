@@ -18,7 +18,20 @@ from pathlib import Path
 from typing import Iterable
 
 DEMO_MODEL_NAME = "demo"
+"""`model.name` of the embedded tiny model."""
 DEMO_DATA_NAME = "demo"
+"""`data.train_file` of the bundled sample data."""
+DEMO_PRESET = "demo"
+"""The strategy preset that trains the demo."""
+
+
+def is_demo_model(name: str | None) -> bool:
+    return name == DEMO_MODEL_NAME
+
+
+def is_demo_data(name: str | None) -> bool:
+    return name == DEMO_DATA_NAME
+
 # Bumped when the demo model's shape or tokenizer changes, so a stale cached build is replaced.
 DEMO_BUILD_VERSION = 2
 

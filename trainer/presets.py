@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from ft_desk.trainer.config import ConfigError, RunConfig, apply_overrides, build_config, merge_layer
+from ft_desk.trainer.demo import DEMO_PRESET
 
-DEFAULT_PRESET = "demo"
+DEFAULT_PRESET = DEMO_PRESET
 
 
 def user_presets_dir() -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ft_desk.tui import commands
+from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME
 from ft_desk.tui.draft import Draft
 from ft_desk.tui.planning import NeedsChild, Planner
 from ft_desk.tui.launch import Launch, resume_training, start_training, stop_training
@@ -56,12 +57,12 @@ class CliBackend:
 
     # Tools with a one-shot JSON answer.
     def check_data(self, draft: Draft) -> dict[str, Any]:
-        args = ["data", "check", draft.train_file or "demo", "--model", draft.model or "demo"]
+        args = ["data", "check", draft.train_file or DEMO_DATA_NAME, "--model", draft.model or DEMO_MODEL_NAME]
         return commands.run_json(args + _recipe_args(draft) + ["--json"])
 
     def plan(self, draft: Draft, model: str | None = None) -> dict[str, Any]:
         """The run's memory plan: in-process when config.json and the device are known here, else the CLI's."""
-        name = model or draft.model or "demo"
+        name = model or draft.model or DEMO_MODEL_NAME
         try:
             return self.planner.plan(draft.config_for(name))
         except NeedsChild:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ft_desk.trainer.config import ConfigError, RunConfig
+from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, DEMO_PRESET, is_demo_data
 from ft_desk.trainer.presets import load_config
 
 # The strategy presets offered on the Recipe screen, in the order shown; user presets are added after these.
@@ -139,7 +140,7 @@ class Draft:
 
 def file_stamp(path: str) -> list[int] | str | None:
     """Size and modification time of a data file, to tell whether it changed since it was checked."""
-    if not path or path == "demo":
+    if not path or is_demo_data(path):
         return path or None
     try:
         info = os.stat(path)
@@ -181,4 +182,4 @@ def same_value(typed: str, shown: str) -> bool:
 
 def demo_draft() -> Draft:
     """The one-key demo: the tiny local model on the bundled data with the demo recipe."""
-    return Draft(model="demo", train_file="demo", strategy="demo", data_checked=True)
+    return Draft(model=DEMO_MODEL_NAME, train_file=DEMO_DATA_NAME, strategy=DEMO_PRESET, data_checked=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ft_desk.trainer.errors import DataError
+from ft_desk.trainer.demo import demo_data_path, is_demo_data
 
 FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -105,9 +106,7 @@ class ScanResult:
 
 def resolve_data_path(name: str) -> Path:
     """`demo` -> the bundled sample; anything else must be an existing data file."""
-    if name == "demo":
-        from ft_desk.trainer.demo import demo_data_path
-
+    if is_demo_data(name):
         return demo_data_path()
     path = Path(name).expanduser()
     if not path.exists():

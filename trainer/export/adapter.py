@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.demo import is_demo_model
 from ft_desk.trainer.export.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunSource
 
 
@@ -40,7 +41,7 @@ def tokenizer_changes(source: RunSource, tokenizer) -> list[str]:
 def base_reference(source: RunSource) -> str:
     """What adapter_config.json should name as the base model."""
     name = source.cfg.model.name
-    if name != "demo" and not Path(name).expanduser().exists():
+    if not is_demo_model(name) and not Path(name).expanduser().exists():
         return name
     return str(source.base_dir)
 

@@ -18,6 +18,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
 from ft_desk.trainer.config import choices
+from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_data
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.widgets.file_picker import FilePicker, PathSuggester
 from ft_desk.tui.widgets.histogram import TokenHistogram
@@ -153,7 +154,7 @@ class DataScreen(DeskScreen):
         if not value:
             self.notify("Type a file path, browse (ctrl+o), or use the demo data (ctrl+d).", severity="warning")
             return
-        if value != "demo":
+        if not is_demo_data(value):
             value = str(Path(value).expanduser())
         draft = self.desk.draft
         if value != draft.train_file:
@@ -175,12 +176,12 @@ class DataScreen(DeskScreen):
         self.query_one("#data-path", Input).focus()
 
     def action_use_demo(self) -> None:
-        self.query_one("#data-path", Input).value = "demo"
-        self._use_file("demo")
+        self.query_one("#data-path", Input).value = DEMO_DATA_NAME
+        self._use_file(DEMO_DATA_NAME)
 
     def action_browse(self) -> None:
         current = self.query_one("#data-path", Input).value.strip()
-        start = Path(current).expanduser().parent if current and current != "demo" else Path.cwd()
+        start = Path(current).expanduser().parent if current and not is_demo_data(current) else Path.cwd()
 
         def chosen(path: Path | None) -> None:
             if path is not None:
@@ -226,7 +227,7 @@ class DataScreen(DeskScreen):
             self.notify(draft.error() or "", title="Fix the recipe first", severity="error")
             return
         self._checked_for = self._check_key()
-        model = draft.model or "demo"
+        model = draft.model or DEMO_MODEL_NAME
         self.query_one("#data-summary", Static).update(
             f"[dim]checking {escape(draft.train_file)} with the tokenizer of {escape(model)}…[/]")
         self._check()

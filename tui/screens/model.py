@@ -18,6 +18,7 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent, TabPane
 
 from ft_desk.trainer.events import format_duration, format_bytes
+from ft_desk.trainer.demo import DEMO_MODEL_NAME, DEMO_PRESET, is_demo_model
 
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.widgets.dialogs import Confirm
@@ -30,7 +31,7 @@ INFO_DELAY_S = 0.4
 FIT_STYLE = {"fits": "green", "tight": "yellow", "does not fit": "red", "does_not_fit": "red", "no_fit": "red"}
 
 DEMO_ROW = {
-    "id": "demo", "params": None, "size_bytes": None, "license": "-", "gated": False, "cached": True,
+    "id": DEMO_MODEL_NAME, "params": None, "size_bytes": None, "license": "-", "gated": False, "cached": True,
     "curated": True, "fit": {"verdict": "fits"},
     "note": "A tiny Llama-architecture model with random weights, built on this machine in seconds. It runs the "
             "whole pipeline offline; what it writes is not useful.",
@@ -186,7 +187,7 @@ class ModelScreen(DeskScreen):
             model_id = str(m.get("id"))
             self.rows[model_id] = {**self.rows.get(model_id, {}), **m}
             flags = " ".join(f for f, on in (("✓ chosen", model_id == chosen), ("cached", m.get("cached")),
-                                            ("curated", m.get("curated") and model_id != "demo")) if on)
+                                            ("curated", m.get("curated") and not is_demo_model(model_id))) if on)
             gated = m.get("gated")
             table.add_row(
                 model_id, params_text(m.get("params")),
@@ -220,7 +221,7 @@ class ModelScreen(DeskScreen):
         if model_id is None:
             return
         self._show_details(model_id, self.rows.get(model_id, {}))
-        if model_id != "demo" and not Path(model_id).is_absolute():
+        if not is_demo_model(model_id) and not Path(model_id).is_absolute():
             if self._info_timer is not None:
                 self._info_timer.stop()
             self._info_timer = self.set_timer(INFO_DELAY_S, lambda: self._info(model_id))
@@ -300,9 +301,9 @@ class ModelScreen(DeskScreen):
         draft = self.desk.draft
         draft.model = model_id
         draft.data_checked = False
-        if model_id == "demo" and draft.strategy not in ("demo",):
-            draft.strategy = "demo"
-        elif model_id != "demo" and draft.strategy == "demo":
+        if is_demo_model(model_id) and draft.strategy != DEMO_PRESET:
+            draft.strategy = DEMO_PRESET
+        elif not is_demo_model(model_id) and draft.strategy == DEMO_PRESET:
             draft.strategy = "qlora"
         self.desk.draft_updated()
         row = self.rows.get(model_id, {})
@@ -326,7 +327,7 @@ class ModelScreen(DeskScreen):
 
     def action_download(self) -> None:
         model_id = self.selected_id()
-        if model_id is None or model_id == "demo" or Path(model_id).is_absolute():
+        if model_id is None or is_demo_model(model_id) or Path(model_id).is_absolute():
             self.notify("The demo model and local folders need no download.", severity="warning")
             return
         if self.downloading:

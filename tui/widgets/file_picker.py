@@ -13,6 +13,8 @@ from textual.screen import ModalScreen
 from textual.suggester import Suggester
 from textual.widgets import DirectoryTree, Label, Static
 
+from ft_desk.trainer.demo import is_demo_data
+
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -23,7 +25,7 @@ class PathSuggester(Suggester):
         super().__init__(use_cache=False, case_sensitive=True)
 
     async def get_suggestion(self, value: str) -> str | None:
-        if not value or value == "demo":
+        if not value or is_demo_data(value):
             return None
         expanded = os.path.expanduser(value)
         folder, prefix = os.path.split(expanded)
