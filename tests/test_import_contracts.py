@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 SOURCE_ROOTS = ("trainer", "quant", "tui", "presets")
-LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; lint_imports_command()"
+LINT_IMPORTS = "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 # contract id -> (file of the copy, the wrong import added to it, the line lint-imports must report)
 WRONG_IMPORTS = {
