@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from ft_desk.trainer.hub.folder_check import safetensors_param_count
 from ft_desk.trainer.hub.search import load_catalog
 
