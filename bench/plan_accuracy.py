@@ -169,23 +169,18 @@ def predict(model: Path, sets: list[str], cap: bool, device: str = "cpu") -> dic
     """The plan's total minus what the measurement cannot see: the import baseline on CPU (subtracted from the
     child's peak), the CUDA context on a GPU (torch.cuda.max_memory_allocated does not count it)."""
     from ft_desk.quant.device import probe_facts
-    from ft_desk.quant.planner import (
-        CPU_IMPORT_BYTES,
-        CUDA_CONTEXT_BYTES,
-        load_model_config,
-        plain_trainer_logits,
-        plan_memory,
-    )
+    from ft_desk.quant.planner import CPU_IMPORT_BYTES, CUDA_CONTEXT_BYTES, plain_trainer_logits
+    from ft_desk.trainer.planning import load_model_config, plan_inputs, plan_run
     from ft_desk.trainer.presets import load_config
 
     run = load_config(["qlora"], sets)
     config = load_model_config(str(model))
     facts = probe_facts(device)
-    plan = plan_memory(config, run, facts, cpu_allocator_capped=cap)
+    plan = plan_run(config, run, facts, cpu_allocator_capped=cap)
     unseen = CPU_IMPORT_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
     return {
         "predicted": plan.total_bytes - unseen,
-        "plain_logits": plain_trainer_logits(config, run, facts),
+        "plain_logits": plain_trainer_logits(config, plan_inputs(run, facts, cap)),
         "components": plan.components,
     }
 

@@ -14,6 +14,8 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ft_desk.trainer.errors import UserError
+
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 
 
@@ -44,8 +46,6 @@ def available_device_types() -> list[str]:
 
 def resolve_device(preference: str = "auto") -> str:
     """cuda > mps > cpu for `auto`; an explicit choice that is not available is a readable error."""
-    from ft_desk.trainer.errors import UserError
-
     found = available_device_types()
     if preference == "auto":
         return found[0]

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ft_desk.quant.policy import torch_dtype
+
 # Note: bitsandbytes' Params4bit quantizes in blocks of 64 values unless told otherwise, and transformers'
 # BitsAndBytesConfig never tells it otherwise. A test patches this and sees the merge stop matching training.
 BNB_BLOCKSIZE = 64
@@ -48,8 +50,6 @@ def training_view(weight, recipe: QuantRecipe):
     """`weight` (a checkpoint tensor) quantized and dequantized exactly as the QLoRA run did, as fp32 on CPU."""
     import bitsandbytes.functional as F  # heavy import: only qlora exports reach this
     import torch
-
-    from ft_desk.quant.policy import torch_dtype
 
     w = weight.to(torch_dtype(recipe.load_dtype)).contiguous().to(recipe.device)
     packed, state = F.quantize_4bit(

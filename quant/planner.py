@@ -1,7 +1,11 @@
-"""Memory planner: predict a run's peak memory from the model's config.json and the RunConfig, before any weight
-is downloaded, and say how to make it fit.
+"""Memory planner: predict a run's peak memory from the model's sizes (its config.json) and the run's settings,
+before any weight is downloaded.
 
-The estimate describes ft-desk's own training loop (trainer/loop.py), component by component:
+The inputs are plain data: a parsed config.json (or a ModelShape) and a PlanInputs; trainer.planning turns a
+RunConfig and the device into PlanInputs, reads config.json and works out which settings to change. quant/ sits
+below trainer/ and imports nothing of it but trainer.errors.
+
+The estimate describes ft-desk's own training loop (trainer/training/loop.py), component by component:
   - the base weights as they sit in memory (NF4 blocks + absmax + double-quant constants for qlora; the 16-bit
     or fp32 parts: embeddings, lm_head, norms),
   - trainable parameters with their gradients and AdamW's two fp32 states,
@@ -20,16 +24,12 @@ that were set from measurements carry a "Note:" comment saying what was measured
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ft_desk.trainer.config import RunConfig, replace as replace_config
-from ft_desk.trainer.errors import ModelError, UserError
-
-from ft_desk.quant.device import TRAINING_CAPS_CPU_ALLOCATOR, DeviceFacts, choose_compute_dtype
+from ft_desk.quant.device import DeviceFacts
 from ft_desk.quant.policy import four_bit_bytes
+from ft_desk.trainer.errors import ModelError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -250,7 +250,8 @@ class Suggestion:
 
 @dataclass
 class MemoryPlan:
-    """A run's predicted peak memory, by component, and the verdict against the device."""
+    """A run's predicted peak memory, by component, and the verdict against the device; `suggestions` are
+    filled in by trainer.planning (plan_memory leaves them empty)."""
 
     components: list[tuple[str, int]]
     total_bytes: int
@@ -297,59 +298,47 @@ class MemoryPlan:
 
 
 @dataclass(frozen=True)
-class _Setup:
-    """Everything the arithmetic needs, resolved from the RunConfig and the device."""
+class PlanInputs:
+    """The settings of one run that its peak memory depends on, as plain values (trainer.planning derives them
+    from a RunConfig and the device, the way `ft-desk train` resolves them)."""
 
     device: str
+    """Device type the run trains on: "cuda", "mps" or "cpu"."""
     method: str
-    compute: str  # dtype of matmuls and activations
-    weights: str  # dtype of the unquantized parts of the model
-    tokens: int  # micro_batch_size x max_length
-    micro_batch: int
-    length: int
-    checkpointing: bool
+    """"qlora" (4-bit base + LoRA), "lora" (16-bit base + LoRA) or "full" (every weight trained)."""
+    compute_dtype: str
+    """dtype of matmuls and activations ("float32", "bfloat16", "float16"), already resolved (never "auto")."""
+    weights_dtype: str
+    """dtype of the parts of the model that are not 4-bit (all of it for lora; float32 for full)."""
+    micro_batch_size: int
+    """Rows per forward/backward pass."""
+    max_length: int
+    """Tokens per row (packed rows are assumed full)."""
+    grad_accum: int
+    """Accumulation steps per optimizer step; costs no memory, reported with the plan's settings."""
+    gradient_checkpointing: bool
+    """Keep only each decoder layer's input for backward and recompute the layer."""
     packing: bool
-    chunk: int
-    r: int
-    targets: tuple[str, ...]
-    dropout: float
-    dora: bool
+    """Rows are packed to max_length (a note on the plan; the estimate always assumes full rows)."""
+    loss_chunk_tokens: int
+    """Positions per lm_head + cross-entropy chunk of the loss."""
+    lora_r: int
+    """LoRA rank (unused for full fine-tuning)."""
+    target_modules: tuple[str, ...]
+    """Module names LoRA attaches to, or ("all-linear",)."""
+    lora_dropout: float
+    """LoRA dropout probability: above 0 each adapter keeps its dropped-out input for backward."""
+    use_dora: bool
+    """DoRA (weight-decomposed LoRA) on top of LoRA."""
     double_quant: bool
-    allocator_capped: bool = True
+    """4-bit scales quantized again (qlora only)."""
+    cpu_allocator_capped: bool = True
+    """Whether a CPU run pins glibc's mmap threshold (quant.device.cap_cpu_allocator); off adds retained heap."""
 
-
-def _resolve(run: RunConfig, device: DeviceFacts | None, allocator_capped: bool | None = None) -> _Setup:
-    """The dtypes a run will use, mirroring trainer.model's choice (compute from the device, fp32 for full)."""
-    if device is None:
-        kind = run.train.device if run.train.device != "auto" else "cuda"
-        device = DeviceFacts(type=kind, bf16=kind != "cpu")
-    method = run.train.method
-    requested = run.quant.compute_dtype if method == "qlora" else run.model.dtype
-    compute = choose_compute_dtype(device, requested)
-    if method == "full":
-        weights = "float32"
-    else:
-        weights = compute if run.model.dtype == "auto" else run.model.dtype
-    if method == "lora" and device.type == "cpu" and run.model.dtype == "auto":
-        weights = compute
-    return _Setup(
-        device=device.type,
-        method=method,
-        compute=compute,
-        weights=weights,
-        tokens=run.train.micro_batch_size * run.data.max_length,
-        micro_batch=run.train.micro_batch_size,
-        length=run.data.max_length,
-        checkpointing=run.train.gradient_checkpointing,
-        packing=run.train.packing,
-        chunk=run.train.loss_chunk_tokens,
-        r=run.lora.r,
-        targets=tuple(run.lora.target_modules),
-        dropout=run.lora.dropout,
-        dora=run.lora.use_dora,
-        double_quant=run.quant.double_quant,
-        allocator_capped=TRAINING_CAPS_CPU_ALLOCATOR if allocator_capped is None else allocator_capped,
-    )
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro-batch."""
+        return self.micro_batch_size * self.max_length
 
 
 def _targeted(shape: ModelShape, targets: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
@@ -375,10 +364,10 @@ def lora_params(shape: ModelShape, r: int, targets: tuple[str, ...], dora: bool 
     return shape.num_layers * per_layer + head
 
 
-def _layer_saved_tensors(shape: ModelShape, s: _Setup) -> list[int]:
+def _layer_saved_tensors(shape: ModelShape, s: PlanInputs) -> list[int]:
     """Sizes in bytes *per token of the micro-batch* of the tensors one decoder layer saves for backward (not
     counting its input). Listed tensor by tensor because the CPU allocator treats large and small ones apart."""
-    a = DTYPE_BYTES[s.compute]
+    a = DTYPE_BYTES[s.compute_dtype]
     h, inter, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_width, shape.kv_width
     if shape.num_experts:
         inter = (shape.expert_intermediate_size or inter) * max(1, shape.experts_per_token)
@@ -392,7 +381,7 @@ def _layer_saved_tensors(shape: ModelShape, s: _Setup) -> list[int]:
     tensors += [4, 4, shape.num_heads * 4]  # two RMSNorm rsqrt values and the attention log-sum-exp, in fp32
     # Note: SDPA turns the boolean block-diagonal mask into an additive one of the activation dtype, and its
     # backward keeps that copy: batch x length x length per layer (measured with saved_tensors_hooks).
-    tensors += [s.length * a]
+    tensors += [s.max_length * a]
     inputs = {"attn_in": h, "o_in": 0, "mlp_in": h, "down_in": inter}  # o_proj's input is a view of SDPA's output
     group_of = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "qkv_proj": "attn_in",
                 "o_proj": "o_in", "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in",
@@ -402,9 +391,9 @@ def _layer_saved_tensors(shape: ModelShape, s: _Setup) -> list[int]:
         tensors += [h * a, h * a]  # trainable norm weights keep the normalized input too
     else:
         saved_groups = set()
-        for name, i, o, n in _targeted(shape, s.targets):
+        for name, i, o, n in _targeted(shape, s.target_modules):
             group = group_of.get(name, "attn_in")
-            if s.dropout > 0:
+            if s.lora_dropout > 0:
                 # Each adapter draws its own dropout on its (fp32-cast) input: the dropped-out copy and the mask
                 # are kept per module (the mask is fp32 on CPU, measured; bool on CUDA).
                 tensors += [i * 4, i * (1 if s.device == "cuda" else 4)]
@@ -413,18 +402,18 @@ def _layer_saved_tensors(shape: ModelShape, s: _Setup) -> list[int]:
                 tensors += [i * 4]
             else:
                 saved_groups.add(group)
-            tensors += [s.r * 4]  # lora_A's output
-            if s.dora:
+            tensors += [s.lora_r * 4]  # lora_A's output
+            if s.use_dora:
                 tensors += [o * a, o * a]  # DoRA's two scaled terms
     tensors += [inputs[g] * a for g in sorted(saved_groups) if inputs[g]]
     return tensors
 
 
-def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
+def _activation_bytes(shape: ModelShape, s: PlanInputs) -> tuple[int, int, int]:
     """(activations saved through the whole backward pass, what one layer's backward adds while it runs - with
     checkpointing that includes its recomputed activations -, the bytes of one step's activation tensors small
     enough for glibc's heap, checkpointed or not) for one micro-batch."""
-    a = DTYPE_BYTES[s.compute]
+    a = DTYPE_BYTES[s.compute_dtype]
     n = s.tokens
     layer = [t * n for t in _layer_saved_tensors(shape, s)]
     layer_input = shape.hidden_size * a * n
@@ -434,7 +423,7 @@ def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
     # Final norm output and the gathered hidden states of labelled positions feeding the chunked loss.
     tensors = [layer_input] * (shape.num_layers + 2)
     working = (BACKWARD_MLP_COPIES * inter + BACKWARD_RESIDUAL_COPIES * shape.hidden_size) * a * n
-    if s.checkpointing:
+    if s.gradient_checkpointing:
         # Only each layer's input is kept; backward recomputes one layer at a time, after the loss is done.
         working += sum(layer)
     else:
@@ -446,45 +435,45 @@ def _activation_bytes(shape: ModelShape, s: _Setup) -> tuple[int, int, int]:
     return saved, working, heap
 
 
-def logits_bytes(shape: ModelShape, s: _Setup, chunked: bool = True) -> int:
+def logits_bytes(shape: ModelShape, s: PlanInputs, chunked: bool = True) -> int:
     """Memory of the loss: one chunk of fp32 logits with its softmax and gradients (ft-desk), or the full
     batch x length x vocab logits of a plain trainer (chunked=False)."""
-    positions = min(s.chunk, s.tokens) if chunked else s.tokens
-    copies = LOSS_CHUNK_COPIES + (1 if DTYPE_BYTES[s.weights] != 4 else 0) + (1 if shape.logit_softcap else 0)
+    positions = min(s.loss_chunk_tokens, s.tokens) if chunked else s.tokens
+    copies = LOSS_CHUNK_COPIES + (1 if DTYPE_BYTES[s.weights_dtype] != 4 else 0) + (1 if shape.logit_softcap else 0)
     return positions * shape.vocab_size * 4 * copies
 
 
-def _weights(shape: ModelShape, s: _Setup) -> list[tuple[str, int]]:
-    w = DTYPE_BYTES[s.weights]
+def _weights(shape: ModelShape, s: PlanInputs) -> list[tuple[str, int]]:
+    w = DTYPE_BYTES[s.weights_dtype]
     if s.method == "qlora":
         quantized = four_bit_bytes(shape.linear_params, s.double_quant)
         label = "4-bit weights (incl. absmax, double quant)" if s.double_quant else "4-bit weights (incl. absmax)"
-        return [(label, quantized), (f"embeddings, lm_head and norms ({s.weights})", shape.other_params * w)]
+        return [(label, quantized), (f"embeddings, lm_head and norms ({s.weights_dtype})", shape.other_params * w)]
     if s.method == "lora":
-        return [(f"base weights ({s.weights})", shape.params * w)]
+        return [(f"base weights ({s.weights_dtype})", shape.params * w)]
     return [("weights (float32, trainable)", shape.params * 4)]
 
 
-def _trainable(shape: ModelShape, s: _Setup) -> tuple[str, int, int]:
+def _trainable(shape: ModelShape, s: PlanInputs) -> tuple[str, int, int]:
     if s.method == "full":
         n = shape.params
         # Note: AdamW keeps two fp32 states per parameter; grads are fp32 like the weights: 12 B/param here,
         # the weights themselves are counted above.
         return "gradients + AdamW states (fp32)", n * 12, n
-    n = lora_params(shape, s.r, s.targets, s.dora)
+    n = lora_params(shape, s.lora_r, s.target_modules, s.use_dora)
     # Note: LoRA weights, their gradients and AdamW's two states are all fp32: 16 bytes per trainable parameter.
-    return f"LoRA r={s.r}: weights, grads, AdamW states (fp32)", n * 16, n
+    return f"LoRA r={s.lora_r}: weights, grads, AdamW states (fp32)", n * 16, n
 
 
-def _dequant_bytes(shape: ModelShape, s: _Setup) -> int:
+def _dequant_bytes(shape: ModelShape, s: PlanInputs) -> int:
     """The transient full-precision copy of one 4-bit weight that each matmul dequantizes (qlora only)."""
     if s.method != "qlora":
         return 0
     widest = max(i * o for _, i, o, _ in shape.linear_layers())
-    return widest * DTYPE_BYTES[s.compute]
+    return widest * DTYPE_BYTES[s.compute_dtype]
 
 
-def _optimizer_step_extra(shape: ModelShape, s: _Setup) -> int:
+def _optimizer_step_extra(shape: ModelShape, s: PlanInputs) -> int:
     """Temporaries of the AdamW step, which runs after backward has freed the activations (full only matters).
 
     Note: torch's AdamW takes its multi-tensor (foreach) path on CUDA, which materialises sqrt(v) for every
@@ -495,10 +484,10 @@ def _optimizer_step_extra(shape: ModelShape, s: _Setup) -> int:
     return shape.params * 4 if s.device == "cuda" else shape.largest_tensor * 4 * 2
 
 
-def _load_peak(shape: ModelShape, s: _Setup, resident: int) -> int:
+def _load_peak(shape: ModelShape, s: PlanInputs, resident: int) -> int:
     """Host memory while loading on CPU: the checkpoint pages being read plus the converted weights, plus the
     full-precision copy of the linear weight being quantized."""
-    converts = s.method == "qlora" or shape.checkpoint_dtype != (s.weights if s.method != "full" else "float32")
+    converts = s.method == "qlora" or shape.checkpoint_dtype != (s.weights_dtype if s.method != "full" else "float32")
     # Note: safetensors files are memory-mapped; when no dtype conversion is needed the weights *are* the
     # mapped pages, so the file is not counted twice (measured: RSS after load = weights, peak = weights + file).
     checkpoint = shape.params * DTYPE_BYTES[shape.checkpoint_dtype] if converts else 0
@@ -507,24 +496,24 @@ def _load_peak(shape: ModelShape, s: _Setup, resident: int) -> int:
     return resident + checkpoint + quantizing
 
 
-def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]:
+def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], int]:
     components = _weights(shape, s)
     label, train_bytes, trainable = _trainable(shape, s)
     components.append((label, train_bytes))
     saved, working, heap = _activation_bytes(shape, s)
-    act_label = "activations, checkpointed" if s.checkpointing else "activations (no checkpointing)"
-    components.append((f"{act_label}: {s.micro_batch} x {s.length} tokens", saved))
+    act_label = "activations, checkpointed" if s.gradient_checkpointing else "activations (no checkpointing)"
+    components.append((f"{act_label}: {s.micro_batch_size} x {s.max_length} tokens", saved))
     # The loss runs backward first, then the layers one by one: the peak is the larger of the two phases.
     loss = logits_bytes(shape, s)
     layer_phase = working + _dequant_bytes(shape, s)
-    transient = [(f"loss: logits in chunks of {min(s.chunk, s.tokens)} tokens", loss)]
+    transient = [(f"loss: logits in chunks of {min(s.loss_chunk_tokens, s.tokens)} tokens", loss)]
     if layer_phase > loss:
-        transient.append(("layer backward beyond the loss peak" + (" (one layer recomputed)" if s.checkpointing
+        transient.append(("layer backward beyond the loss peak" + (" (one layer recomputed)" if s.gradient_checkpointing
                                                                     else ""), layer_phase - loss))
-    if s.method == "full" and s.compute != "float32":
+    if s.method == "full" and s.compute_dtype != "float32":
         # Note: autocast keeps a 16-bit copy of every fp32 weight it casts for the forward, and linear layers
         # save those copies for backward, so they live until the backward pass has used them.
-        transient.append((f"{s.compute} weight copies (autocast)", shape.params * DTYPE_BYTES[s.compute]))
+        transient.append((f"{s.compute_dtype} weight copies (autocast)", shape.params * DTYPE_BYTES[s.compute_dtype]))
     components += transient
     model_bytes = sum(b for _, b in components)
     # The optimizer step runs once backward has freed all of the above that is transient.
@@ -532,7 +521,7 @@ def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]
     if step_extra > 0:
         components.append(("optimizer step temporaries above the backward peak", step_extra))
         model_bytes += step_extra
-    if s.device == "cpu" and not s.allocator_capped:
+    if s.device == "cpu" and not s.cpu_allocator_capped:
         # Note: with glibc's default (growing) mmap threshold, blocks under 32 MiB come from its heaps once the
         # first step has freed some, and the next step's activations do not fit the holes the last step left:
         # peak RSS grew by about the heap-sized part of one step's activations and loss tensors (measured on an
@@ -540,7 +529,7 @@ def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]
         # layers still allocate their full activations once per step, transiently, between long-lived layer
         # outputs: the heap grew by 0.6-1.0x of what the run would save without checkpointing (bench/
         # plan_accuracy.py); 1.0x is taken, the safe side. cap_cpu_allocator removes the whole term.
-        chunk_tensor = min(s.chunk, s.tokens) * shape.vocab_size * 4
+        chunk_tensor = min(s.loss_chunk_tokens, s.tokens) * shape.vocab_size * 4
         loss_heap = logits_bytes(shape, s) if chunk_tensor < GLIBC_MMAP_THRESHOLD_MAX else 0
         components.append(("CPU allocator retention (glibc keeps the last step's blocks)", heap + loss_heap))
         model_bytes += heap + loss_heap
@@ -558,7 +547,8 @@ def _estimate(shape: ModelShape, s: _Setup) -> tuple[list[tuple[str, int]], int]
     return components, trainable
 
 
-def _budget(device: DeviceFacts | None) -> int | None:
+def device_budget(device: DeviceFacts | None) -> int | None:
+    """Bytes the run may use on `device` (free memory on CUDA, the recommended working set on MPS), or None."""
     if device is None:
         return None
     if device.type == "cuda":
@@ -568,7 +558,8 @@ def _budget(device: DeviceFacts | None) -> int | None:
     return device.free_memory or device.total_memory or None
 
 
-def _verdict(total: int, budget: int | None) -> str:
+def fit_verdict(total: int, budget: int | None) -> str:
+    """"fits" (under FITS_SHARE of the budget), "tight", "does not fit", or "unknown device" without a budget."""
     if budget is None:
         return "unknown device"
     if total <= FITS_SHARE * budget:
@@ -578,154 +569,55 @@ def _verdict(total: int, budget: int | None) -> str:
     return "does not fit"
 
 
-# Note: a change that saves less than this share of the total is not worth suggesting.
-MIN_SAVING = 0.01
-
-Change = dict[str, dict[str, Any]]
-
-
-def _knobs(run: RunConfig, four_bit_ok: bool) -> list[list[tuple[str, Change]]]:
-    """Settings that lower memory, least intrusive first; each is a ladder of steps, mildest step first."""
-    t, d, lora = run.train, run.data, run.lora
-    knobs: list[list[tuple[str, Change]]] = []
-    if not t.gradient_checkpointing:
-        knobs.append([("gradient checkpointing on (about 30% slower, same result)",
-                       {"train": {"gradient_checkpointing": True}})])
-    ladder = []
-    mb = t.micro_batch_size
-    while mb > 1:
-        mb //= 2
-        accum = t.grad_accum * t.micro_batch_size // mb
-        ladder.append((f"micro-batch {mb} with {accum} accumulation steps (same effective batch, slower)",
-                       {"train": {"micro_batch_size": mb, "grad_accum": accum}}))
-    knobs.append(ladder)
-    knobs.append([("loss in chunks of 256 tokens", {"train": {"loss_chunk_tokens": 256}})]
-                 if t.loss_chunk_tokens > 256 else [])
-    if t.method != "qlora" and four_bit_ok:
-        knobs.append([("QLoRA: 4-bit base instead of 16-bit (slightly lower quality)", {"train": {"method": "qlora"}}),
-                      ])
-    ladder = []
-    r = lora.r
-    while t.method != "full" and r > 4:
-        r //= 2
-        ladder.append((f"LoRA rank {r} (learns less)", {"lora": {"r": r, "alpha": max(1, lora.alpha * r // lora.r)}}))
-    knobs.append(ladder)
-    ladder = []
-    length = d.max_length
-    while length > 256:
-        length //= 2
-        ladder.append((f"max length {length} tokens (longer examples are truncated)",
-                       {"data": {"max_length": length}}))
-    knobs.append(ladder)
-    return [k for k in knobs if k]
+def _shape_of(shape_or_config: ModelShape | dict, model_name: str) -> ModelShape:
+    if isinstance(shape_or_config, ModelShape):
+        return shape_or_config
+    return model_shape(shape_or_config, model_name)
 
 
-def _apply(run: RunConfig, change: Change) -> RunConfig:
-    for section, values in change.items():
-        run = replace_config(run, section, **values)
-    return run
-
-
-def _merge(a: Change, b: Change) -> Change:
-    out = {section: dict(values) for section, values in a.items()}
-    for section, values in b.items():
-        out.setdefault(section, {}).update(values)
-    return out
-
-
-def _overrides(change: Change) -> tuple[str, ...]:
-    def text(v: Any) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v)
-
-    return tuple(f"{section}.{key}={text(v)}" for section, values in change.items() for key, v in values.items())
-
-
-def _suggest(run: RunConfig, shape: ModelShape, device: DeviceFacts | None, budget: int | None,
-             current: int, four_bit_ok: bool, capped: bool | None) -> list[Suggestion]:
-    """One suggestion per setting (its mildest step that fits, else its strongest); then, when no single change
-    fits, the settings stacked in order (each at its mildest fitting step, else its strongest) until it fits."""
-    limit = None if budget is None else FITS_SHARE * budget
-
-    def judge(description: str, change: Change) -> Suggestion:
-        total = _total(shape, _apply(run, change), device, capped)
-        return Suggestion(description, _overrides(change), total, None if limit is None else total <= limit)
-
-    def worth(s: Suggestion) -> bool:
-        return s.total_bytes < current * (1 - MIN_SAVING)
-
-    knobs = _knobs(run, four_bit_ok)
-    singles: list[Suggestion] = []
-    for ladder in knobs:
-        tried = [judge(description, change) for description, change in ladder]
-        pick = next((s for s in tried if s.fits), tried[-1])
-        if worth(pick):
-            singles.append(pick)
-    if limit is None or any(s.fits for s in singles):
-        return singles
-    stacked: list[Suggestion] = []
-    merged: Change = {}
-    parts: list[str] = []
-    best = current
-    for ladder in knobs:
-        tried = [(description, _merge(merged, change)) for description, change in ladder]
-        judged = [(d, c, judge(d, c)) for d, c in tried]
-        description, change, result = next(((d, c, r) for d, c, r in judged if r.fits), judged[-1])
-        if result.total_bytes >= best * (1 - MIN_SAVING):
-            continue
-        merged, best = change, result.total_bytes
-        parts.append(description.split(" (")[0])
-        stacked.append(Suggestion(" + ".join(parts), _overrides(merged), result.total_bytes, result.fits))
-        if result.fits:
-            break
-    return singles + stacked[1:]
-
-
-def _total(shape: ModelShape, run: RunConfig, device: DeviceFacts | None, capped: bool | None = None) -> int:
-    components, _ = _estimate(shape, _resolve(run, device, capped))
+def peak_bytes(shape_or_config: ModelShape | dict, inputs: PlanInputs) -> int:
+    """The predicted peak alone (the sum of plan_memory's components)."""
+    components, _ = _estimate(_shape_of(shape_or_config, "the model"), inputs)
     return sum(b for _, b in components)
 
 
-def plan_memory(model_config: dict, run: RunConfig, device: DeviceFacts | None, four_bit_ok: bool = True,
-                model_name: str | None = None, cpu_allocator_capped: bool | None = None) -> MemoryPlan:
-    """Predicted peak memory of `run` on `device` (None: unknown device, planned as a bf16 GPU) for the model
-    described by `model_config` (its parsed config.json). `four_bit_ok=False` keeps QLoRA out of suggestions;
-    `cpu_allocator_capped` says whether the CPU run pins glibc's mmap threshold (default: what ft-desk train does,
-    quant.device.TRAINING_CAPS_CPU_ALLOCATOR)."""
-    shape = model_shape(model_config, model_name or run.model.name)
-    setup = _resolve(run, device, cpu_allocator_capped)
-    components, trainable = _estimate(shape, setup)
+def plan_memory(shape_or_config: ModelShape | dict, inputs: PlanInputs, device: DeviceFacts | None,
+                model_name: str = "the model") -> MemoryPlan:
+    """Predicted peak memory of a run with `inputs` for the model described by `shape_or_config` (a ModelShape,
+    or the parsed config.json), judged against `device` (None: no verdict). The plan carries no suggestions:
+    which settings to change is the caller's business (trainer.planning), each judged with `peak_bytes`."""
+    shape = _shape_of(shape_or_config, model_name)
+    components, trainable = _estimate(shape, inputs)
     total = sum(b for _, b in components)
-    budget = _budget(device)
-    verdict = _verdict(total, budget)
-    suggestions = (_suggest(run, shape, device, budget, total, four_bit_ok, cpu_allocator_capped)
-                   if verdict != "fits" else [])
+    budget = device_budget(device)
     notes = list(shape.notes)
     if not shape.known:
         notes.append(f"architecture {shape.model_type!r} is not one the planner models exactly: the estimate is "
                      f"padded by {CONSERVATIVE_MARGIN:.0%}")
-    if setup.dora:
+    if inputs.use_dora:
         notes.append("DoRA adds activations per adapted layer; its estimate is less exact than plain LoRA's")
-    if setup.method == "qlora" and setup.device == "mps":
+    if inputs.method == "qlora" and inputs.device == "mps":
         notes.append("ft-desk train does not run QLoRA on Apple GPUs (MPS): train LoRA on a 16-bit base there "
                      "(--preset lora) and plan that")
-    if setup.packing:
+    if inputs.packing:
         notes.append("assumes packed rows filled to max length (the worst case)")
     settings = {
-        "micro_batch_size": setup.micro_batch, "max_length": setup.length,
-        "gradient_checkpointing": setup.checkpointing, "lora_r": setup.r if setup.method != "full" else None,
-        "target_modules": list(setup.targets), "loss_chunk_tokens": setup.chunk, "packing": setup.packing,
-        "grad_accum": run.train.grad_accum,
+        "micro_batch_size": inputs.micro_batch_size, "max_length": inputs.max_length,
+        "gradient_checkpointing": inputs.gradient_checkpointing,
+        "lora_r": inputs.lora_r if inputs.method != "full" else None,
+        "target_modules": list(inputs.target_modules), "loss_chunk_tokens": inputs.loss_chunk_tokens,
+        "packing": inputs.packing, "grad_accum": inputs.grad_accum,
     }
     return MemoryPlan(
         components=components,
         total_bytes=total,
-        verdict=verdict,
+        verdict=fit_verdict(total, budget),
         conservative=not shape.known,
-        suggestions=suggestions,
+        suggestions=[],
         device_budget_bytes=budget,
-        device=setup.device,
-        compute_dtype=setup.compute,
-        method=setup.method,
+        device=inputs.device,
+        compute_dtype=inputs.compute_dtype,
+        method=inputs.method,
         model_type=shape.model_type,
         params=shape.params,
         trainable_params=trainable,
@@ -734,80 +626,9 @@ def plan_memory(model_config: dict, run: RunConfig, device: DeviceFacts | None, 
     )
 
 
-def plain_trainer_logits(model_config: dict, run: RunConfig, device: DeviceFacts | None = None) -> int:
+def plain_trainer_logits(shape_or_config: ModelShape | dict, inputs: PlanInputs) -> int:
     """The logits term of a trainer that materialises batch x length x vocab fp32 logits (for comparisons)."""
-    shape = model_shape(model_config)
-    return logits_bytes(shape, _resolve(run, device), chunked=False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading config.json without the weights
-
-
-def load_model_config(model: str, revision: str | None = None, offline: bool | None = None) -> dict:
-    """config.json of `model`: the demo model, a local folder, the HF cache, or (online only) fetched alone.
-
-    Offline mode (HF_HUB_OFFLINE=1, or offline=True) never touches the network.
-    """
-    if model == "demo":
-        from ft_desk.trainer.demo import ensure_demo_model
-
-        return _read_json(ensure_demo_model() / "config.json")
-    path = Path(model).expanduser()
-    if path.is_dir():
-        config = path / "config.json"
-        if not config.is_file():
-            raise ModelError(f"{path} has no config.json, so it is not a Hugging Face model folder")
-        return _read_json(config)
-    if path.suffix == ".json" and path.is_file():
-        return _read_json(path)
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelError(f"{model} is not a folder holding a model (no such directory)",
-                         hint="give a model folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct, or demo")
-    import huggingface_hub  # light enough, but only needed for Hub ids
-
-    if offline is None:
-        offline = huggingface_hub.constants.is_offline_mode()
-    try:
-        cached = huggingface_hub.try_to_load_from_cache(model, "config.json", revision=revision)
-    except huggingface_hub.errors.HFValidationError:
-        raise ModelError(f"{model!r} is not a valid Hub model id or folder",
-                         hint="a Hub id looks like owner/name, e.g. Qwen/Qwen2.5-0.5B-Instruct") from None
-    if isinstance(cached, str):
-        return _read_json(Path(cached))
-    if offline:
-        raise ModelError(
-            f"config.json of {model} is not in the local Hugging Face cache and offline mode is on",
-            hint=f"download it first (ft-desk models download {model}) or unset HF_HUB_OFFLINE",
-        )
-    from huggingface_hub import errors
-
-    try:
-        local = huggingface_hub.hf_hub_download(model, "config.json", revision=revision)
-    except errors.GatedRepoError:
-        raise ModelError(f"{model} is gated: its files need an accepted licence and a token",
-                         hint=f"accept the terms on https://huggingface.co/{model} and run: hf auth login") from None
-    except errors.RepositoryNotFoundError:
-        raise ModelError(f"no model {model!r} on the Hugging Face Hub (or it is private)",
-                         hint="check the spelling, or log in with: hf auth login") from None
-    except errors.RevisionNotFoundError:
-        raise ModelError(f"{model} has no revision {revision!r}") from None
-    except errors.EntryNotFoundError:
-        raise ModelError(f"{model} has no config.json, so it is not a transformers model") from None
-    except (errors.HfHubHTTPError, OSError) as exc:
-        raise ModelError(f"could not fetch config.json of {model}: {exc}".splitlines()[0],
-                         hint="check the network, or plan offline from a downloaded model") from None
-    return _read_json(Path(local))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return data
+    return logits_bytes(_shape_of(shape_or_config, "the model"), inputs, chunked=False)
 
 
 def human_bytes(n: int | float) -> str:
@@ -820,5 +641,6 @@ def human_bytes(n: int | float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["MemoryPlan", "ModelShape", "Suggestion", "plan_memory", "load_model_config", "model_shape",
-           "lora_params", "logits_bytes", "plain_trainer_logits", "human_bytes"]
+__all__ = ["FITS_SHARE", "MemoryPlan", "ModelShape", "PlanInputs", "Suggestion", "device_budget",
+           "fit_verdict", "human_bytes", "logits_bytes", "lora_params", "model_shape", "peak_bytes",
+           "plain_trainer_logits", "plan_memory"]

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# Note: bitsandbytes' CPU repacked kernel works on blocks of this many output features.
-CPU_REPACK_BLOCK = 32
-
 QUANT_TYPES = ("nf4", "fp4")
 
 # Note: bitsandbytes' 4-bit default (used by transformers' BitsAndBytesConfig): one absmax scale per 64 weights.
@@ -59,15 +56,6 @@ def bnb_config(quant_type: str, double_quant: bool, compute_dtype: str, skip_mod
     )
 
 
-def bnb_config_for(quant, device) -> Any:
-    """BitsAndBytesConfig for a RunConfig's `quant` section on `device` (DeviceFacts): `auto` compute dtype
-    resolved the way training resolves it."""
-    from ft_desk.quant.device import choose_compute_dtype
-
-    compute = choose_compute_dtype(device, quant.compute_dtype)
-    return bnb_config(quant.quant_type, quant.double_quant, compute, quant.skip_modules)
-
-
 def four_bit_layers(model) -> list[tuple[str, Any]]:
     """(name, module) for every bitsandbytes Linear4bit in `model`."""
     try:
@@ -86,7 +74,3 @@ def disable_cpu_repack(model) -> int:
             changed += 1
     return changed
 
-
-def misaligned_layers(model) -> list[str]:
-    """Names of 4-bit layers whose out_features would trip the CPU repack assertion (for the doctor report)."""
-    return [n for n, m in four_bit_layers(model) if m.out_features % CPU_REPACK_BLOCK]

@@ -1,4 +1,5 @@
-"""Memory planner arithmetic on known model shapes, the verdict and its suggestions, and reading config.json."""
+"""Memory planner arithmetic on known model shapes (quant.planner), and the RunConfig side (trainer.planning):
+the dtypes a run resolves to, the verdict, its suggestions, and reading config.json."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 
 from ft_desk.quant import planner
 from ft_desk.quant.device import DeviceFacts
-from ft_desk.quant.planner import load_model_config, model_shape, plan_memory
+from ft_desk.quant.planner import PlanInputs, model_shape, plan_memory
 from ft_desk.trainer.errors import ModelError
+from ft_desk.trainer.planning import load_model_config, plan_inputs, plan_run
 from ft_desk.trainer.presets import load_config
 
 GIB = 1024**3
@@ -52,7 +54,7 @@ def test_qlora_7b_lands_in_the_published_range(r, length):
     #   QLoRA recipes train 7B models on 16 GB cards (Colab T4): peaks of roughly 5-10 GB for 512-2048 tokens.
     run = _run(f"lora.r={r}", f"lora.alpha={2 * r}", f"data.max_length={length}", "train.micro_batch_size=1",
                "train.gradient_checkpointing=true", "train.device=cuda")
-    plan = plan_memory(LLAMA2_7B, run, RTX_3090)
+    plan = plan_run(LLAMA2_7B, run, RTX_3090)
     assert 5 * GIB <= plan.total_bytes <= 10 * GIB, planner.human_bytes(plan.total_bytes)
     weights = plan.component("4-bit weights")
     assert 3.0 * GIB <= weights <= 3.9 * GIB
@@ -67,7 +69,7 @@ def test_qlora_7b_on_an_8gb_card_without_checkpointing_does_not_fit_and_says_wha
     run = _run(*SETTINGS_8GB)
     card = DeviceFacts("cuda", "RTX 3070", total_memory=8 * GIB, free_memory=8 * GIB, compute_capability=(8, 6),
                        bf16=True)
-    plan = plan_memory(LLAMA2_7B, run, card)
+    plan = plan_run(LLAMA2_7B, run, card)
     assert plan.verdict == "does not fit"
     assert plan.suggestions
     for s in plan.suggestions:
@@ -76,21 +78,39 @@ def test_qlora_7b_on_an_8gb_card_without_checkpointing_does_not_fit_and_says_wha
     assert first is not None and first.fits
     assert first is next(s for s in plan.suggestions if s.fits)
     # Applying the suggested overrides really gives a plan that fits, with the promised estimate.
-    fixed = plan_memory(LLAMA2_7B, load_config(["qlora"], [*SETTINGS_8GB, *first.overrides]), card)
+    fixed = plan_run(LLAMA2_7B, load_config(["qlora"], [*SETTINGS_8GB, *first.overrides]), card)
     assert fixed.total_bytes == first.total_bytes
     assert fixed.verdict == "fits"
 
 
+def test_the_arithmetic_takes_plain_inputs_without_a_run_config():
+    # What trainer.planning resolves from the qlora preset on a bf16 card, written out by hand.
+    inputs = PlanInputs(device="cuda", method="qlora", compute_dtype="bfloat16", weights_dtype="bfloat16",
+                        micro_batch_size=1, max_length=1024, grad_accum=8, gradient_checkpointing=True,
+                        packing=False, loss_chunk_tokens=1024, lora_r=16, target_modules=("all-linear",),
+                        lora_dropout=0.0, use_dora=False, double_quant=True, cpu_allocator_capped=False)
+    by_hand = plan_memory(LLAMA2_7B, inputs, RTX_3090)
+    run = _run("train.device=cuda", "data.max_length=1024", "train.micro_batch_size=1", "train.grad_accum=8",
+               "train.gradient_checkpointing=true", "train.loss_chunk_tokens=1024", "lora.r=16",
+               "lora.target_modules=all-linear", "lora.dropout=0", "quant.double_quant=true", "train.packing=false")
+    assert plan_inputs(run, RTX_3090) == inputs
+    assert by_hand.total_bytes == plan_run(LLAMA2_7B, run, RTX_3090).total_bytes
+    assert by_hand.settings["grad_accum"] == 8 and by_hand.suggestions == []
+    # No device: planned as a bf16 GPU for train.device=auto, with no budget and no verdict.
+    assert plan_inputs(_run(), None).compute_dtype == "bfloat16"
+    assert plan_memory(LLAMA2_7B, inputs, None).verdict == "unknown device"
+
+
 def test_verdict_thresholds():
     run = _run("train.device=cuda")
-    need = plan_memory(LLAMA2_7B, run, RTX_3090).total_bytes
+    need = plan_run(LLAMA2_7B, run, RTX_3090).total_bytes
     roomy = DeviceFacts("cuda", total_memory=2 * need, free_memory=2 * need, bf16=True)
     tight = DeviceFacts("cuda", total_memory=int(need * 1.05), free_memory=int(need * 1.05), bf16=True)
     small = DeviceFacts("cuda", total_memory=need // 2, free_memory=need // 2, bf16=True)
-    assert plan_memory(LLAMA2_7B, run, roomy).verdict == "fits"
-    assert plan_memory(LLAMA2_7B, run, tight).verdict == "tight"
-    assert plan_memory(LLAMA2_7B, run, small).verdict == "does not fit"
-    unknown = plan_memory(LLAMA2_7B, run, None)
+    assert plan_run(LLAMA2_7B, run, roomy).verdict == "fits"
+    assert plan_run(LLAMA2_7B, run, tight).verdict == "tight"
+    assert plan_run(LLAMA2_7B, run, small).verdict == "does not fit"
+    unknown = plan_run(LLAMA2_7B, run, None)
     assert unknown.verdict == "unknown device"
     assert unknown.device_budget_bytes is None
     # Without a budget the ways to lower the peak are still listed, with no fit judgement.
@@ -101,7 +121,7 @@ def test_verdict_thresholds():
 def test_when_nothing_alone_fits_the_changes_are_stacked():
     run = _run("data.max_length=2048", "train.micro_batch_size=8", "train.device=cuda")
     need_stacking = DeviceFacts("cuda", total_memory=7 * GIB, free_memory=7 * GIB, bf16=True)
-    plan = plan_memory(LLAMA2_7B, run, need_stacking)
+    plan = plan_run(LLAMA2_7B, run, need_stacking)
     singles = [s for s in plan.suggestions if " + " not in s.description]
     stacked = [s for s in plan.suggestions if " + " in s.description]
     assert singles and not any(s.fits for s in singles)
@@ -114,13 +134,13 @@ def test_large_vocab_costs_more_and_the_chunked_loss_keeps_logits_small():
     large_vocab = dict(SMOLLM2_135M, vocab_size=151936)
     run = _run("data.max_length=1024", "train.micro_batch_size=4", "train.device=cpu")
     cpu = DeviceFacts("cpu", total_memory=64 * GIB, free_memory=64 * GIB)
-    a, b = plan_memory(small_vocab, run, cpu), plan_memory(large_vocab, run, cpu)
+    a, b = plan_run(small_vocab, run, cpu), plan_run(large_vocab, run, cpu)
     extra_embedding = (151936 - 49152) * 576 * 4  # tied, fp32 on CPU
     assert b.component("embeddings") - a.component("embeddings") == extra_embedding
     assert b.component("loss") == pytest.approx(a.component("loss") * 151936 / 49152)
     assert b.total_bytes > a.total_bytes + extra_embedding
     # A plain trainer materialises batch x length x vocab fp32 logits: 4x more positions than one 1024 chunk.
-    plain = planner.plain_trainer_logits(large_vocab, run, cpu)
+    plain = planner.plain_trainer_logits(large_vocab, plan_inputs(run, cpu))
     assert plain == 4 * b.component("loss")
     assert plain > 5 * GIB  # 4 x 1024 x 151936 x 4 bytes x 3 copies: the term chunking removes
 
@@ -128,15 +148,15 @@ def test_large_vocab_costs_more_and_the_chunked_loss_keeps_logits_small():
 def test_loss_term_follows_its_constant(monkeypatch):
     run = _run("train.device=cpu")
     copies = planner.LOSS_CHUNK_COPIES
-    before = plan_memory(SMOLLM2_135M, run, None).component("loss")
+    before = plan_run(SMOLLM2_135M, run, None).component("loss")
     monkeypatch.setattr(planner, "LOSS_CHUNK_COPIES", copies + 1)
-    after = plan_memory(SMOLLM2_135M, run, None).component("loss")
+    after = plan_run(SMOLLM2_135M, run, None).component("loss")
     assert after * copies == before * (copies + 1)
 
 
 def test_checkpointing_micro_batch_and_length_move_the_activations():
     def acts(*overrides):
-        plan = plan_memory(SMOLLM2_135M, _run("train.device=cpu", *overrides), None)
+        plan = plan_run(SMOLLM2_135M, _run("train.device=cpu", *overrides), None)
         return plan.component("activations")
 
     base = acts("train.micro_batch_size=2", "data.max_length=512")
@@ -148,10 +168,10 @@ def test_checkpointing_micro_batch_and_length_move_the_activations():
 
 def test_methods_rank_as_expected():
     cpu = DeviceFacts("cpu", total_memory=64 * GIB, free_memory=64 * GIB)
-    totals = {m: plan_memory(SMOLLM2_135M, _run("train.device=cpu", "lora.dropout=0", f"train.method={m}"),
+    totals = {m: plan_run(SMOLLM2_135M, _run("train.device=cpu", "lora.dropout=0", f"train.method={m}"),
                              cpu).total_bytes for m in ("qlora", "lora", "full")}
     assert totals["qlora"] < totals["lora"] < totals["full"]
-    full = plan_memory(SMOLLM2_135M, _run("train.device=cpu", "train.method=full"), cpu)
+    full = plan_run(SMOLLM2_135M, _run("train.device=cpu", "train.method=full"), cpu)
     assert full.trainable_params == model_shape(SMOLLM2_135M).params
 
 
@@ -160,7 +180,7 @@ def test_unknown_architecture_is_padded_and_marked():
               "num_attention_heads": 16, "intermediate_size": 4096}
     as_llama = dict(config, model_type="llama", tie_word_embeddings=False)
     run = _run("train.device=cuda")
-    odd, known = plan_memory(config, run, RTX_3090), plan_memory(as_llama, run, RTX_3090)
+    odd, known = plan_run(config, run, RTX_3090), plan_run(as_llama, run, RTX_3090)
     assert odd.conservative and not known.conservative
     assert odd.total_bytes > known.total_bytes
     assert odd.component("margin") > 0
@@ -184,7 +204,7 @@ def test_a_config_without_sizes_is_a_readable_error():
 
 
 def test_plan_to_dict_is_json_and_components_add_up():
-    plan = plan_memory(SMOLLM2_135M, _run("train.device=cpu"), DeviceFacts("cpu", total_memory=GIB,
+    plan = plan_run(SMOLLM2_135M, _run("train.device=cpu"), DeviceFacts("cpu", total_memory=GIB,
                                                                            free_memory=GIB))
     data = json.loads(json.dumps(plan.to_dict()))
     assert sum(c["bytes"] for c in data["components"]) == data["total_bytes"]
@@ -248,13 +268,13 @@ def test_online_fetches_config_json_alone(tmp_path, monkeypatch):
 def test_full_fine_tuning_counts_16_bytes_per_parameter_and_the_optimizer_step():
     run = _run("train.method=full", "train.device=cuda", "train.micro_batch_size=1", "data.max_length=256",
                "train.gradient_checkpointing=true")
-    plan = plan_memory(SMOLLM2_135M, run, RTX_3090)
+    plan = plan_run(SMOLLM2_135M, run, RTX_3090)
     n = model_shape(SMOLLM2_135M).params
     assert plan.component("weights") + plan.component("gradients") == 16 * n
     assert plan.component("bfloat16 weight copies (autocast)") == 2 * n
     # With few activations, AdamW's multi-tensor step (one fp32 temporary per parameter) sets the peak.
     assert plan.component("optimizer step") > 0
-    roomier = plan_memory(SMOLLM2_135M, _run("train.method=full", "train.device=cuda", "train.micro_batch_size=8",
+    roomier = plan_run(SMOLLM2_135M, _run("train.method=full", "train.device=cuda", "train.micro_batch_size=8",
                                              "data.max_length=1024"), RTX_3090)
     assert roomier.component("optimizer step") == 0
 

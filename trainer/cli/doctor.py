@@ -9,6 +9,12 @@ import argparse
 import json
 from typing import Any
 
+from ft_desk.quant.device import probe
+from ft_desk.quant.planner import human_bytes
+from ft_desk.trainer.export.llamacpp import capabilities
+from ft_desk.trainer.planning import load_model_config, plan_run
+from ft_desk.trainer.presets import load_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -17,8 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _gib(n: int | float | None) -> str:
-    from ft_desk.quant.planner import human_bytes
-
     return "?" if n is None else human_bytes(n)
 
 
@@ -28,25 +32,17 @@ def _yes(flag: Any) -> str:
 
 def model_costs(model: str, device) -> dict[str, Any]:
     """Peak memory of the default recipe for `model` with QLoRA and with 16-bit LoRA on `device`."""
-    from ft_desk.quant.planner import load_model_config, plan_memory
-
-    from ft_desk.trainer.presets import load_config
-
     config = load_model_config(model)
     out: dict[str, Any] = {"model": model}
     for method in ("qlora", "lora"):
         cfg = load_config(["qlora"], [f"model.name={model}", f"train.method={method}",
                                       f"train.device={device.type}"])
-        plan = plan_memory(config, cfg, device)
+        plan = plan_run(config, cfg, device)
         out[method] = {"total_bytes": plan.total_bytes, "verdict": plan.verdict}
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    from ft_desk.quant.device import probe
-
-    from ft_desk.trainer.export.llamacpp import capabilities
-
     report = probe()
     data = report.to_dict()
     data["export"] = capabilities()

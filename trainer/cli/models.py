@@ -23,7 +23,17 @@ from typing import Any
 
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import JsonlSink, format_bytes, make_event
+from ft_desk.trainer.hub.cache import (
+    cached_models,
+    hf_cache_dir,
+    partial_download_bytes,
+    removal_plan,
+    remove_model,
+    resumable_downloads,
+)
 from ft_desk.trainer.hub.credentials import redact
+from ft_desk.trainer.hub.download import download_model
+from ft_desk.trainer.hub.search import FitCheck, model_details, search_models
 
 SUBCOMMANDS = ("search", "list", "info", "download", "rm")
 
@@ -86,12 +96,10 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, ensure_ascii=False, default=str))
 
 
-def _fit_context(args):
+def _fit_check(args):
     if args.no_fit:
         return None
-    from ft_desk.trainer.hub.search import FitContext
-
-    return FitContext.from_presets(args.preset, args.overrides)
+    return FitCheck.from_presets(args.preset, args.overrides)
 
 
 def _params(n: int | None) -> str:
@@ -121,9 +129,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _search(args) -> int:
-    from ft_desk.trainer.hub.search import search_models
-
-    result = search_models(args.query, sort=args.sort, limit=args.limit, fit=_fit_context(args))
+    result = search_models(args.query, sort=args.sort, limit=args.limit, fit=_fit_check(args))
     if args.json:
         _print_json(result)
         return 0
@@ -145,8 +151,6 @@ def _search(args) -> int:
 
 
 def _list(args) -> int:
-    from ft_desk.trainer.hub.cache import cached_models, hf_cache_dir, partial_download_bytes, resumable_downloads
-
     models = cached_models()
     partial = partial_download_bytes()
     resumable = resumable_downloads()
@@ -178,9 +182,7 @@ def _list(args) -> int:
 
 
 def _info(args) -> int:
-    from ft_desk.trainer.hub.search import model_details
-
-    details = model_details(args.model_id, args.revision, fit=_fit_context(args))
+    details = model_details(args.model_id, args.revision, fit=_fit_check(args))
     if args.json:
         _print_json(details)
         return 0
@@ -267,8 +269,6 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def _download(args) -> int:
-    from ft_desk.trainer.hub.download import download_model
-
     jsonl = args.json or args.events == "jsonl"
     sink = JsonlSink(sys.stdout) if jsonl else DownloadBar()
     # The TUI cancels a download with SIGTERM: turn it into KeyboardInterrupt so the download stops cleanly and keeps
@@ -309,8 +309,6 @@ def _download(args) -> int:
 
 
 def _rm(args) -> int:
-    from ft_desk.trainer.hub.cache import hf_cache_dir, remove_model, removal_plan
-
     _, freed, commits = removal_plan(args.model_id, args.revision)
     what = f"{args.model_id}" + (f" revision {args.revision}" if args.revision else "")
     if not args.yes:

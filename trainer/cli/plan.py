@@ -13,6 +13,12 @@ import json
 import re
 from typing import Any
 
+from ft_desk.quant.device import DeviceFacts, available_device_types, probe_facts
+from ft_desk.quant.planner import human_bytes
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.planning import four_bit_likely, load_model_config, plan_run
+from ft_desk.trainer.presets import load_config
+
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
               "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4, "tb": 1024**4, "tib": 1024**4}
 
@@ -32,8 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_size(text: str) -> int:
-    from ft_desk.trainer.errors import UserError
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
     unit = match.group(2).lower() if match else ""
     if not match or unit not in SIZE_UNITS:
@@ -43,8 +47,6 @@ def parse_size(text: str) -> int:
 
 def _device_facts(kind: str, memory: int | None):
     """(DeviceFacts or None, where the facts came from)."""
-    from ft_desk.quant.device import DeviceFacts, available_device_types, probe_facts
-
     here = available_device_types()
     if kind == "auto":
         kind = here[0]
@@ -63,23 +65,10 @@ def _device_facts(kind: str, memory: int | None):
 
 
 def _size(n: int) -> str:
-    from ft_desk.quant.planner import human_bytes
-
     return human_bytes(n)
 
 
-def _four_bit_likely(kind: str) -> bool:
-    """Whether QLoRA can be suggested without running the 4-bit check (ft-desk doctor runs it)."""
-    import importlib.util
-
-    return kind != "mps" and importlib.util.find_spec("bitsandbytes") is not None
-
-
 def build_plan(args: argparse.Namespace) -> dict[str, Any]:
-    from ft_desk.quant.planner import load_model_config, plan_memory
-
-    from ft_desk.trainer.presets import load_config
-
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.name={args.model}")
@@ -90,7 +79,7 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     facts, where = _device_facts(cfg.train.device, memory)
     config = load_model_config(cfg.model.name, cfg.model.revision)
     kind = facts.type if facts else cfg.train.device
-    plan = plan_memory(config, cfg, facts, four_bit_ok=_four_bit_likely(kind))
+    plan = plan_run(config, cfg, facts, four_bit_ok=four_bit_likely(kind))
     out = plan.to_dict()
     out.update({"model": cfg.model.name, "device_description": where,
                 "device_name": facts.name if facts else None})

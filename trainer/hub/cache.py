@@ -14,6 +14,10 @@ from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.hub.names import COMMIT_RE
 from ft_desk.trainer.hub.folder_check import check_model_folder
 
+# Note: ft-desk's resumable partial file is blobs/<etag> + this suffix; huggingface_hub never uses the name (its own
+# are <etag>.<uuid>.incomplete, deleted by `hf cache prune`), and it is never the name of a complete file.
+PARTIAL_SUFFIX = ".ftdesk-partial"
+
 
 def hf_cache_dir() -> Path:
     from huggingface_hub import constants  # read at call time, never cached in this module
@@ -134,8 +138,6 @@ def partial_download_bytes() -> int:
 
 def resumable_downloads() -> dict[str, int]:
     """Repo id -> bytes already fetched by an unfinished `ft-desk models download` (it continues from there)."""
-    from ft_desk.trainer.hub.download import PARTIAL_SUFFIX
-
     root = hf_cache_dir()
     found: dict[str, int] = {}
     if root.is_dir():

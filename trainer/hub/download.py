@@ -56,7 +56,7 @@ from ft_desk.trainer.hub.folder_check import (
     pick_weight_files,
     remote_code_reason,
 )
-from ft_desk.trainer.hub.cache import find_snapshot, folder_status, repo_dir
+from ft_desk.trainer.hub.cache import PARTIAL_SUFFIX, find_snapshot, folder_status, repo_dir
 from ft_desk.trainer.hub.remote import api, fetch_repo_json, hub_error, offline, offline_error
 
 # Files a fine-tuning run reads besides the weights (exact names at the repo root).
@@ -72,9 +72,6 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 _ETAG_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")  # it becomes a file name in blobs/
 
-# Note: ft-desk's resumable partial file is blobs/<etag> + this suffix; huggingface_hub never uses the name (its own
-# are <etag>.<uuid>.incomplete, deleted by `hf cache prune`), and it is never the name of a complete file.
-PARTIAL_SUFFIX = ".ftdesk-partial"
 # Note: huggingface_hub's *.incomplete files untouched this long (and unlocked) are orphans of a killed process. A
 # live huggingface_hub download writes every few seconds and gives up after about a minute without data, so this
 # is safe even where file locks silently do nothing (some network filesystems).

@@ -12,7 +12,7 @@ from typing import Any
 
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.hub.names import model_page_url
-from ft_desk.trainer.hub.credentials import redact
+from ft_desk.trainer.hub.credentials import active_token, redact
 
 # Note: seconds to wait for the Hub to answer a metadata call; downloads use huggingface_hub's own timeouts.
 METADATA_TIMEOUT_S = 10.0
@@ -110,8 +110,6 @@ def hub_error(exc: BaseException, repo_id: str | None = None, revision: str | No
 
 
 def _has_token() -> bool:
-    from ft_desk.trainer.hub.credentials import active_token
-
     return bool(active_token())
 
 

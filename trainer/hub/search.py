@@ -3,12 +3,13 @@
 `search_models` and `model_details` return plain dicts (the `--json` output of `ft-desk models search/info`, which the
 TUI renders). With no query, and whenever the Hub is off limits (offline mode) or unreachable, the curated list from
 presets/models.yaml comes first, with cached models marked; in offline mode nothing touches the network. The fit
-verdict comes from ft_desk.quant.planner.plan_memory on config.json - read from the cache, or fetched alone (a few KB,
-in memory, never written to the cache) - and the run config of the chosen presets.
+verdict comes from ft_desk.trainer.planning.plan_run on config.json - read from the cache, or fetched alone (a few KB,
+in memory, never written to the cache) - and the run config of the chosen presets (a FitCheck).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ft_desk.quant.device import DeviceFacts, probe_facts, resolve_device
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.hub.names import COMMIT_RE, check_repo_id, model_page_url
@@ -24,6 +26,8 @@ from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.cache import cached_ids, find_snapshot, folder_status
 from ft_desk.trainer.hub.download import is_training_file, unsafe_name
 from ft_desk.trainer.hub.remote import api, endpoint, fetch_repo_json, get_json, hub_error, is_unreachable, offline
+from ft_desk.trainer.planning import plan_run
+from ft_desk.trainer.presets import load_config
 
 SORTS = {"downloads": "downloads", "likes": "likes", "updated": "lastModified"}
 SEARCH_EXPAND = ("downloads", "likes", "lastModified", "gated", "safetensors", "tags", "library_name", "pipeline_tag")
@@ -100,23 +104,20 @@ def load_catalog(path: Path | None = None) -> list[CatalogEntry]:
 # ---------------------------------------------------------------------------------------------------------------
 # fit verdict
 
-@dataclass
-class FitContext:
-    """What a fit verdict is computed against: the run config (presets + --set) and this device."""
+@dataclass(frozen=True)
+class FitCheck:
+    """What the fit column's verdicts are computed against: the run config (presets + --set) and this device."""
 
     run: RunConfig
-    device: Any  # ft_desk.quant.device.DeviceFacts, or None when it could not be probed
+    """The run as `ft-desk train` would resolve it with the same presets and overrides."""
+    device: DeviceFacts | None
+    """This machine's device for that run, or None when it could not be probed (verdict "unknown device")."""
 
     @classmethod
-    def from_presets(cls, presets: list[str] | None, overrides: list[str] | None) -> "FitContext":
-        from ft_desk.trainer.presets import load_config
-
+    def from_presets(cls, presets: list[str] | None, overrides: list[str] | None) -> "FitCheck":
         run = load_config(presets or ["qlora"], overrides or [])
-        device = None
         try:
-            from ft_desk.quant.device import probe_facts, resolve_device  # imports torch
-
-            device = probe_facts(resolve_device(run.train.device))
+            device = probe_facts(resolve_device(run.train.device))  # imports torch
         except UserError:
             raise
         except Exception:  # no usable device probe: the planner answers "unknown device"
@@ -128,11 +129,7 @@ class FitContext:
         if config is None:
             return {"verdict": "unknown", "reason": "config.json is not available"}
         try:
-            from ft_desk.quant.planner import plan_memory
-        except ImportError:
-            return {"verdict": "unknown", "reason": "the memory planner is not installed"}
-        try:
-            return plan_memory(config, self.run, self.device, model_name=model_name).to_dict()
+            return plan_run(config, self.run, self.device, model_name=model_name).to_dict()
         except UserError as err:
             return {"verdict": "unknown", "reason": err.message}
         except Exception as exc:  # an odd config must not sink a whole search
@@ -149,8 +146,6 @@ def _cached_config(repo_id: str, revision: str | None = None) -> dict | None:
     snapshot = find_snapshot(repo_id, revision)
     if snapshot is None or not (snapshot / "config.json").is_file():
         return None
-    import json
-
     try:
         return json.loads((snapshot / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -167,7 +162,7 @@ def _config_for(repo_id: str, use_network: bool) -> dict | None:
         return None
 
 
-def _add_fits(rows: list[dict], fit: FitContext | None, use_network: bool) -> None:
+def _add_fits(rows: list[dict], fit: FitCheck | None, use_network: bool) -> None:
     if fit is None or not rows:
         return
     with ThreadPoolExecutor(max_workers=min(FIT_WORKERS, len(rows))) as pool:
@@ -239,7 +234,7 @@ def _matches(text: str, query: str | None) -> bool:
 
 
 def search_models(query: str | None = None, sort: str = "downloads", limit: int = 20,
-                  fit: FitContext | None = None) -> dict[str, Any]:
+                  fit: FitCheck | None = None) -> dict[str, Any]:
     """Rows for the model picker: curated first without a query or without the Hub, then Hub results."""
     if sort not in SORTS:
         raise UserError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
@@ -298,7 +293,7 @@ def _cached_row(repo_id: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # details of one model
 
-def model_details(repo_id: str, revision: str | None = None, fit: FitContext | None = None) -> dict[str, Any]:
+def model_details(repo_id: str, revision: str | None = None, fit: FitCheck | None = None) -> dict[str, Any]:
     """Everything the picker's details pane shows about one model, from the Hub or (offline) from the cache."""
     check_repo_id(repo_id)
     entry = next((e for e in load_catalog() if e.id == repo_id), None)

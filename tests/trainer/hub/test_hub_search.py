@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from ft_desk.trainer.hub.folder_check import safetensors_param_count
 from ft_desk.trainer.hub.search import load_catalog
 
@@ -86,7 +84,6 @@ def test_model_info_reports_size_license_gated_and_weights(hub, cli, tiny_files)
 
 
 def test_fit_verdict_from_config_alone(hub, cli):
-    pytest.importorskip("ft_desk.quant.planner")
     code, out, _ = cli("models", "info", "acme/tiny-chat", "--json", "--set", "train.device=cpu")
     assert code == 0
     fit = json.loads(out)["fit"]
