@@ -30,7 +30,7 @@ from ft_desk.quant.planner import (
     plan_memory,
 )
 from ft_desk.trainer.config import RunConfig, replace as replace_config
-from ft_desk.trainer.demo import demo_cache_dir, ensure_demo_model
+from ft_desk.trainer.demo import demo_cache_dir, ensure_demo_model, is_demo_model
 from ft_desk.trainer.errors import ModelError, UserError
 
 
@@ -215,7 +215,7 @@ def load_model_config(model: str, revision: str | None = None, offline: bool | N
 
     Offline mode (HF_HUB_OFFLINE=1, or offline=True) never touches the network.
     """
-    if model == "demo":
+    if is_demo_model(model):
         return _read_json(ensure_demo_model() / "config.json")
     path = Path(model).expanduser()
     if path.is_dir():
@@ -267,7 +267,7 @@ def load_model_config(model: str, revision: str | None = None, offline: bool | N
 def local_model_config(name: str, revision: str | None = None) -> dict[str, Any] | None:
     """config.json of a model that is already on disk, or None: never downloads, never builds the demo model,
     never raises (an unreadable or invalid one is None too, and `load_model_config` says what is wrong)."""
-    if name == "demo":
+    if is_demo_model(name):
         path = demo_cache_dir() / "config.json"
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser() / "config.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ft_desk.trainer.config import ModelConfig
-from ft_desk.trainer.demo import ensure_demo_model
+from ft_desk.trainer.demo import ensure_demo_model, is_demo_model
 from ft_desk.trainer.errors import ModelError
 from ft_desk.trainer.hub.cache import find_snapshot
 from ft_desk.trainer.hub.folder_check import check_model_folder
@@ -17,7 +17,7 @@ from ft_desk.trainer.hub.names import is_repo_id
 
 def resolve_model_dir(cfg: ModelConfig) -> Path:
     """A local folder holding the model named by `cfg`, checked for safety and completeness (no network)."""
-    if cfg.name == "demo":
+    if is_demo_model(cfg.name):
         return ensure_demo_model()
     path = Path(cfg.name).expanduser()
     if path.is_dir():
