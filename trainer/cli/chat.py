@@ -11,13 +11,21 @@ chat_token (text) pieces as they are generated and one chat_done (text, tokens, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ft_desk.trainer.chat_format import stop_token_ids
+from ft_desk.trainer.data.formats import Example, Message
+from ft_desk.trainer.data.prepare import generation_prompt
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.events import JsonlSink, make_event
+from ft_desk.trainer.generation import generate
+from ft_desk.trainer.training.model import checkpoint_folder, load_trained
+from ft_desk.trainer.training.run import stdout_for_events
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _prompt_ids(messages: list[dict[str, str]], tokenizer, cfg) -> list[int]:
     """Token ids of the conversation followed by the assistant's turn, rendered as training renders it."""
-    from ft_desk.trainer.data.prepare import generation_prompt
-    from ft_desk.trainer.data.formats import Example, Message
-
     if not messages or messages[-1].get("role") != "user":
         raise UserError("a chat request must end with a user message")
     turns = tuple(Message(str(m.get("role")), str(m.get("content", ""))) for m in messages)
@@ -44,19 +49,15 @@ def _prompt_ids(messages: list[dict[str, str]], tokenizer, cfg) -> list[int]:
 
 
 class _Streamer:
-    """Receives token ids from generate() (same thread) and emits decoded text as it becomes printable."""
+    """Receives each new token id from generate() (same thread) and emits decoded text as it becomes printable."""
 
     def __init__(self, tokenizer, emit: Callable[[str], None]) -> None:
         self.tokenizer, self.emit = tokenizer, emit
         self.ids: list[int] = []
         self.sent = 0
-        self.prompt_seen = False
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+    def put(self, token_id: int) -> None:
+        self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return  # half of a multi-byte character: wait for the rest
@@ -73,38 +74,26 @@ class _Streamer:
 
 class ChatModel:
     def __init__(self, run_dir: Path, checkpoint: str) -> None:
-        from ft_desk.trainer.training.model import checkpoint_folder, load_trained
-        from ft_desk.trainer.training.run import stop_token_ids
-
         self.model, self.tokenizer, self.cfg = load_trained(run_dir, checkpoint)
         self.checkpoint = checkpoint_folder(run_dir, checkpoint).name
-        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer, vocabulary_fallback=True)
         self.device = next(self.model.parameters()).device
         self.base_available = hasattr(self.model, "disable_adapter")
 
     def reply(self, messages: list[dict[str, str]], base: bool, max_new_tokens: int,
               emit: Callable[[str], None]) -> dict[str, Any]:
-        import contextlib
-
-        import torch  # heavy import: only once a model is loaded
-
         if base and not self.base_available:
             raise UserError("this run trained every weight (method full): there is no adapter to turn off")
         ids = _prompt_ids(messages, self.tokenizer, self.cfg)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         streamer = _Streamer(self.tokenizer, emit)
         started = time.time()
         adapter_off = self.model.disable_adapter() if base else contextlib.nullcontext()
-        with torch.no_grad(), adapter_off:
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=list(self.stop_ids), pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=True, streamer=streamer,
-            )
-        new = out[0, input_ids.shape[1]:].tolist()
-        stopped = bool(new) and new[-1] in self.stop_ids
-        return {"text": self.tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": len(new),
-                "seconds": round(time.time() - started, 3), "stopped": stopped}
+        with adapter_off:
+            (answer,) = generate(self.model, self.tokenizer, [ids], max_new_tokens=max_new_tokens,
+                                 stop_ids=self.stop_ids, device=self.device, on_token=streamer.put)
+        streamer.end()
+        return {"text": answer.text, "tokens": answer.tokens, "seconds": round(time.time() - started, 3),
+                "stopped": answer.stopped}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,9 +106,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(run_dir: Path, args: argparse.Namespace) -> int:
-    from ft_desk.trainer.events import JsonlSink, make_event
-    from ft_desk.trainer.training.run import stdout_for_events
-
     sink = JsonlSink(stdout_for_events())
     try:
         chat = ChatModel(run_dir, args.checkpoint)

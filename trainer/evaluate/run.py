@@ -38,9 +38,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.evaluate import metrics as em
+from ft_desk.trainer.evaluate import scoring
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EventSink, make_event
+from ft_desk.trainer.generation import Sampling, generate, pad_id_for
 
 METRICS = ("loss", "exact", "rouge", "chrf", "bleu", "json", "regex", "stop", "length", "semantic", "retention")
 NEEDS_GENERATION = frozenset(METRICS) - {"loss", "retention"}
@@ -274,7 +277,7 @@ class _Plan:
     data_path: Path
     probe_path: Path | None
     device: str
-    sampling: Any  # eval_generate.Sampling or None (greedy)
+    sampling: Sampling | None  # None: greedy
     generation: dict[str, Any]
     when: datetime
     started: float
@@ -320,8 +323,6 @@ def _plan(run_dir: Path | str, options: EvalOptions, clock: Callable[[], float])
     device = resolve_device(options.device or cfg.train.device)
     sampling = None
     if options.sample:
-        from ft_desk.trainer.evaluate.generate import Sampling
-
         sampling = Sampling(options.temperature, options.top_p, options.seed)
     generation = {"mode": "sample" if sampling else "greedy", "max_new_tokens": options.max_new_tokens,
                   "batch_size": options.batch_size, "temperature": options.temperature if sampling else None,
@@ -361,9 +362,6 @@ def _torch_threads(threads: int):
 
 def _measure(plan: _Plan, sink: EventSink, clock: Callable[[], float]) -> _Measured:
     """Load once, then per model (base, tuned): reference loss, generation, probe perplexity."""
-    from ft_desk.trainer.evaluate import generate as eg
-    from ft_desk.trainer.training.run import stop_token_ids
-
     cfg, options, wanted = plan.cfg, plan.options, plan.wanted
 
     def progress(phase: str, side: str) -> Callable[[int, int], None]:
@@ -388,30 +386,32 @@ def _measure(plan: _Plan, sink: EventSink, clock: Callable[[], float]) -> _Measu
             if not m.items:
                 raise UserError(f"{plan.data_path}: no example could be rendered for this model",
                                 hint="check the file with: ft-desk data check FILE")
-            m.stop_ids = stop_token_ids(tokenizer)
+            m.stop_ids = stop_token_ids(tokenizer, vocabulary_fallback=True)
             max_new, capped_note = _max_new_tokens(options, m.items, model)
             plan.generation["max_new_tokens"] = max_new
             if capped_note:
                 m.notes.append(capped_note)
         side_timing: dict[str, Any] = {}
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else m.stop_ids[0]
+        pad_id = pad_id_for(tokenizer, m.stop_ids)
         autocast = _autocast(cfg, plan.device)
         batching = dict(pad_id=pad_id, device=plan.device, batch_size=options.batch_size,
                         chunk_tokens=cfg.train.loss_chunk_tokens, autocast=autocast, clock=clock)
         if "loss" in wanted:
-            m.losses[side], t = eg.losses(model, [it.tokenized for it in m.items], progress=progress("loss", side),
-                                          **batching)
+            m.losses[side], t = scoring.losses(model, [it.tokenized for it in m.items],
+                                               progress=progress("loss", side), **batching)
             side_timing["loss"] = t.to_dict()
         if wanted & NEEDS_GENERATION:
-            m.outputs[side], t = eg.generate(model, tokenizer, [it.prompt_ids for it in m.items],
-                                             max_new_tokens=max_new, batch_size=options.batch_size,
-                                             stop_ids=m.stop_ids, device=plan.device, sampling=plan.sampling,
-                                             progress=progress("generate", side), clock=clock)
+            started = clock()
+            m.outputs[side] = generate(model, tokenizer, [it.prompt_ids for it in m.items],
+                                       max_new_tokens=max_new, batch_size=options.batch_size,
+                                       stop_ids=m.stop_ids, device=plan.device, sampling=plan.sampling,
+                                       progress=progress("generate", side))
+            t = scoring.PhaseTiming(clock() - started, sum(g.tokens for g in m.outputs[side]))
             side_timing["generate"] = t.to_dict()
         if "retention" in wanted:
             lines = plan.probe_path.read_text(encoding="utf-8").splitlines()
-            passages = eg.probe_passages(tokenizer, lines, cfg.data.max_length, str(plan.probe_path))
-            m.probe[side], t = eg.losses(model, passages, progress=progress("retention", side), **batching)
+            passages = scoring.probe_passages(tokenizer, lines, cfg.data.max_length, str(plan.probe_path))
+            m.probe[side], t = scoring.losses(model, passages, progress=progress("retention", side), **batching)
             side_timing["retention"] = t.to_dict()
         m.timings[side] = side_timing
         del model

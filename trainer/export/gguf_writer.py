@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.export.safetensors_io import read_header, read_tensor
 
@@ -77,8 +78,6 @@ def _pre_tokenizer_name(spec: dict[str, Any]) -> tuple[str, str | None]:
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
     """Everything the GGUF needs about the tokenizer."""
     import gguf
-
-    from ft_desk.trainer.export.chat import stop_token_ids, turn_end_tokens
 
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("GGUF export needs a fast tokenizer (tokenizer.json); this model has only a slow one")

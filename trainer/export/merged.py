@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.export.safetensors_io import (
     ShardWriter,
@@ -378,8 +379,6 @@ def write_weights(plan: MergePlan, folder: Path, progress: Progress | None = Non
 def write_model_files(source: RunSource, plan: MergePlan, folder: Path, tokenizer) -> dict[str, Any]:
     """config.json, generation_config.json and the tokenizer; returns what was decided (for the report)."""
     from transformers import AutoConfig, GenerationConfig  # heavy import
-
-    from ft_desk.trainer.export.chat import stop_token_ids, turn_end_tokens
 
     config = AutoConfig.from_pretrained(source.base_dir, trust_remote_code=source.cfg.model.trust_remote_code)
     if hasattr(config, "quantization_config"):

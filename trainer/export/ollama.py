@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ft_desk.trainer.chat_format import PROBE_ANSWER, PROBE_SYSTEM, PROBE_USER, render_probe, turn_end_tokens
+
 MODELFILE = "Modelfile"
 
 
@@ -47,7 +49,7 @@ class TemplateFamily:
     """What the TEMPLATE does with a system prompt, for the note shown when the model's own template refuses one."""
 
 
-_S, _U, _A = "Probe system 5120.", "Probe question 7431?", "Probe answer 9265."
+_S, _U, _A = PROBE_SYSTEM, PROBE_USER, PROBE_ANSWER
 
 FAMILIES = (
     TemplateFamily(
@@ -138,8 +140,6 @@ def _renders_as(rendered: str | None, expected: str, tokenizer) -> bool:
 
 def match_family(tokenizer) -> TemplateFamily | None:
     """The family whose rendering equals the model's own template's rendering of the probe conversation."""
-    from ft_desk.trainer.export.chat import render_probe
-
     with_system = render_probe(tokenizer, system=True)
     without = render_probe(tokenizer, system=False)
     for family in FAMILIES:
@@ -153,8 +153,6 @@ def match_family(tokenizer) -> TemplateFamily | None:
 
 def template_notes(tokenizer, family: TemplateFamily) -> list[str]:
     """Where Ollama's prompt cannot equal the model's own template: a refused system role, a BOS mismatch."""
-    from ft_desk.trainer.export.chat import render_probe
-
     notes = []
     if render_probe(tokenizer, system=True) is None:
         notes.append(f"the model's chat template refuses system messages; in Ollama {family.system_prompt}")
@@ -198,7 +196,6 @@ def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source,
     from transformers import AutoConfig
 
     from ft_desk.trainer.training.run import slug
-    from ft_desk.trainer.export.chat import turn_end_tokens
 
     family = match_family(tokenizer)
     stops: list[str] = []

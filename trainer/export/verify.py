@@ -3,6 +3,8 @@
 1. The reference is the trained model exactly as evaluation sees it (`load_trained`: the adapter on the 4-bit
    base for QLoRA). It scores a few validation rows; the full next-token log-probabilities go to disk, one file per
    row, and it generates greedily from up to three held-out prompts, stopping at EOS or the turn-end token.
+   Rows become token ids as `verify_examples` says: chat rows through the chat template (which holds its own
+   BOS), other rows as plain text with the tokenizer's special tokens.
 2. The export is reloaded in a child process by reload_check.py, which uses only transformers / peft / gguf (no
    ft-desk code), scores the same token ids and generates from the same prompts with its own saved stop settings.
 3. The numbers: mean KL(reference || export) of next-token distributions, the validation loss delta, top-1
@@ -23,8 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ft_desk.quant.device import resolve_device
+from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.export.source import RunSource, read_val_rows
+from ft_desk.trainer.export.source import RunSource, load_tokenizer, read_val_rows
+from ft_desk.trainer.generation import generate
+from ft_desk.trainer.training.model import load_base, load_trained
 
 # Note: validation rows scored, and the token cap per row. A few hundred tokens already measure KL well; more
 # only costs time.
@@ -81,8 +87,6 @@ class Reference:
 
 
 def _device(source: RunSource) -> str:
-    from ft_desk.quant.device import resolve_device
-
     try:
         return resolve_device(source.cfg.train.device)
     except UserError:
@@ -92,9 +96,6 @@ def _device(source: RunSource) -> str:
 def _load_trained(source: RunSource, device: str):
     """(model, cfg) as evaluation loads the run. When the run's tokenizer grew (added tokens), the base is resized to
     it before the adapter goes on, since the adapter then carries the resized embedding and output layers."""
-    from ft_desk.trainer.training.model import load_base, load_trained
-    from ft_desk.trainer.export.source import load_tokenizer
-
     if source.method != "full":
         grown = len(load_tokenizer(source))
         config = json.loads((source.base_dir / "config.json").read_text(encoding="utf-8"))
@@ -111,13 +112,74 @@ def _load_trained(source: RunSource, device: str):
     return model, cfg
 
 
+@dataclass(frozen=True)
+class VerifyExample:
+    """One validation row as token ids (scored), and optionally a prompt to generate from."""
+
+    input_ids: list[int]
+    prompt_ids: list[int] | None
+    text: str
+    add_special_tokens: bool
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, str]] | None:
+    for key in ("messages", "conversations"):
+        value = row.get(key)
+        if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            out = []
+            for m in value:
+                role = m.get("role", m.get("from"))
+                content = m.get("content", m.get("value"))
+                if isinstance(role, str) and isinstance(content, str):
+                    role = {"human": "user", "gpt": "assistant"}.get(role, role)
+                    out.append({"role": role, "content": content})
+            return out or None
+    return None
+
+
+def row_text(row: dict[str, Any], tokenizer) -> tuple[str, str | None]:
+    """(full text, generation prompt or None) for one validation row."""
+    messages = _messages(row)
+    if messages is not None and getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = None
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last:
+            prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        return full, prompt
+    if messages is not None:
+        return "\n".join(m["content"] for m in messages), None
+    if isinstance(row.get("text"), str):
+        return row["text"], None
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return row["prompt"] + row["completion"], row["prompt"]
+    strings = [v for v in row.values() if isinstance(v, str)]
+    return "\n".join(strings), None
+
+
+def encode(tokenizer, text: str, templated: bool) -> list[int]:
+    # A rendered chat template already holds its BOS and other specials; plain text gets the tokenizer's own.
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
+def verify_examples(rows: list[dict[str, Any]], tokenizer, max_tokens_per_row: int) -> list[VerifyExample]:
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    out = []
+    for row in rows:
+        full, prompt = row_text(row, tokenizer)
+        is_chat = templated and _messages(row) is not None
+        ids = encode(tokenizer, full, is_chat)[:max_tokens_per_row]
+        if len(ids) < 2:
+            continue
+        prompt_ids = encode(tokenizer, prompt, is_chat) if prompt else None
+        out.append(VerifyExample(input_ids=ids, prompt_ids=prompt_ids, text=full, add_special_tokens=not is_chat))
+    return out
+
+
 def build_reference(source: RunSource, folder: Path, note: Progress | None = None) -> Reference:
     """Score validation rows and generate from held-out prompts with the model as trained; save to folder."""
     import torch  # heavy imports
     from safetensors.torch import save_file
-
-    from ft_desk.trainer.export.chat import stop_token_ids, turn_end_tokens, verify_examples
-    from ft_desk.trainer.export.source import load_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     device = _device(source)
@@ -151,18 +213,13 @@ def build_reference(source: RunSource, folder: Path, note: Progress | None = Non
             batches.append({"file": name, "tokens": len(ids) - 1, "text": ex.text,
                             "add_special_tokens": ex.add_special_tokens})
             used += len(ids)
-        prompts = []
-        max_new = cfg.eval.max_new_tokens
-        for ex in [e for e in examples if e.prompt_ids][:GENERATION_PROMPTS]:
-            input_ids = torch.tensor([ex.prompt_ids], dtype=torch.long, device=device)
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                 else stops[0])
-            new = out[0, input_ids.shape[1]:].tolist()
-            prompts.append({"prompt_ids": ex.prompt_ids, "output_ids": new,
-                            "stopped": bool(new) and new[-1] in stops,
-                            "text": tokenizer.decode(new, skip_special_tokens=False)})
+    max_new = cfg.eval.max_new_tokens
+    prompt_ids = [e.prompt_ids for e in examples if e.prompt_ids][:GENERATION_PROMPTS]
+    # One prompt at a time (no padding), as reload_check.py generates from the export.
+    outputs = generate(model, tokenizer, prompt_ids, max_new_tokens=max_new, stop_ids=stops, device=device)
+    prompts = [{"prompt_ids": ids, "output_ids": list(out.token_ids), "stopped": out.stopped,
+                "text": tokenizer.decode(list(out.token_ids), skip_special_tokens=False)}
+               for ids, out in zip(prompt_ids, outputs)]
     tokens = sum(b["tokens"] for b in batches)
     data = {"batches": batches, "prompts": prompts, "max_new_tokens": max_new, "loss": nll / max(tokens, 1),
             "tokens": tokens, "stop_ids": stops, "turn_end_ids": turn_end, "device": device}

@@ -2,7 +2,7 @@
 
 Design for speed and memory (see also batching.py):
 - Batches are packed rows with a block-diagonal mask: no compute spent on padding.
-- The loss is computed from the decoder's hidden states at labelled positions only, in chunks of
+- The loss (loss.py) is computed from the decoder's hidden states at labelled positions only, in chunks of
   `train.loss_chunk_tokens`, each chunk recomputed in backward; full-vocabulary fp32 logits never exist at once.
 - Host-side token counts normalise the loss, so nothing waits on the device inside a step. The device is
   synchronised once per optimizer step (the finiteness of the gradient norm) and at log intervals (loss value).
@@ -17,10 +17,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from ft_desk.trainer.data.batching import IGNORE, MicroBatch, collate
+from ft_desk.trainer.data.batching import MicroBatch, collate
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EventSink, make_event
+from ft_desk.trainer.training.loss import causal_lm_loss
 
 
 class NonFiniteLoss(UserError):
@@ -63,57 +64,6 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float, schedule: str
     if schedule == "linear":
         return peak * (1.0 - progress)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _chunk_ce(hidden, targets, head, softcap):
-    import torch.nn.functional as F  # heavy import (already loaded by the caller)
-
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch_tanh_cap(logits, softcap)
-    return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def torch_tanh_cap(logits, cap: float):
-    import torch
-
-    return torch.tanh(logits / cap) * cap
-
-
-def causal_lm_loss(model, batch: dict, chunk_tokens: int):
-    """Summed cross-entropy over labelled positions, computed chunk by chunk from the hidden states."""
-    import torch  # heavy import
-    from torch.utils.checkpoint import checkpoint
-
-    base = _unwrap(model)
-    decoder = base.get_decoder()
-    head = base.get_output_embeddings()
-    out = decoder(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    )
-    hidden = out[0]
-    targets = batch["targets"]
-    keep = targets != IGNORE
-    # Boolean indexing needs the count of kept positions on the host: one sync per micro-batch (free on CPU;
-    # on CUDA the caller already knows the count, so it could be passed in - kept simple until measured).
-    h = hidden[keep]
-    t = targets[keep]
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, h.shape[0], chunk_tokens):
-        piece = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, h[piece], t[piece], head, softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_ce(h[piece], t[piece], head, softcap)
-    return total
 
 
 def memory_in_use(device: str) -> int:
@@ -319,30 +269,3 @@ def _epoch_of(ctx: FitContext, micro_index: int) -> float:
     """Epochs done, as a fraction, from the position in the schedule."""
     total = len(ctx.schedule)
     return round(ctx.cfg.train.epochs * micro_index / max(1, total), 3)
-
-
-def generate_samples(model, tokenizer, prompts: Sequence[tuple[list[int], str]], *, max_new_tokens: int,
-                     device: str, stop_ids: Sequence[int]) -> list[str]:
-    """Greedy continuation of each prompt (token ids), decoded without special tokens."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    outputs = []
-    with torch.no_grad():
-        for ids, _reference in prompts:
-            input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-            generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=list(stop_ids),
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-            )
-            new = generated[0, input_ids.shape[1]:].tolist()
-            outputs.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    if was_training:
-        model.train()
-    return outputs

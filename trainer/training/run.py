@@ -28,9 +28,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EventSink, make_event
+from ft_desk.trainer.generation import generate
 from ft_desk.trainer.paths import runs_home
 
 log = logging.getLogger("ft_desk")
@@ -235,7 +237,7 @@ def _train(cfg: RunConfig, run_dir: Path, sink: EventSink, stop: StopFlag, resum
     from ft_desk.trainer.training import checkpoint as ckpt
     from ft_desk.trainer.data.batching import schedule
     from ft_desk.trainer.data.prepare import generation_prompt, prepare_data, write_examples_jsonl
-    from ft_desk.trainer.training.loop import FitContext, LoopState, fit, generate_samples, memory_in_use
+    from ft_desk.trainer.training.loop import FitContext, LoopState, fit, memory_in_use
     from ft_desk.trainer.training.model import load_base, prepare_for_training, save_weights
 
     device = resolve_device(cfg.train.device)
@@ -294,16 +296,16 @@ def _train(cfg: RunConfig, run_dir: Path, sink: EventSink, stop: StopFlag, resum
                          memory_bytes=memory_in_use(device), model_dir=info.model_dir))
     update_state(run_dir, total_steps=total_steps, model_dir=info.model_dir, device=device)
 
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer, vocabulary_fallback=True)
     prompts = [generation_prompt(ex, tokenizer, cfg.data) for ex in data.val_examples[: cfg.eval.sample_prompts]]
 
     def emit_samples(phase: str) -> None:
         if not prompts:
             return
-        outputs = generate_samples(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                                   device=device, stop_ids=stop_ids)
+        outputs = generate(model, tokenizer, [ids for ids, _ in prompts], max_new_tokens=cfg.eval.max_new_tokens,
+                           stop_ids=stop_ids, device=device)
         for index, ((ids, reference), output) in enumerate(zip(prompts, outputs)):
-            sink.emit(make_event("sample", phase=phase, index=index, output=output, reference=reference,
+            sink.emit(make_event("sample", phase=phase, index=index, output=output.text, reference=reference,
                                  prompt=tokenizer.decode(ids, skip_special_tokens=False)))
 
     if not resumed or resumed_from == 0:
@@ -367,18 +369,6 @@ def _train(cfg: RunConfig, run_dir: Path, sink: EventSink, stop: StopFlag, resum
     update_state(run_dir, step=state.step, best_step=state.best_step, best_val_loss=state.best_val_loss,
                  final_adapter=str(final))
     return {"status": status}
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS, the turn-end token the chat template writes, and the common turn-end tokens in the vocabulary."""
-    from ft_desk.trainer.export.chat import stop_token_ids as template_stop_ids
-
-    ids = template_stop_ids(tokenizer)
-    for text in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(text)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0 and tid not in ids:
-            ids.append(tid)
-    return ids
 
 
 def stdout_for_events():

@@ -9,7 +9,7 @@ import pytest
 
 from ft_desk.trainer.evaluate import report as eval_report
 from ft_desk.trainer.config import RunConfig
-from ft_desk.trainer.evaluate.generate import Generation
+from ft_desk.trainer.generation import Generation
 
 
 def _probe(per_token_losses: list[float], tokens: int = 20) -> list[tuple[float, int]]:

@@ -130,10 +130,9 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(memorized_r
     import torch
 
     from ft_desk.trainer.data.prepare import generation_prompt, load_examples
-    from ft_desk.trainer.evaluate.generate import generate
-    from ft_desk.trainer.training.loop import generate_samples
+    from ft_desk.trainer.chat_format import stop_token_ids
+    from ft_desk.trainer.generation import generate
     from ft_desk.trainer.training.model import load_trained
-    from ft_desk.trainer.training.run import stop_token_ids
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -142,19 +141,16 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(memorized_r
         examples, _, _ = load_examples(eval_files["train"])
         prompts = [generation_prompt(e, tokenizer, cfg.data) for e in examples]
         assert len({len(ids) for ids, _ in prompts}) > 1  # different lengths: the batch really is padded
-        stop = stop_token_ids(tokenizer)
-        one_by_one = generate_samples(model, tokenizer, prompts, max_new_tokens=12, device="cpu", stop_ids=stop)
-        for adapter_off in (False, True):
+        stop = stop_token_ids(tokenizer, vocabulary_fallback=True)
+        for adapter_off in (True, False):  # the base model, then the tuned one
             with model.disable_adapter() if adapter_off else torch.no_grad():
-                batched, timing = generate(model, tokenizer, [ids for ids, _ in prompts], max_new_tokens=12,
-                                           batch_size=8, stop_ids=stop, device="cpu")
-                single, _ = generate(model, tokenizer, [ids for ids, _ in prompts], max_new_tokens=12,
-                                     batch_size=1, stop_ids=stop, device="cpu")
+                batched = generate(model, tokenizer, [ids for ids, _ in prompts], max_new_tokens=12,
+                                   batch_size=8, stop_ids=stop, device="cpu")
+                single = generate(model, tokenizer, [ids for ids, _ in prompts], max_new_tokens=12,
+                                  batch_size=1, stop_ids=stop, device="cpu")
+            assert [g.token_ids for g in batched] == [g.token_ids for g in single]
             assert [g.text for g in batched] == [g.text for g in single]
             assert [g.stopped for g in batched] == [g.stopped for g in single]
-            assert timing.tokens == sum(g.tokens for g in batched)
-        tuned, _ = generate(model, tokenizer, [ids for ids, _ in prompts], max_new_tokens=12, batch_size=8,
-                            stop_ids=stop, device="cpu")
-        assert [g.text for g in tuned] == one_by_one  # the same answers training's sample generator gives
+        assert any(g.stopped for g in batched)  # the tuned model ends its answers, so stopping is compared too
     finally:
         torch.set_num_threads(threads)
