@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.errors import UserError
 
 
@@ -109,7 +110,7 @@ class ChatModel:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir.expanduser()
-    if not (run_dir / "config.json").is_file():
+    if not run_folder.config_path(run_dir).is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json)", hint="list runs with: ft-desk runs")
     if args.events == "jsonl":
         return _serve(run_dir, args)

@@ -197,7 +197,7 @@ def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source,
     """Write folder/Modelfile; returns the command to run and what was chosen."""
     from transformers import AutoConfig
 
-    from ft_desk.trainer.training.run import slug
+    from ft_desk.trainer.run_folder import slug
     from ft_desk.trainer.export.chat import turn_end_tokens
 
     family = match_family(tokenizer)
