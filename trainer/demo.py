@@ -17,6 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+from ft_desk.trainer.atomic import fsync_tree
+from ft_desk.trainer.paths import cache_home
+
 DEMO_MODEL_NAME = "demo"
 """`model.name` of the embedded tiny model."""
 DEMO_DATA_NAME = "demo"
@@ -173,8 +176,6 @@ def build_tiny_model(
 
 
 def demo_cache_dir() -> Path:
-    from ft_desk.trainer.paths import cache_home
-
     return cache_home() / f"demo-model-v{DEMO_BUILD_VERSION}"
 
 
@@ -187,6 +188,7 @@ def ensure_demo_model() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=target.parent))
     try:
         build_tiny_model(tmp)
+        fsync_tree(tmp)  # the files are on disk before the folder is renamed into place
         try:
             tmp.rename(target)
         except OSError:

@@ -23,6 +23,7 @@ from textual.screen import Screen
 from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.config import ConfigError
 from ft_desk.trainer.paths import data_home
 
@@ -384,5 +385,5 @@ def run_app() -> int:
     session = app.session
     if session is not None and session.live and not session.ended:
         print(f"ft-desk: {session.name} keeps training in the background. Run ft-desk again to re-attach, "
-              f"or follow it with: tail -f {session.run_dir / 'events.jsonl'}")
+              f"or follow it with: tail -f {run_folder.events_path(session.run_dir)}")
     return 0

@@ -2,9 +2,10 @@
 
 The child is `python -m ft_desk.trainer.cli.main train ... --events jsonl` in its own session (start_new_session), so
 closing the app, a dropped SSH connection (SIGHUP) or Ctrl-C in the app's terminal never reaches it. The app
-names the run folder itself (`--set output.run_name=...`) so it can follow RUN_DIR/events.jsonl from the first
-line without talking to the child; the child's stdout is discarded (events.jsonl has every event) and its
-stderr - where a bad-config error appears before any run folder exists - goes to a launch log.
+names the run folder itself (`--set output.run_name=...`, by run_folder.py's naming rule) so it can follow
+RUN_DIR/events.jsonl from the first line without talking to the child; the child's stdout is discarded
+(events.jsonl has every event) and its stderr - where a bad-config error appears before any run folder exists -
+goes to a launch log.
 Stop is SIGINT: the trainer finishes its step, saves a checkpoint and exits with code 3.
 """
 
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.paths import cache_home, runs_home
-from ft_desk.trainer.training.run import slug
 
 from ft_desk.tui.commands import child_env, cli_argv
 
@@ -52,14 +53,8 @@ def launch_dir() -> Path:
 
 def pick_run_dir(cfg: RunConfig, now: datetime | None = None) -> Path:
     """A run folder that does not exist yet, named like the trainer names them."""
-    home = runs_home(cfg.output.runs_dir)
-    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    name = cfg.output.run_name or f"{stamp}-{slug(cfg.model.name)}-{cfg.train.method}"
-    path, n = home / name, 1
-    while path.exists():
-        n += 1
-        path = home / f"{name}-{n}"
-    return path
+    name = cfg.output.run_name or run_folder.default_run_name(cfg.model.name, cfg.train.method, now)
+    return run_folder.unused_run_dir(runs_home(cfg.output.runs_dir), name)
 
 
 def _spawn(args: list[str], stderr_path: Path) -> subprocess.Popen:

@@ -1,8 +1,8 @@
-"""Run folders as the app sees them: their state.json, whether their trainer process is still alive, deleting one.
+"""Run folders as the app sees them: Home screen rows, whether a run's trainer is still alive, deleting one.
 
-The layout is the trainer's contract (RUN_DIR/state.json, events.jsonl, config.json, run.log); this module only
-reads it. A run whose state says "running" but whose process is gone (machine rebooted, process killed with
-SIGKILL) is shown as "interrupted": it can be resumed from its last checkpoint.
+The layout, the state file and how a status is judged are the trainer's contract (trainer/run_folder.py, stdlib
+only); this module only turns them into rows. A run whose state says "running" but whose process is gone
+(machine rebooted, process killed with SIGKILL) is shown as "crashed": it can be resumed from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ft_desk.trainer.cli.runs import list_runs as _list_rows
-from ft_desk.trainer.training.run import pid_alive
+from ft_desk.trainer import run_folder
+from ft_desk.trainer.paths import runs_home
 
-LIVE = "running"
-RESUMABLE = ("stopped", "failed", "crashed")
+LIVE = run_folder.RUNNING
+RESUMABLE = run_folder.RESUMABLE
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,7 @@ class RunSummary:
     @property
     def trained(self) -> bool:
         """Has an adapter or checkpoint worth evaluating/exporting."""
-        return (self.run_dir / "adapter").is_dir() or (self.run_dir / "model").is_dir() or any(
-            (self.run_dir / "checkpoints").glob("step-*")
-        )
+        return run_folder.has_weights(self.run_dir)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -60,11 +58,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def process_alive(pid: Any) -> bool:
-    """Whether `pid` is a live ft-desk process (not a zombie, not an unrelated process reusing the pid)."""
-    return pid_alive(pid)
 
 
 def _created(value: Any) -> float:
@@ -97,20 +90,19 @@ def from_row(row: dict[str, Any]) -> RunSummary:
 
 def list_runs(runs_dir: str | None = None) -> list[RunSummary]:
     """Every run, newest first: the rows of `ft-desk runs --json`, read in-process (the code is light)."""
-    return [from_row(row) for row in _list_rows(runs_dir)]
+    return [from_row(row) for row in run_folder.list_runs(runs_home(runs_dir))]
 
 
 def is_live(run_dir: Path) -> bool:
     """The run's state says running and its trainer process is alive."""
-    state = read_json(run_dir / "state.json") or {}
-    return state.get("status") == LIVE and process_alive(state.get("pid"))
+    return run_folder.is_live(run_dir)
 
 
 def delete_run(run: RunSummary) -> None:
     """Remove a run folder (the user confirmed). A live run is refused: stop it first."""
     if is_live(run.run_dir):
         raise RuntimeError(f"run {run.run_name} is still training; stop it before deleting it")
-    if not (run.run_dir / "state.json").is_file():
+    if not run_folder.is_run_folder(run.run_dir):
         raise RuntimeError(f"{run.run_dir} does not look like a run folder; nothing was deleted")
     shutil.rmtree(run.run_dir)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from textual.message import Message
 
+from ft_desk.trainer import run_folder
 from ft_desk.tui.history import RunHistory
 from ft_desk.tui.launch import Launch
-from ft_desk.tui.runs import read_json
 from ft_desk.tui.watch import RunWatcher
 
 
@@ -61,8 +61,7 @@ class RunSession:
     def pid(self) -> int | None:
         if self.launch is not None:
             return self.launch.pid
-        state = read_json(self.run_dir / "state.json") or {}
-        pid = state.get("pid")
+        pid = run_folder.read_state(self.run_dir).get("pid")
         return pid if isinstance(pid, int) else None
 
     @property
@@ -81,13 +80,13 @@ class RunSession:
         return not self.ended and not self.history.finished
 
     def log_files(self) -> list[Path]:
-        files = [self.run_dir / "run.log"]
+        files = [run_folder.log_path(self.run_dir)]
         if self.launch is not None:
             files.append(self.launch.stderr_path)
         return files
 
     def state(self) -> dict[str, Any]:
-        return read_json(self.run_dir / "state.json") or {}
+        return run_folder.read_state(self.run_dir)
 
     def stop_watching(self) -> None:
         if self.watcher is not None:

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ft_desk.tui.runs import LIVE, process_alive, read_json
+from ft_desk.trainer import run_folder
+from ft_desk.tui.runs import LIVE
 from ft_desk.tui.tail import EventTail
 
 EventsCallback = Callable[[list[dict[str, Any]], bool], None]
@@ -26,7 +27,7 @@ class RunWatcher:
     def __init__(self, run_dir: Path, on_events: EventsCallback, on_end: EndCallback,
                  process: subprocess.Popen | None = None, poll_s: float = 0.25, liveness_s: float = 1.0) -> None:
         self.run_dir = run_dir
-        self.tail = EventTail(run_dir / "events.jsonl")
+        self.tail = EventTail(run_folder.events_path(run_dir))
         self.on_events = on_events
         self.on_end = on_end
         self.process = process
@@ -55,12 +56,14 @@ class RunWatcher:
         if self.process is not None:
             code = self.process.poll()
             return code is not None, code
-        state = read_json(self.run_dir / "state.json")
-        if state is None:
+        state = run_folder.read_state(self.run_dir)
+        if not state:
             return True, None  # nothing to follow: not a run folder
-        if state.get("status") != LIVE:
-            return True, state.get("exit_code")
-        return not process_alive(state.get("pid")), None
+        status = run_folder.judged_status(state)
+        if status != LIVE:
+            # A crashed trainer never wrote its exit code; a finished one did.
+            return True, state.get("exit_code") if status != run_folder.CRASHED else None
+        return False, None
 
     def _run(self) -> None:
         first = True

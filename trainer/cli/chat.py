@@ -21,10 +21,12 @@ from typing import Any, Callable
 from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.data.formats import Example, Message
 from ft_desk.trainer.data.prepare import generation_prompt
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import JsonlSink, make_event
 from ft_desk.trainer.generation import generate
-from ft_desk.trainer.training.model import checkpoint_folder, load_trained
+from ft_desk.trainer.run_folder import checkpoint_folder
+from ft_desk.trainer.training.model import load_trained
 from ft_desk.trainer.training.run import stdout_for_events
 
 
@@ -98,7 +100,7 @@ class ChatModel:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir.expanduser()
-    if not (run_dir / "config.json").is_file():
+    if not run_folder.config_path(run_dir).is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json)", hint="list runs with: ft-desk runs")
     if args.events == "jsonl":
         return _serve(run_dir, args)

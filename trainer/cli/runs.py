@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ft_desk.trainer import run_folder
+from ft_desk.trainer.paths import runs_home
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -14,31 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def list_runs(runs_dir: str | None = None) -> list[dict[str, Any]]:
-    from ft_desk.trainer.paths import runs_home
-    from ft_desk.trainer.training.run import pid_alive, read_state
-
-    home = runs_home(runs_dir)
-    out = []
-    if not home.is_dir():
-        return out
-    for folder in home.iterdir():
-        if not folder.is_dir() or folder.name.startswith("."):
-            continue
-        state = read_state(folder)
-        if not state:
-            continue
-        status = state.get("status", "unknown")
-        if status == "running" and not pid_alive(state.get("pid")):
-            status = "crashed"  # the process is gone without saying goodbye: resumable from its last checkpoint
-        out.append({
-            "run_dir": str(folder), "run_name": folder.name, "status": status,
-            "model_name": state.get("model_name"), "method": state.get("method"),
-            "best_val_loss": state.get("best_val_loss"), "best_step": state.get("best_step"),
-            "step": state.get("step"), "total_steps": state.get("total_steps"),
-            "created": state.get("created"), "updated": state.get("updated"), "error": state.get("error"),
-        })
-    out.sort(key=lambda r: r.get("created") or "", reverse=True)
-    return out
+    """The rows of `ft-desk runs --json`, newest first (run_folder.list_runs under the runs folder)."""
+    return run_folder.list_runs(runs_home(runs_dir))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from ft_desk.trainer import run_folder
+from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.events import JsonlSink, ListSink, PrettySink, read_events
+from ft_desk.trainer.presets import load_config
+from ft_desk.trainer.training.run import StopFlag, stdout_for_events, train
+
 
 def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
     parser.add_argument("--preset", action="append", default=None, metavar="NAME",
@@ -30,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    from ft_desk.trainer.presets import load_config
-
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.name={args.model}")
@@ -43,9 +47,6 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ft_desk.trainer.events import JsonlSink, PrettySink
-    from ft_desk.trainer.training.run import StopFlag, stdout_for_events, train
-
     resume = getattr(args, "resume", None)
     cfg = None
     if resume is None:
@@ -54,16 +55,12 @@ def run(args: argparse.Namespace) -> int:
             print(cfg.to_json())
             return 0
     elif args.preset or args.overrides or args.model or args.data:
-        from ft_desk.trainer.errors import UserError
-
         raise UserError("--resume continues a run with its saved config; it takes no --preset/--set/--model/--data",
                         hint="start a new run instead to change settings")
     mode = args.events or ("pretty" if sys.stderr.isatty() else "pretty")
     if mode == "jsonl":
         sink = JsonlSink(stdout_for_events())
     elif mode == "none":
-        from ft_desk.trainer.events import ListSink
-
         sink = ListSink()
     else:
         sink = PrettySink(sys.stderr)
@@ -78,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_summary(run_dir: Path) -> None:
     """Before/after samples side by side and the validation curve, for a human at a terminal."""
-    from ft_desk.trainer.events import read_events
-
-    events = list(read_events(run_dir / "events.jsonl"))
+    events = list(read_events(run_folder.events_path(run_dir)))
     evals = [e for e in events if e["type"] == "eval"]
     samples = {(e["phase"], e["index"]): e for e in events if e["type"] == "sample"}
     out = sys.stderr

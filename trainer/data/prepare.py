@@ -12,12 +12,12 @@ No heavy imports: the tokenizer is passed in.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ft_desk.trainer.atomic import write_lines
 from ft_desk.trainer.config import DataConfig
 from ft_desk.trainer.data.formats import FORMATS, Example, Message, RowError, load_examples, resolve_data_path
 from ft_desk.trainer.data.render import IGNORE, Renderer, TokenizedExample, example_renderer
@@ -158,14 +158,7 @@ def generation_prompt(example: Example, tokenizer, cfg: DataConfig) -> tuple[lis
 
 
 def write_examples_jsonl(examples: Iterable[Example], path: Path | str) -> Path:
-    """Write examples as {"messages": [...]} / {"text": ...} JSON Lines (atomically: temp file, then rename)."""
+    """Write examples as {"messages": [...]} / {"text": ...} JSON Lines, atomically (atomic.py)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for example in examples:
-            f.write(json.dumps(example.to_row(), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_lines(path, (json.dumps(example.to_row(), ensure_ascii=False) + "\n" for example in examples))

@@ -10,10 +10,10 @@ adherence, then loss), biggest first, so the clearest wins and losses lead.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ft_desk.trainer.atomic import write_text
 from ft_desk.trainer.evaluate import metrics as em
 
 # Row score used to sort examples, in order of preference; "loss" counts lower as better.
@@ -123,15 +123,9 @@ def rise_text(rise: float) -> str:
 
 # ------------------------------------------------------------------ writing
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(report: dict[str, Any], folder: Path, top_k: int) -> None:
-    _write_atomic(folder / "report.json", json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n")
-    _write_atomic(folder / "report.md", markdown(report, top_k))
+    write_text(folder / "report.json", json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n")
+    write_text(folder / "report.md", markdown(report, top_k))
 
 
 def _cell(text: Any, limit: int = 80) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ft_desk.trainer.chat_format import stop_token_ids
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.evaluate import metrics as em
 from ft_desk.trainer.evaluate import scoring
 from ft_desk.trainer.errors import UserError
@@ -144,7 +145,7 @@ def _held_out(run_dir: Path, options: EvalOptions):
     if options.data:
         path = resolve_data_path(options.data)
     else:
-        path = run_dir / "data" / "val.jsonl"
+        path = run_folder.val_path(run_dir)
         if not path.is_file() or not path.read_text(encoding="utf-8").strip():
             raise UserError(f"{run_dir} has no validation examples (data/val.jsonl is missing or empty)",
                             hint="pass a test file with --data FILE")
@@ -155,7 +156,7 @@ def _held_out(run_dir: Path, options: EvalOptions):
 
 
 def _report_folder(run_dir: Path, label: str, when: datetime) -> Path:
-    base = run_dir / "eval" / f"{when:%Y%m%d-%H%M%S}-{label}"
+    base = run_folder.eval_dir(run_dir) / f"{when:%Y%m%d-%H%M%S}-{label}"
     path, n = base, 1
     while True:
         try:
@@ -167,19 +168,8 @@ def _report_folder(run_dir: Path, label: str, when: datetime) -> Path:
 
 
 def _checkpoint_info(run_dir: Path, requested: str) -> dict[str, Any]:
-    from ft_desk.trainer.training.model import checkpoint_folder
-    from ft_desk.trainer.training.run import read_state
-
-    folder = checkpoint_folder(run_dir, requested)
-    state = read_state(run_dir)
-    if folder.name.startswith("step-"):
-        step = int(folder.name.removeprefix("step-"))
-    else:
-        # The final adapter holds the best checkpoint's weights when that checkpoint was kept, else the last step's.
-        best = state.get("best_step")
-        kept = best is not None and (best == state.get("step") or
-                                     (run_dir / "checkpoints" / f"step-{int(best):06d}").is_dir())
-        step = best if kept else state.get("step")
+    folder = run_folder.checkpoint_folder(run_dir, requested)
+    step = run_folder.weights_step(run_dir, folder)
     label = "best" if requested == "best" else ("last" if requested == "last" else f"step-{step}")
     return {"requested": requested, "folder": folder.name, "step": step, "label": label}
 

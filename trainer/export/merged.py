@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.export.safetensors_io import (
     ShardWriter,
@@ -136,7 +137,7 @@ def training_dtypes(source: RunSource) -> tuple[str, str]:
     cfg = source.cfg
     if source.trained_device in available_device_types():
         return run_dtypes(cfg, source.trained_device)
-    compute = next((e.get("dtype") for e in read_events(source.run_dir / "events.jsonl")
+    compute = next((e.get("dtype") for e in read_events(run_folder.events_path(source.run_dir))
                     if e.get("type") == "model_loaded" and e.get("dtype")), None)
     if compute is None:
         return run_dtypes(cfg, "cpu")

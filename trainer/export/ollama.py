@@ -195,7 +195,7 @@ def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source,
     """Write folder/Modelfile; returns the command to run and what was chosen."""
     from transformers import AutoConfig
 
-    from ft_desk.trainer.training.run import slug
+    from ft_desk.trainer.run_folder import slug
 
     family = match_family(tokenizer)
     stops: list[str] = []

@@ -232,7 +232,7 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
 
 
 def _model_name(source, request: ExportRequest) -> str:
-    from ft_desk.trainer.training.run import slug
+    from ft_desk.trainer.run_folder import slug
 
     return request.name or slug(f"{source.run_name}")
 

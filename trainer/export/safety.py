@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ft_desk.trainer.atomic import write_text
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import format_bytes
 
@@ -154,7 +155,7 @@ class Staging:
         folder = self.target.folder
         manifest = {**provenance, "files": files}
         if not self.target.exists or not any(folder.iterdir()):
-            (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            write_text(self.path / MANIFEST, json.dumps(manifest, indent=2))
             if self.target.exists:
                 folder.rmdir()  # empty: nothing of the user's is lost
             os.rename(self.path, folder)
@@ -173,8 +174,6 @@ class Staging:
                 os.replace(self.path / rel, dest)
             manifest["files"] = sorted(set(files) | (self.target.ours & {f for f in self.target.ours
                                                                            if (folder / f).exists()}))
-            tmp = folder / f"{MANIFEST}.tmp"
-            tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-            os.replace(tmp, folder / MANIFEST)
+            write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
         self.committed = files
         return files

@@ -1,22 +1,23 @@
 """What an export reads from a run folder: its config, the checkpoint asked for, the base model, the tokenizer
-and the validation rows. It reads the layout `ft-desk train` writes (trainer/run.py), nothing else, so an export
-of a real run and of a test's hand-made run take the same path.
+and the validation rows. It reads the layout `ft-desk train` writes (trainer/run_folder.py), nothing else, so an
+export of a real run and of a test's hand-made run take the same path.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.errors import ModelError, UserError
+from ft_desk.trainer.hub.resolve import resolve_model_dir
+from ft_desk.trainer.run_folder import ADAPTER_WEIGHTS, FULL_WEIGHTS
+from ft_desk.trainer.training.model import load_run_config
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-FULL_WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
@@ -52,9 +53,9 @@ class RunSource:
 
 
 def _step_of(folder: Path, state: dict[str, Any]) -> int | None:
-    match = re.fullmatch(r"step-(\d+)", folder.name)
-    if match:
-        return int(match.group(1))
+    step = run_folder.step_of(folder)
+    if step is not None:
+        return step
     for key in ("best_step", "step"):
         if isinstance(state.get(key), int):
             return state[key]
@@ -68,26 +69,20 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
     """Read a run folder; a missing or unusable piece is a UserError naming it."""
-    from ft_desk.trainer.hub.resolve import resolve_model_dir
-    from ft_desk.trainer.training.model import checkpoint_folder, load_run_config
-
     run_dir = Path(run_dir).expanduser().absolute()
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a folder", hint="give a run folder; list them with: ft-desk runs")
     cfg = load_run_config(run_dir)
-    state: dict[str, Any] = {}
-    try:
-        state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        pass
-    if state.get("status") == "running":
+    state = run_folder.read_state(run_dir)
+    if run_folder.judged_status(state) == run_folder.RUNNING:
         raise UserError(f"run {run_dir.name} is still training",
                         hint="export a finished run, or one checkpoint of it with --checkpoint N once it stops")
     weights_dir = None
-    if cfg.train.method == "full" and checkpoint == "best" and (run_dir / "model" / FULL_WEIGHTS).is_file():
-        weights_dir = run_dir / "model"
+    final = run_folder.final_weights_dir(run_dir, cfg.train.method)
+    if cfg.train.method == "full" and checkpoint == "best" and (final / FULL_WEIGHTS).is_file():
+        weights_dir = final
     if weights_dir is None:
-        weights_dir = checkpoint_folder(run_dir, checkpoint)
+        weights_dir = run_folder.checkpoint_folder(run_dir, checkpoint)
     if cfg.train.method == "full":
         if not (weights_dir / FULL_WEIGHTS).is_file():
             raise UserError(f"{weights_dir} has no {FULL_WEIGHTS}; the checkpoint is incomplete")
@@ -104,11 +99,11 @@ def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
         raise ModelError(f"{base_dir} has no safetensors weights; ft-desk exports only from safetensors models")
 
     tokenizer_dir = base_dir
-    for candidate in (weights_dir, run_dir / "adapter", run_dir / "model"):
+    for candidate in (weights_dir, *run_folder.final_weight_dirs(run_dir)):
         if candidate.is_dir() and _has_tokenizer(candidate):
             tokenizer_dir = candidate
             break
-    val_path = run_dir / "data" / "val.jsonl"
+    val_path = run_folder.val_path(run_dir)
     return RunSource(
         run_dir=run_dir, cfg=cfg, state=state, checkpoint=str(checkpoint), weights_dir=weights_dir,
         step=_step_of(weights_dir, state), base_dir=base_dir, tokenizer_dir=tokenizer_dir,

@@ -1,7 +1,7 @@
 """Crash-safe checkpoints: safetensors + JSON only (ft-desk never writes or reads pickle of its own).
 
-A checkpoint folder `checkpoints/step-NNNNNN/` holds the trainable weights (peft adapter format, or
-model.safetensors for full fine-tuning), optimizer.safetensors (AdamW moments and step counts by parameter
+A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN, named and found by run_folder.py) holds the trainable
+weights (peft adapter format, or model.safetensors for full fine-tuning), optimizer.safetensors (AdamW moments and step counts by parameter
 name), rng.safetensors (torch generator states) and trainer_state.json (loop progress, optimizer hyper-
 parameters, Python RNG state). It is written to a hidden temporary folder, flushed, then renamed, so a crash
 leaves either the whole checkpoint or none. A checkpoint whose weights are not all finite is never written.
@@ -16,30 +16,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ft_desk.trainer.atomic import fsync_folder, fsync_tree
 from ft_desk.trainer.config import RunConfig
+from ft_desk.trainer.run_folder import checkpoint_folders, checkpoints_dir, step_folder
 from ft_desk.trainer.training.loop import LoopState
-from ft_desk.trainer.training.model import load_weights, save_weights, trainable_state
+from ft_desk.trainer.training.model import load_weights, save_weights
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 FORMAT = 1
-
-
-def step_folder(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:06d}"
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _param_names(model, optimizer) -> list[str]:
@@ -92,10 +78,11 @@ def save_checkpoint(run_dir: Path, model, optimizer, cfg: RunConfig, state: Loop
         "python_random": _py_random_state(),
     }
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # a re-save of the same step (e.g. stop right after a periodic save)
         shutil.rmtree(final)
     tmp.rename(final)
+    fsync_folder(final.parent)
     return final
 
 
@@ -148,17 +135,18 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: RunConfig) -> LoopState
 
 def prune(run_dir: Path, keep_last: int, best_step: int | None) -> None:
     """Delete old checkpoints, keeping the newest `keep_last` and the best one."""
-    folders = sorted((run_dir / "checkpoints").glob("step-*"))
+    folders = checkpoint_folders(run_dir)
     keep = set(folders[-keep_last:])
     if best_step is not None:
         keep.add(step_folder(run_dir, best_step))
     for folder in folders:
         if folder not in keep:
             shutil.rmtree(folder, ignore_errors=True)
-    for stale in (run_dir / "checkpoints").glob(".tmp-*"):
+    for stale in checkpoints_dir(run_dir).glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> Path | None:
-    folders = [f for f in sorted((run_dir / "checkpoints").glob("step-*")) if (f / STATE_FILE).is_file()]
+    """The newest complete checkpoint (one with its trainer_state.json), where a resumed run continues."""
+    folders = [f for f in checkpoint_folders(run_dir) if (f / STATE_FILE).is_file()]
     return folders[-1] if folders else None

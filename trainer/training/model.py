@@ -13,11 +13,9 @@ from pathlib import Path
 
 from ft_desk.trainer.config import RunConfig, config_from_dict
 from ft_desk.trainer.errors import ModelError, UserError
+from ft_desk.trainer.run_folder import ADAPTER_WEIGHTS, FULL_WEIGHTS, checkpoint_folder, config_path
 
 log = logging.getLogger("ft_desk.model")
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-FULL_WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -204,41 +202,10 @@ def load_weights(model, cfg: RunConfig, folder: Path) -> None:
         raise ModelError(f"{folder} does not match this model: unexpected tensors {unexpected[:3]}")
 
 
-def checkpoint_folder(run_dir: Path, checkpoint: str | int = "best") -> Path:
-    """Folder of a run's checkpoint: best, last, or a step number."""
-    state_path = run_dir / "state.json"
-    if not state_path.is_file():
-        raise UserError(f"{run_dir} is not an ft-desk run folder (no state.json)", hint="list runs with: ft-desk runs")
-    state = json.loads(state_path.read_text(encoding="utf-8"))
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    if checkpoint == "best":
-        for final in (run_dir / "adapter", run_dir / "model"):  # model/ holds a full fine-tune's weights
-            if (final / ADAPTER_WEIGHTS).is_file() or (final / FULL_WEIGHTS).is_file():
-                return final
-        if state.get("best_step") is not None:
-            candidate = run_dir / "checkpoints" / f"step-{int(state['best_step']):06d}"
-            if candidate.is_dir():
-                return candidate
-        checkpoint = "last"
-    if checkpoint == "last":
-        if not ckpts:
-            raise UserError(f"{run_dir} has no checkpoint yet", hint="train longer, or resume it: ft-desk train --resume")
-        return ckpts[-1]
-    try:
-        step = int(checkpoint)
-    except (TypeError, ValueError):
-        raise UserError(f"--checkpoint must be best, last or a step number, got {checkpoint!r}") from None
-    folder = run_dir / "checkpoints" / f"step-{step:06d}"
-    if not folder.is_dir():
-        have = ", ".join(p.name.removeprefix("step-").lstrip("0") or "0" for p in ckpts) or "none"
-        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {have}")
-    return folder
-
-
 def load_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.json"
+    path = config_path(run_dir)
     if not path.is_file():
-        raise UserError(f"{run_dir} is not an ft-desk run folder (no config.json)", hint="list runs with: ft-desk runs")
+        raise UserError(f"{run_dir} is not an ft-desk run folder (no {path.name})", hint="list runs with: ft-desk runs")
     return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 

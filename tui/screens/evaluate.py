@@ -18,6 +18,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Label, ProgressBar, Static, Switch, TabbedContent, TabPane
 
+from ft_desk.trainer import run_folder
 from ft_desk.tui.chat_client import ChatClient
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.runs import read_json
@@ -125,7 +126,7 @@ def eval_lines(report: dict[str, Any]) -> list[str]:
 
 def latest_eval_report(run_dir: Path) -> dict[str, Any] | None:
     """The newest RUN_DIR/eval/*/report.json, if `ft-desk eval` ran before."""
-    reports = sorted((run_dir / "eval").glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+    reports = sorted(run_folder.eval_dir(run_dir).glob("*/report.json"), key=lambda p: p.stat().st_mtime)
     for path in reversed(reports):
         data = read_json(path)
         if data is not None:
@@ -330,12 +331,11 @@ class EvaluateScreen(DeskScreen):
         if session is None:
             self._chat_line("[dim]Open a run first.[/]")
             return False
-        if not session.run_dir.joinpath("adapter").is_dir() and not session.run_dir.joinpath("model").is_dir() \
-                and not any(session.run_dir.joinpath("checkpoints").glob("step-*")):
+        if not run_folder.has_weights(session.run_dir):
             self._chat_line("[dim]This run has no checkpoint yet; chat opens once one is saved.[/]")
             return False
         if self.chat is None or not self.chat.running:
-            config = read_json(session.run_dir / "config.json") or {}
+            config = read_json(run_folder.config_path(session.run_dir)) or {}
             # Replies as long as the run's own samples: long enough to judge, short enough on a CPU.
             self.max_tokens = int((config.get("eval") or {}).get("max_new_tokens") or DEFAULT_REPLY_TOKENS)
             self.chat_ready = False

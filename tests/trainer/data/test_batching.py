@@ -34,7 +34,7 @@ def tiny_model(tiny_model_dir):
 def test_packed_rows_give_exactly_the_loss_of_separate_examples(tiny_model):
     import torch
 
-    from ft_desk.trainer.training.loop import causal_lm_loss
+    from ft_desk.trainer.training.loss import causal_lm_loss
 
     examples = _examples([9, 17, 5, 12], masked_prefix=2)
     with torch.no_grad():
@@ -52,7 +52,7 @@ def test_packed_rows_give_exactly_the_loss_of_separate_examples(tiny_model):
 def test_chunked_loss_matches_transformers_own_loss(tiny_model):
     import torch
 
-    from ft_desk.trainer.training.loop import causal_lm_loss
+    from ft_desk.trainer.training.loss import causal_lm_loss
 
     examples = _examples([33])
     batch = collate(examples, MicroBatch(((0,),), 0, 0), 0, "cpu", True)

@@ -11,7 +11,8 @@ import pytest
 
 from ft_desk.trainer.data.batching import schedule
 from ft_desk.trainer.events import ListSink
-from ft_desk.trainer.training.loop import FitContext, LoopState, NonFiniteLoss, causal_lm_loss, fit, lr_at
+from ft_desk.trainer.training.loop import FitContext, LoopState, NonFiniteLoss, fit, lr_at
+from ft_desk.trainer.training.loss import causal_lm_loss
 from ft_desk.trainer.presets import load_config
 
 

@@ -1,0 +1,88 @@
+"""A whole run in-process: setup -> fit -> finish leaves a complete run folder, and a failure - an out-of-memory
+error above all - ends with the sentence and hint the user is shown, the trace in run.log."""
+
+from __future__ import annotations
+
+import pytest
+
+from ft_desk.trainer import run_folder
+from ft_desk.trainer.events import ListSink, read_events
+from ft_desk.trainer.presets import load_config
+from ft_desk.trainer.training import run as run_mod
+
+OOM_ERROR = "the device ran out of memory"
+OOM_HINT = ("lower train.micro_batch_size (raise train.grad_accum to keep the batch), lower data.max_length, "
+            "or turn on train.gradient_checkpointing; `ft-desk plan` shows what fits")
+
+
+def _cfg(tiny_model_dir, tmp_path, *overrides):
+    return load_config(["demo"], [f"model.name={tiny_model_dir}", "train.device=cpu", "train.threads=1",
+                                  "train.max_steps=4", "eval.every_steps=2", "eval.sample_prompts=1",
+                                  "eval.max_new_tokens=4", f"output.runs_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # training sets it for the process; leave other tests as they were
+
+
+def test_a_finished_run_leaves_its_final_weights_state_and_samples(tiny_model_dir, tmp_path, one_thread):
+    sink = ListSink()
+    code, run_dir = run_mod.train(_cfg(tiny_model_dir, tmp_path, "output.run_name=done"), sink)
+    assert code == 0, run_folder.log_path(run_dir).read_text()[-2000:]
+    state = run_folder.read_state(run_dir)
+    assert state["status"] == "completed" and state["step"] == 4 and state["exit_code"] == 0
+    assert run_folder.checkpoint_folder(run_dir, "best") == run_dir / "adapter"
+    assert (run_dir / "adapter" / run_folder.ADAPTER_WEIGHTS).is_file()
+    assert not list(run_dir.glob(".tmp-*"))  # the staging folder was renamed into place
+    assert run_folder.val_path(run_dir).is_file()
+    phases = [e["phase"] for e in sink.of_type("sample")]
+    assert phases == ["before", "after"]
+    on_disk = [e["type"] for e in read_events(run_folder.events_path(run_dir))]
+    assert on_disk == [e["type"] for e in sink.events] and on_disk[-1] == "run_finished"
+
+
+def _oom_errors():
+    import torch
+
+    return [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
+    ]
+
+
+@pytest.mark.parametrize("which", range(3), ids=["cuda", "mps", "cpu"])
+def test_out_of_memory_during_training_is_reported_as_out_of_memory(which, tiny_model_dir, tmp_path, one_thread,
+                                                                    monkeypatch):
+    error = _oom_errors()[which]
+
+    def fit_that_runs_out_of_memory(ctx, state):
+        raise error
+
+    monkeypatch.setattr(run_mod, "fit", fit_that_runs_out_of_memory)
+    sink = ListSink()
+    code, run_dir = run_mod.train(_cfg(tiny_model_dir, tmp_path, f"output.run_name=oom-{which}"), sink)
+    finished = sink.of_type("run_finished")[-1]
+    assert (code, finished["status"], finished["error"], finished["hint"]) == (1, "failed", OOM_ERROR, OOM_HINT)
+    state = run_folder.read_state(run_dir)
+    assert (state["status"], state["error"], state["hint"]) == ("failed", OOM_ERROR, OOM_HINT)
+    assert "fit_that_runs_out_of_memory" in run_folder.log_path(run_dir).read_text(encoding="utf-8")
+
+
+def test_other_failures_keep_their_own_sentence():
+    from ft_desk.trainer.errors import OutOfMemory, UserError
+
+    assert run_mod.as_out_of_memory(RuntimeError("shape mismatch")) is None
+    assert run_mod.as_out_of_memory(UserError("data.max_length must fit in memory")) is None
+    oom = run_mod.as_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert isinstance(oom, OutOfMemory) and (oom.message, oom.hint) == (OOM_ERROR, OOM_HINT)
+    bug = run_mod.failure_outcome(RuntimeError("shape mismatch"))
+    assert (bug["exit_code"], bug["error"]) == (1, "internal error: RuntimeError: shape mismatch")
+    bad = run_mod.failure_outcome(UserError("no data", hint="add some"))
+    assert (bad["exit_code"], bad["error"], bad["hint"]) == (2, "no data", "add some")
