@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.events import EXIT_BAD_INPUT, JsonlSink, make_event
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,14 +118,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(run_dir: Path, args: argparse.Namespace) -> int:
-    from ft_desk.trainer.events import JsonlSink, make_event
     from ft_desk.trainer.training.run import stdout_for_events
 
     sink = JsonlSink(stdout_for_events())
     try:
         chat = ChatModel(run_dir, args.checkpoint)
     except UserError as err:
-        sink.emit(make_event("chat_error", error=err.message, hint=err.hint, fatal=True))
+        sink.emit(make_event("chat_error", error=err.message, hint=err.hint or None, fatal=True,
+                             exit_code=EXIT_BAD_INPUT))
+        err.reported = True  # cli/main.py prints no second failure
         raise
     sink.emit(make_event("chat_ready", model=chat.cfg.model.name, device=str(chat.device),
                          checkpoint=chat.checkpoint, base_available=chat.base_available))
