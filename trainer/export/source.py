@@ -13,6 +13,7 @@ from typing import Any
 
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.errors import ModelError, UserError
+from ft_desk.trainer.training.model import load_tokenizer as load_model_tokenizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -140,10 +141,9 @@ def base_shards(base_dir: Path) -> list[Path]:
 
 
 def load_tokenizer(source: RunSource):
-    """The tokenizer the run trained with (saved next to its weights), chat template included."""
-    from transformers import AutoTokenizer  # heavy import
-
-    return AutoTokenizer.from_pretrained(source.tokenizer_dir, trust_remote_code=source.cfg.model.trust_remote_code)
+    """The tokenizer the run trained with (saved next to its weights), chat template included, loaded the way
+    training loads it."""
+    return load_model_tokenizer(source.tokenizer_dir, source.cfg.model)
 
 
 def read_val_rows(source: RunSource, limit: int) -> list[dict[str, Any]]:
