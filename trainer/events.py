@@ -6,10 +6,10 @@ listed in EVENT_TYPES; `make_event` refuses an event that does not match its dec
 held to this contract whenever it runs, tests included. Adding a field is compatible; renaming or removing
 one bumps V. Readers ignore types and fields they do not know.
 
-Every command that streams events ends with one final event that says how it went - run_finished,
-eval_finished, export_finished, download_finished / download_failed, or command_failed when the command
-failed before its own final event - carrying status, error, hint and exit_code, so a reader never has to
-parse stderr. Stdlib only: the TUI imports this module.
+Every command that streams events ends with one final event that says how it went: run_finished,
+eval_finished, export_finished, download_finished / download_failed, a fatal chat_error, or command_failed
+when the command failed before its own final event. A failure's final event carries error, hint and
+exit_code (and status), so a reader never has to parse stderr. Stdlib only: the TUI imports this module.
 """
 
 import json
@@ -312,11 +312,6 @@ EVENT_TYPES: dict[str, type] = {
     "command_failed": FailedCommand,
 }
 
-# The events after which a command's outcome is known (each carries status or error, hint and exit_code).
-FINAL_TYPES = frozenset({"run_finished", "eval_finished", "export_finished", "download_finished",
-                         "download_failed", "command_failed"})
-
-
 def check_event(event: dict[str, Any]) -> None:
     """Raise EventError, naming the type and the field, when `event` does not match its declaration."""
     kind = event.get("type")
@@ -575,7 +570,7 @@ def parse_line(line: str | bytes) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "V", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_STOPPED", "EVENT_TYPES", "FINAL_TYPES", "EventError",
+    "V", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_STOPPED", "EVENT_TYPES", "EventError",
     "check_event", "make_event", "EventSink", "JsonlSink",
     "FileSink", "FanOut", "ListSink", "PrettySink", "describe_event", "read_events", "parse_line", "format_bytes",
 ]
