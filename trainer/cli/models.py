@@ -285,12 +285,13 @@ def _download(args) -> int:
                                  cancelled=False))
             err.reported = True  # cli/main.py prints no second failure
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if jsonl:
             sink.emit(make_event("download_failed", status="cancelled", exit_code=EXIT_INTERRUPTED,
                                  repo_id=args.model_id, error="download cancelled",
                                  hint="run the same command again: it continues where this download stopped",
                                  cancelled=True))
+            interrupt.reported = True  # cli/main.py prints no second failure
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
