@@ -1,34 +1,25 @@
-"""Wire format between the trainer child process and the TUI (and anything else that watches a run).
+"""Wire format between ft-desk's child processes and the TUI (and anything else that watches them).
 
 One event is one JSON object on one line: `{"v": V, "type": ..., "time": unix seconds, ...fields}`.
-Adding a field is compatible; renaming or removing one bumps V. Readers ignore types they do not know.
-Stdlib only: the TUI imports this module.
+Each event type is declared once below as a TypedDict (its fields; `NotRequired` ones may be left out) and
+listed in EVENT_TYPES; `make_event` refuses an event that does not match its declaration, so every emitter is
+held to this contract whenever it runs, tests included. Adding a field is compatible; renaming or removing
+one bumps V. Readers ignore types and fields they do not know.
 
-Event types and their fields:
-  run_started    run_dir, run_name, model, method, device, total_steps, resumed_from_step, config
-  data_ready     train_rows, val_rows, train_tokens, truncated, duplicates_dropped, skipped_rows, format
-  model_loaded   params, trainable_params, dtype, quantized, load_seconds, memory_bytes
-  step           step, total_steps, epoch, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s, eta_s,
-                 memory_bytes, skipped_steps
-  eval           step, val_loss, perplexity, best_val_loss, is_best
-  sample         phase (before|after), index, prompt, output, reference
-  checkpoint     step, path, is_best
-  log            level (info|warning|error), message
-  run_finished   status (completed|stopped|failed), exit_code, error, hint, best_val_loss, best_step,
-                 final_step, adapter_path, elapsed_s
-  eval_started, eval_progress, eval_report, eval_finished   `ft-desk eval` (fields: trainer/evaluate.py)
-Tools other than training (eval, export, hub download) use the same envelope with their own types.
+Every command that streams events ends with one final event that says how it went: run_finished,
+eval_finished, export_finished, download_finished / download_failed, a fatal chat_error, or command_failed
+when the command failed before its own final event. A failure's final event carries error, hint and
+exit_code (and status), so a reader never has to parse stderr. Stdlib only: the TUI imports this module.
 """
-
-from __future__ import annotations
-
 
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol, TextIO
+from typing import Any, Iterator, NotRequired, Protocol, TextIO, TypedDict
+
+# No `from __future__ import annotations` here: TypedDict needs real annotations to tell NotRequired fields apart.
 
 V = 1
 
@@ -37,10 +28,315 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3  # SIGINT/SIGTERM: the current step finished and a checkpoint was saved
+EXIT_INTERRUPTED = 130  # Ctrl-C (or the TUI cancelling) outside a training run
+
+ENVELOPE = ("v", "type", "time")
+
+
+class EventError(ValueError):
+    """An event that does not match its declaration: a bug in the emitter, never the user's fault."""
+
+
+# --- training (`ft-desk train` / `ft-desk demo`) ---------------------------------------------------------------
+
+class RunStarted(TypedDict):
+    run_dir: str
+    run_name: str
+    model: str
+    method: str
+    device: str
+    total_steps: int
+    resumed_from_step: int
+    config: dict[str, Any]
+
+
+class DataReady(TypedDict):
+    train_rows: int
+    val_rows: int
+    train_tokens: int
+    format: str
+    truncated: int
+    duplicates_dropped: int
+    skipped_rows: int
+
+
+class ModelLoaded(TypedDict):
+    params: int
+    trainable_params: int
+    dtype: str
+    quantized: bool
+    load_seconds: float
+    memory_bytes: int | None
+    model_dir: str | None
+
+
+class Step(TypedDict):
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    grad_norm: float | None  # None on a skipped (non-finite) step
+    tokens: int
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float | None
+    memory_bytes: int | None
+    skipped_steps: int
+
+
+class Eval(TypedDict):
+    step: int
+    val_loss: float
+    perplexity: float
+    best_val_loss: float
+    is_best: bool
+
+
+class Sample(TypedDict):
+    phase: str  # before | after
+    index: int
+    prompt: str
+    output: str
+    reference: str | None
+
+
+class Checkpoint(TypedDict):
+    step: int
+    path: str
+    is_best: bool
+
+
+class Log(TypedDict):
+    level: str  # info | warning | error
+    message: str
+
+
+class RunFinished(TypedDict):
+    status: str  # completed | stopped | failed
+    exit_code: int
+    error: str | None
+    hint: str | None
+    best_val_loss: float | None
+    best_step: int | None
+    final_step: int | None
+    adapter_path: str | None
+    run_dir: str
+    elapsed_s: float
+
+
+# --- `ft-desk eval` ----------------------------------------------------------------------------------------------
+
+class EvalStarted(TypedDict):
+    run_dir: str
+    run_name: str
+    checkpoint: dict[str, Any]
+    data: str
+    examples: int
+    metrics: list[str]
+    device: str
+    generation: dict[str, Any]
+
+
+class EvalProgress(TypedDict):
+    phase: str
+    model: str  # base | tuned | both
+    done: int
+    total: int
+    elapsed_s: float
+
+
+class EvalReport(TypedDict):
+    report_dir: str
+    examples: int
+    metrics: list[dict[str, Any]]
+    retention: dict[str, Any] | None
+    notes: list[str]
+    top_rows: list[dict[str, Any]]
+
+
+class EvalFinished(TypedDict):
+    status: str  # completed | failed
+    exit_code: int
+    error: str | None
+    hint: str | None
+    elapsed_s: float
+    # The result summary, on success only:
+    report_dir: NotRequired[str]
+    report_json: NotRequired[str]
+    report_md: NotRequired[str]
+    examples: NotRequired[int]
+    checkpoint: NotRequired[dict[str, Any]]
+    metrics: NotRequired[list[dict[str, Any]]]
+    retention: NotRequired[dict[str, Any] | None]
+    notes: NotRequired[list[str]]
+    timings: NotRequired[dict[str, Any]]
+
+
+# --- `ft-desk export` --------------------------------------------------------------------------------------------
+
+class ExportStarted(TypedDict):
+    run_dir: str
+    format: str
+    out_dir: str
+    checkpoint: str
+    step: int | None
+
+
+class ExportProgress(TypedDict):
+    phase: str
+    done: int
+    total: int
+    message: str
+
+
+class ExportFinished(TypedDict):
+    status: str  # ok | unverified | failed
+    exit_code: int
+    out_dir: str
+    files: list[str]
+    bytes: int
+    passed: bool | None
+    fidelity: dict[str, Any] | None
+    notes: list[str]
+    command: str | None
+    elapsed_s: float | None
+    format: str
+    error: str | None
+    hint: str | None
+    facts: NotRequired[dict[str, Any]]  # absent when the export failed before writing anything
+
+
+# --- `ft-desk models download` -----------------------------------------------------------------------------------
+
+class DownloadStarted(TypedDict):
+    repo_id: str
+    revision: str | None
+    commit: str
+    files: list[dict[str, Any]]
+    total_bytes: int
+    weights_format: str | None
+    remote_code: Any
+    gated: Any
+    skipped_files: int
+    resumable_bytes: int
+
+
+class DownloadProgress(TypedDict):
+    repo_id: str
+    file: str | None
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+    bytes_resumed: int
+    rate_bytes_per_s: float | None
+    eta_s: float | None
+    elapsed_s: float
+
+
+class DownloadFinished(TypedDict):
+    repo_id: str
+    commit: str
+    path: str
+    bytes_total: int
+    bytes_downloaded: int
+    elapsed_s: float
+    already_cached: bool
+    pinned_revision: str | None
+    stale_partials_freed_bytes: int
+    # Only when the Hub was asked (not for an offline cache hit):
+    weights_format: NotRequired[str | None]
+    files: NotRequired[int]
+    bytes_resumed: NotRequired[int]
+    files_hash_checked: NotRequired[int]
+
+
+class DownloadFailed(TypedDict):
+    status: str  # failed | cancelled
+    exit_code: int
+    repo_id: str
+    error: str
+    hint: str | None
+    cancelled: bool
+
+
+# --- `ft-desk chat --events jsonl` -------------------------------------------------------------------------------
+
+class ChatReady(TypedDict):
+    model: str
+    device: str
+    checkpoint: str
+    base_available: bool
+
+
+class ChatToken(TypedDict):
+    text: str
+
+
+class ChatDone(TypedDict):
+    text: str
+    tokens: int
+    seconds: float
+    stopped: bool
+
+
+class ChatError(TypedDict):
+    error: str
+    hint: str | None
+    fatal: NotRequired[bool]  # the model could not be loaded: the process ends
+    exit_code: NotRequired[int]  # with fatal
+
+
+# --- any command -------------------------------------------------------------------------------------------------
+
+class FailedCommand(TypedDict):
+    """A command failed before its own final event (a bad --set, a missing run folder); printed by cli/main.py."""
+
+    command: str
+    status: str  # failed
+    exit_code: int
+    error: str
+    hint: str | None
+
+
+EVENT_TYPES: dict[str, type] = {
+    "run_started": RunStarted, "data_ready": DataReady, "model_loaded": ModelLoaded, "step": Step, "eval": Eval,
+    "sample": Sample, "checkpoint": Checkpoint, "log": Log, "run_finished": RunFinished,
+    "eval_started": EvalStarted, "eval_progress": EvalProgress, "eval_report": EvalReport,
+    "eval_finished": EvalFinished,
+    "export_started": ExportStarted, "export_progress": ExportProgress, "export_finished": ExportFinished,
+    "download_started": DownloadStarted, "download_progress": DownloadProgress,
+    "download_finished": DownloadFinished, "download_failed": DownloadFailed,
+    "chat_ready": ChatReady, "chat_token": ChatToken, "chat_done": ChatDone, "chat_error": ChatError,
+    "command_failed": FailedCommand,
+}
+
+def check_event(event: dict[str, Any]) -> None:
+    """Raise EventError, naming the type and the field, when `event` does not match its declaration."""
+    kind = event.get("type")
+    declaration = EVENT_TYPES.get(kind)  # type: ignore[arg-type]
+    if declaration is None:
+        raise EventError(f"unknown event type {kind!r}; declare it in ft_desk.trainer.events.EVENT_TYPES")
+    fields = set(event) - set(ENVELOPE)
+    required = declaration.__required_keys__  # type: ignore[attr-defined]
+    allowed = required | declaration.__optional_keys__  # type: ignore[attr-defined]
+    missing = sorted(required - fields)
+    if missing:
+        raise EventError(f"{kind} event is missing field {missing[0]!r} (declared in {declaration.__name__})")
+    unknown = sorted(fields - allowed)
+    if unknown:
+        raise EventError(f"{kind} event has undeclared field {unknown[0]!r}; add it to {declaration.__name__}")
 
 
 def make_event(type_: str, **fields: Any) -> dict[str, Any]:
-    return {"v": V, "type": type_, "time": round(time.time(), 3), **fields}
+    """One event in the envelope, checked against its declaration (EventError when it does not match)."""
+    clash = [key for key in ENVELOPE if key in fields]
+    if clash:
+        raise EventError(f"{type_} event: field {clash[0]!r} is part of the envelope")
+    event = {"v": V, "type": type_, "time": round(time.time(), 3), **fields}
+    check_event(event)
+    return event
 
 
 class EventSink(Protocol):
@@ -274,6 +570,7 @@ def parse_line(line: str | bytes) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "V", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_STOPPED", "make_event", "EventSink", "JsonlSink",
+    "V", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_STOPPED", "EVENT_TYPES", "EventError",
+    "check_event", "make_event", "EventSink", "JsonlSink",
     "FileSink", "FanOut", "ListSink", "PrettySink", "describe_event", "read_events", "parse_line", "format_bytes",
 ]

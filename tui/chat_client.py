@@ -3,7 +3,9 @@
 The child loads the run's model once (the adapter on the base, as trained) and then reads one JSON request per
 line on stdin - {"messages": [...], "base": bool, "max_new_tokens": int} - answering each with chat_token events
 (streamed text) and one chat_done (or chat_error). It is tied to the app: closing stdin ends it, and the app
-ends it when it closes or switches runs. Callbacks run on the reader thread.
+ends it when it closes or switches runs. Callbacks run on the reader thread. When the child ends with an error,
+`on_exit` gets it as a `CommandFailed` built from the child's last failure event (a fatal chat_error, or
+command_failed), or from its stderr when it printed none (a crash), or None when there is nothing to say.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from typing import Any, Callable
 
 from ft_desk.trainer.events import parse_line
 
-from ft_desk.tui.commands import child_env, cli_argv
+from ft_desk.tui.commands import CommandFailed, child_env, cli_argv, failure_of, parse_failure
 from ft_desk.tui.launch import launch_dir
 
 
 class ChatClient:
     def __init__(self, run_dir: Path, on_event: Callable[[dict[str, Any]], None],
-                 on_exit: Callable[[int, str], None]) -> None:
+                 on_exit: Callable[[int, CommandFailed | None], None]) -> None:
         self.run_dir = run_dir
         self.on_event = on_event
         self.on_exit = on_exit
@@ -44,16 +46,24 @@ class ChatClient:
     def _read(self) -> None:
         process = self.process
         assert process is not None and process.stdout is not None
+        last_failure: dict[str, Any] | None = None
         for line in process.stdout:
             event = parse_line(line)
             if event is not None:
+                if event.get("fatal") or event.get("type") == "command_failed":
+                    last_failure = event
                 self.on_event(event)
         code = process.wait()
         try:
             tail = "\n".join(self.stderr_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
         except OSError:
             tail = ""
-        self.on_exit(code, tail)
+        failure = None
+        if code != 0 and last_failure is not None:
+            failure = failure_of(last_failure, code, tail)
+        if code != 0 and failure is None and "ft-desk: " in tail:
+            failure = parse_failure(tail, code)  # it died before it could say why as an event
+        self.on_exit(code, failure)
 
     def ask(self, messages: list[dict[str, str]], base: bool = False, max_new_tokens: int = 256) -> None:
         if not self.running:

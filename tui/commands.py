@@ -1,9 +1,12 @@
 """Running the headless CLI as child processes: the only way the app does anything heavy.
 
 `ft-desk <command> ... --json` prints one JSON object on stdout; tools with progress (download, export, eval,
-chat) print events as JSON lines first. A failed command prints `ft-desk: <message>` and `  fix: <hint>` on
-stderr and exits non-zero; that becomes a `CommandFailed` with the message and hint kept apart, so the app can
-show them as a readable notification. These functions block: call them from thread workers, never the UI thread.
+chat) print events as JSON lines first. A failed command says so as data: a one-object command prints
+`{"ok": false, "error", "hint", "exit_code"}`, an event stream ends with a final event carrying error and hint
+(see ft_desk.trainer.events). That becomes a `CommandFailed` with the message and hint kept apart, so the app
+can show them as a readable notification. stderr (`ft-desk: <message>` / `  fix: <hint>`) is read only when a
+command printed no answer at all (argparse's usage errors, a crash). These functions block: call them from
+thread workers, never the UI thread.
 """
 
 from __future__ import annotations
@@ -43,8 +46,25 @@ class CommandFailed(Exception):
         return self.message
 
 
+# The keys of the failure object a one-object --json command prints instead of its answer (cli/main.py).
+FAILURE_KEYS = frozenset({"ok", "error", "hint", "where", "exit_code"})
+
+
+def failure_of(data: dict[str, Any], exit_code: int, stderr: str = "") -> CommandFailed | None:
+    """The failure a command reported as data - a failure object, or a final event with an error - else None."""
+    if not data.get("error"):
+        return None
+    is_failure_object = data.get("ok") is False and set(data) <= FAILURE_KEYS
+    is_failure_event = "type" in data and data.get("status") != "completed"
+    if not (is_failure_object or is_failure_event):
+        return None
+    return CommandFailed(str(data["error"]), str(data.get("hint") or ""), int(data.get("exit_code") or exit_code),
+                         stderr)
+
+
 def parse_failure(stderr: str, exit_code: int) -> CommandFailed:
-    """Split the CLI's `ft-desk: message` / `  fix: hint` lines out of stderr (anything else is context)."""
+    """Split the CLI's `ft-desk: message` / `  fix: hint` lines out of stderr (anything else is context); only for
+    a command that printed no answer (a usage error, a crash)."""
     message, hint = "", ""
     lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
     for i, line in enumerate(lines):
@@ -68,9 +88,13 @@ def run_json(args: list[str], timeout: float = 600.0) -> dict[str, Any]:
                           stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         try:
-            return {**last_object(proc.stdout), "exit_code": proc.returncode}
+            answer = last_object(proc.stdout)
         except CommandFailed:
             raise parse_failure(proc.stderr, proc.returncode) from None
+        failure = failure_of(answer, proc.returncode, proc.stderr)
+        if failure is not None:
+            raise failure
+        return {**answer, "exit_code": proc.returncode}
     return last_object(proc.stdout)
 
 
@@ -128,5 +152,8 @@ def stream(args: list[str], on_event: Callable[[dict[str, Any]], None],
             # The tool reported its own outcome (an export that failed verification, an eval that failed
             # with error and hint): that is the answer, not a crash.
             return {**result, "exit_code": code}
+        failure = failure_of(result, code, "".join(stderr_chunks))
+        if failure is not None:
+            raise failure  # download_failed, command_failed: error and hint as the command reported them
         raise parse_failure("".join(stderr_chunks), code)
     return result

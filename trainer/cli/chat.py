@@ -23,7 +23,7 @@ from ft_desk.trainer.data.formats import Example, Message
 from ft_desk.trainer.data.prepare import generation_prompt
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import JsonlSink, make_event
+from ft_desk.trainer.events import EXIT_BAD_INPUT, JsonlSink, make_event
 from ft_desk.trainer.generation import generate
 from ft_desk.trainer.run_folder import checkpoint_folder
 from ft_desk.trainer.training.model import load_trained
@@ -112,7 +112,9 @@ def _serve(run_dir: Path, args: argparse.Namespace) -> int:
     try:
         chat = ChatModel(run_dir, args.checkpoint)
     except UserError as err:
-        sink.emit(make_event("chat_error", error=err.message, hint=err.hint, fatal=True))
+        sink.emit(make_event("chat_error", error=err.message, hint=err.hint or None, fatal=True,
+                             exit_code=EXIT_BAD_INPUT))
+        err.reported = True  # cli/main.py prints no second failure
         raise
     sink.emit(make_event("chat_ready", model=chat.cfg.model.name, device=str(chat.device),
                          checkpoint=chat.checkpoint, base_available=chat.base_available))

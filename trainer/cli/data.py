@@ -16,8 +16,10 @@ import math
 import sys
 
 from ft_desk.trainer.data.formats import FORMATS
-from ft_desk.trainer.errors import DataError, ModelError, UserError
+from ft_desk.trainer.errors import DataError, UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_OK
+from ft_desk.trainer.hub.resolve import resolve_model_dir
+from ft_desk.trainer.training.model import load_tokenizer
 
 FORMAT_CHOICES = ("auto",) + FORMATS
 BAR_WIDTH = 40
@@ -63,17 +65,9 @@ def _config(args):
     return load_config(args.preset or None, overrides)
 
 
-def load_tokenizer(model_cfg):
-    """The tokenizer of a model (local folder, HF cache or the demo), without loading any weights."""
-    from ft_desk.trainer.hub.resolve import resolve_model_dir
-
-    model_dir = resolve_model_dir(model_cfg)
-    from transformers import AutoTokenizer  # heavy import, only when a check runs
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
-    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
-        raise ModelError(f"cannot load the tokenizer of {model_cfg.name} from {model_dir} ({exc})") from None
+def check_tokenizer(model_cfg):
+    """The tokenizer of a model (local folder, HF cache or the demo) exactly as training sets it up; no weights."""
+    return load_tokenizer(resolve_model_dir(model_cfg), model_cfg)
 
 
 def run(args) -> int:
@@ -89,14 +83,16 @@ def _check(args) -> int:
     try:
         cfg = _config(args)
         path = resolve_data_path(args.file)
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = check_tokenizer(cfg.model)
         report = lint_file(path, tokenizer, cfg.data)
     except UserError as err:
         if not args.json:
             raise
         where = err.where if isinstance(err, DataError) else None
-        print(json.dumps({"ok": False, "error": str(err), "where": where, "hint": err.hint}))
-        return EXIT_BAD_INPUT
+        print(json.dumps({"ok": False, "error": str(err), "where": where, "hint": err.hint,
+                          "exit_code": EXIT_BAD_INPUT}))
+        err.reported = True  # cli/main.py adds the stderr line, not a second JSON object
+        raise
     ok = report.ok(cfg.data.skip_bad_rows)
     if args.json:
         # "hint" mirrors the failure form ({"ok", "error", "where", "hint"}) so a reader handles both alike.

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     except UserError as err:
         sink.emit(make_event("eval_finished", status="failed", exit_code=EXIT_BAD_INPUT, error=err.message,
                              hint=err.hint or None, elapsed_s=round(time.time() - started, 3)))
+        err.reported = jsonl  # cli/main.py prints no second failure
         sink.close()
         raise
     except BaseException as exc:  # a bug or the environment: the reader still gets a final event
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             sink.emit(make_event("eval_finished", status="failed", exit_code=EXIT_FAILED,
                                  error=f"internal error: {type(exc).__name__}: {exc}", hint=None,
                                  elapsed_s=round(time.time() - started, 3)))
+            exc.reported = jsonl
         sink.close()
         raise
     sink.emit(make_event("eval_finished", status="completed", exit_code=EXIT_OK, error=None, hint=None,

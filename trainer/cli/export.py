@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import EXIT_FAILED, EXIT_OK, JsonlSink, format_bytes, make_event
+from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, JsonlSink, format_bytes, make_event
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_TYPES, MERGED_DTYPES
 
 
@@ -129,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
         event = export_run(request, sink)
     except UserError as err:
         if machine:
-            sink.emit(make_event("export_finished", status="failed", out_dir=str(args.out or ""), files=[],
-                                 bytes=0, passed=None, fidelity=None, notes=[], command=None, elapsed_s=None,
-                                 format=args.format, error=err.message, hint=err.hint))
+            sink.emit(make_event("export_finished", status="failed", exit_code=EXIT_BAD_INPUT,
+                                 out_dir=str(args.out or ""), files=[], bytes=0, passed=None, fidelity=None,
+                                 notes=[], command=None, elapsed_s=None, format=args.format, error=err.message,
+                                 hint=err.hint))
+            err.reported = True  # cli/main.py prints no second failure
         raise
     if not machine:
         print("\n".join(report_lines(event)))

@@ -3,16 +3,24 @@
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules keep
 heavy imports (torch, transformers) inside functions so `ft-desk --help` stays fast. A `UserError` becomes one
 readable message on stderr (exit 2); any other exception is a bug and is printed with its traceback.
+
+A machine reader gets every failure as data too, so it never parses stderr: a command that streams events
+(`--events jsonl`, or `--json` for eval, export and models download) ends with a `command_failed` event unless
+it already emitted its own final event (it then sets `reported = True` on the exception); a one-object `--json`
+command prints `{"ok": false, "error": ..., "hint": ..., "exit_code": ...}` instead of its result.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from typing import Any, TextIO
 
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import EXIT_BAD_INPUT
+from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, make_event
+from ft_desk.trainer.hub.credentials import redact
 
 # command -> (module, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,16 +64,50 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(args._module)
+    stdout = sys.stdout  # commands in jsonl mode point sys.stdout at stderr; the failure report goes to the real one
     try:
         return int(module.run(args) or 0)
     except UserError as err:
-        from ft_desk.trainer.hub.credentials import redact  # a token must never reach the screen or a pasted bug report
-
+        # a token must never reach the screen or a pasted bug report
         print(f"ft-desk: {redact(err.full())}", file=sys.stderr)
+        _report_failure(args, err, stdout, "failed", redact(err.message), redact(err.hint) or None, EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("ft-desk: interrupted", file=sys.stderr)
-        return 130
+        _report_failure(args, err, stdout, "cancelled", "interrupted", None, EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a bug: the traceback still goes to stderr, the reader gets the failure as data
+        _report_failure(args, err, stdout, "failed", redact(f"internal error: {type(err).__name__}: {err}"),
+                        "this is a bug in ft-desk; the traceback is on stderr", EXIT_FAILED)
+        raise
+
+
+def streams_events(args: argparse.Namespace) -> bool:
+    """Whether this command line prints JSON-lines events (rather than one JSON object, or text)."""
+    if getattr(args, "events", None) == "jsonl":
+        return True
+    event_commands = args.command in ("eval", "export") or getattr(args, "models_command", None) == "download"
+    return bool(getattr(args, "json", False)) and event_commands
+
+
+def _report_failure(args: argparse.Namespace, err: BaseException, stdout: TextIO, status: str, error: str,
+                    hint: str | None, exit_code: int) -> None:
+    """The failure as data on stdout, for a machine reader (nothing in human mode, or when the command did it)."""
+    if getattr(err, "reported", False):
+        return
+    out: dict[str, Any]
+    if streams_events(args):
+        out = make_event("command_failed", command=args.command, status=status, error=error, hint=hint,
+                         exit_code=exit_code)
+    elif getattr(args, "json", False):
+        out = {"ok": False, "error": error, "hint": hint, "exit_code": exit_code}
+    else:
+        return
+    try:
+        stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass  # the reader went away
 
 
 if __name__ == "__main__":  # python -m ft_desk.trainer.cli.main (or python -m ft_desk.trainer.cli)

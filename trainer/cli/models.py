@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import JsonlSink, format_bytes, make_event
+from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_INTERRUPTED, JsonlSink, format_bytes, make_event
 from ft_desk.trainer.hub.cache import (
     cached_models,
     hf_cache_dir,
@@ -280,14 +280,18 @@ def _download(args) -> int:
                                 verify_hashes=args.verify_hashes)
     except UserError as err:
         if jsonl:
-            sink.emit(make_event("download_failed", repo_id=args.model_id, error=redact(err.message),
-                                 hint=redact(err.hint), cancelled=False))
+            sink.emit(make_event("download_failed", status="failed", exit_code=EXIT_BAD_INPUT,
+                                 repo_id=args.model_id, error=redact(err.message), hint=redact(err.hint),
+                                 cancelled=False))
+            err.reported = True  # cli/main.py prints no second failure
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if jsonl:
-            sink.emit(make_event("download_failed", repo_id=args.model_id, error="download cancelled",
+            sink.emit(make_event("download_failed", status="cancelled", exit_code=EXIT_INTERRUPTED,
+                                 repo_id=args.model_id, error="download cancelled",
                                  hint="run the same command again: it continues where this download stopped",
                                  cancelled=True))
+            interrupt.reported = True  # cli/main.py prints no second failure
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import EventSink, make_event
+from ft_desk.trainer.events import EXIT_FAILED, EXIT_OK, EventSink, make_event
 from ft_desk.trainer.export.safety import Staging, check_target
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_FORMATS, default_gguf_type
 
@@ -148,6 +148,7 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     event = make_event(
         "export_finished",
         status="unverified" if fidelity is None else ("ok" if passed else "failed"),
+        exit_code=EXIT_FAILED if passed is False else EXIT_OK,
         out_dir=str(target.folder), files=files, bytes=total_bytes, passed=passed, fidelity=fidelity,
         notes=notes + list(facts.get("notes", [])), command=facts.get("command"), facts=facts,
         elapsed_s=round(time.time() - started, 1), format=request.format,

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ft_desk.trainer.config import RunConfig, config_from_dict
+from ft_desk.trainer.config import ModelConfig, RunConfig, config_from_dict
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.run_folder import ADAPTER_WEIGHTS, FULL_WEIGHTS, checkpoint_folder, config_path
 
@@ -28,12 +28,18 @@ class LoadedInfo:
     load_seconds: float
 
 
-def load_tokenizer(model_dir: Path, cfg: RunConfig):
+def load_tokenizer(folder: Path, model: ModelConfig):
+    """The tokenizer in `folder` (a base model's, or the one a run saved), set up exactly as training uses it.
+
+    Training, `ft-desk data check` and export all load tokenizers here, so the data check counts the tokens
+    training will see and an export writes the tokenizer the run trained with. No weights are loaded.
+    """
     from transformers import AutoTokenizer  # heavy import
 
-    tok = AutoTokenizer.from_pretrained(
-        model_dir, revision=None, trust_remote_code=cfg.model.trust_remote_code
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=model.trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+        raise ModelError(f"cannot load the tokenizer of {model.name} from {folder} ({exc})") from None
     if tok.pad_token_id is None:
         # Padding never carries loss (targets are -100 there), so reusing EOS is safe.
         tok.pad_token = tok.eos_token
@@ -64,7 +70,7 @@ def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None):
 
     started = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(model_dir, cfg)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
     compute, weights_dtype = run_dtypes(cfg, device)
     kwargs: dict = dict(
         dtype=torch_dtype(weights_dtype),

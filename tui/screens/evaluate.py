@@ -347,9 +347,9 @@ class EvaluateScreen(DeskScreen):
     def _chat_event_from_thread(self, event: dict[str, Any]) -> None:
         self.app.call_from_thread(self._chat_event, event)
 
-    def _chat_exit_from_thread(self, code: int, stderr: str) -> None:
+    def _chat_exit_from_thread(self, code: int, failure: CommandFailed | None) -> None:
         try:
-            self.app.call_from_thread(self._chat_exit, code, stderr)
+            self.app.call_from_thread(self._chat_exit, code, failure)
         except RuntimeError:
             pass  # the app is closing
 
@@ -387,10 +387,9 @@ class EvaluateScreen(DeskScreen):
             if self.messages and self.messages[-1]["role"] == "user":
                 self.messages.pop()
 
-    def _chat_exit(self, code: int, stderr: str) -> None:
+    def _chat_exit(self, code: int, failure: CommandFailed | None) -> None:
         if code not in (0, None) and self.is_mounted:
-            last = [line for line in stderr.splitlines() if line.startswith("ft-desk: ")]
-            why = last[-1][len("ft-desk: "):] if last else f"exit code {code}"
+            why = failure.message if failure is not None and failure.message else f"exit code {code}"
             self._chat_line(f"[red]the chat process ended: {escape(why)}[/]")
         self.chat_ready = False
         self._waiting, self._busy = None, False

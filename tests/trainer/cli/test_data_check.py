@@ -126,7 +126,7 @@ def test_cli_check_json_on_good_and_messy_files(tmp_path, tiny_model_dir, capsys
     code = main(["data", "check", str(tmp_path / "missing.jsonl"), "--model", str(tiny_model_dir), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 2 and out == {"ok": False, "error": f"{tmp_path / 'missing.jsonl'}: no such file",
-                                 "where": str(tmp_path / "missing.jsonl"), "hint": out["hint"]}
+                                 "where": str(tmp_path / "missing.jsonl"), "hint": out["hint"], "exit_code": 2}
 
 
 def test_cli_check_human_report_as_a_subprocess(tmp_path, tiny_model_dir):
