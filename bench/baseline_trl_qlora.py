@@ -3,9 +3,9 @@ written the way a typical hobbyist script is (load the model 4-bit, hand SFTTrai
 train, evaluate). Nothing here is tuned: TRL's defaults stand (no packing, per-batch padding, its own loss and
 optimizer choice) except where the comparison needs the same setting as ft-desk (see bench/train_vs_trl.py).
 
-The only additions are for measuring: a callback that stamps the time at the start of training and the end of every optimizer step, and
-a JSON result file (per-step loss, TRL's count of non-pad tokens, step times, eval loss). Needs the `bench`
-extra (trl, datasets).
+The only additions are for measuring: a callback that stamps the time at the start of training and the end of every
+optimizer step, and a JSON result file (per-step loss, TRL's count of non-pad tokens, step times, eval loss). Needs the
+`bench` extra (trl, datasets).
 
     python bench/baseline_trl_qlora.py --model DIR --train train.jsonl --valid valid.jsonl \
         --out OUT_DIR --result result.json --steps 30

@@ -348,15 +348,15 @@ def _fmt(value: float | None) -> str:
 
 def print_table(rows: list[Result], out=sys.stdout) -> None:
     head = (f"{'model':<13} {'gc':<3} {'trainer':<8} {'micro-batch':<15} {'steps':>5} {'tokens':>7} {'train s':>8} "
-            f"{'tok/s':>7} {'cpu s':>7} {'tok/cpu-s':>9} {'peak MiB':>8} {'>idle MiB':>9} {'train MiB':>9} {'train loss':>10} "
-            f"{'val loss':>8} {'wall s':>7}  note")
+            f"{'tok/s':>7} {'cpu s':>7} {'tok/cpu-s':>9} {'peak MiB':>8} {'>idle MiB':>9} {'train MiB':>9} "
+            f"{'train loss':>10} {'val loss':>8} {'wall s':>7}  note")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
         print(f"{r.model:<13} {'on' if r.gc else 'off':<3} {r.trainer:<8} {r.batch:<15} {r.steps:>5} {r.tokens:>7} "
               f"{r.train_s:>8.1f} {r.tokens_per_s:>7.1f} {r.train_cpu_s:>7.1f} {r.tokens_per_cpu_s:>9.1f} "
-              f"{r.peak / MIB:>8.0f} {r.above_idle / MIB:>9.0f} {r.train_peak / MIB:>9.0f} {_fmt(r.train_loss):>10} {_fmt(r.val_loss):>8} "
-              f"{r.wall_s:>7.1f}  {r.note}", file=out)
+              f"{r.peak / MIB:>8.0f} {r.above_idle / MIB:>9.0f} {r.train_peak / MIB:>9.0f} "
+              f"{_fmt(r.train_loss):>10} {_fmt(r.val_loss):>8} {r.wall_s:>7.1f}  {r.note}", file=out)
 
 
 def ratios(ours: Result, base: Result) -> dict:

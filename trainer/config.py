@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin
 
-from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_model
+from ft_desk.trainer.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

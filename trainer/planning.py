@@ -29,7 +29,8 @@ from ft_desk.quant.planner import (
     peak_bytes,
     plan_memory,
 )
-from ft_desk.trainer.config import RunConfig, replace as replace_config
+from ft_desk.trainer.config import RunConfig
+from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.demo import demo_cache_dir, ensure_demo_model, is_demo_model
 from ft_desk.trainer.errors import ModelError, UserError
 

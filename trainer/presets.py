@@ -16,13 +16,12 @@ import yaml
 
 from ft_desk.trainer.config import ConfigError, RunConfig, apply_overrides, build_config, merge_layer
 from ft_desk.trainer.demo import DEMO_PRESET
+from ft_desk.trainer.paths import config_home
 
 DEFAULT_PRESET = DEMO_PRESET
 
 
 def user_presets_dir() -> Path:
-    from ft_desk.trainer.paths import config_home
-
     return config_home() / "presets"
 
 
@@ -52,7 +51,8 @@ def find_preset(name: str) -> Path:
     known = available_presets()
     if name in known:
         return known[name]
-    raise ConfigError(f"no preset named {name!r}; available: {', '.join(sorted(known))} (or give a path to a .yaml file)")
+    available = ", ".join(sorted(known))
+    raise ConfigError(f"no preset named {name!r}; available: {available} (or give a path to a .yaml file)")
 
 
 def read_preset(path: Path) -> dict[str, Any]:

@@ -240,7 +240,8 @@ def checkpoint_folder(run_dir: Path, checkpoint: str | int = "best") -> Path:
         checkpoint = "last"
     if checkpoint == "last":
         if not folders:
-            raise UserError(f"{run_dir} has no checkpoint yet", hint="train longer, or resume it: ft-desk train --resume")
+            raise UserError(f"{run_dir} has no checkpoint yet",
+                            hint="train longer, or resume it: ft-desk train --resume")
         return folders[-1]
     try:
         step = int(checkpoint)

@@ -26,7 +26,6 @@ from textual.worker import Worker, WorkerState
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.config import ConfigError
 from ft_desk.trainer.paths import data_home
-
 from ft_desk.tui.backend import CliBackend
 from ft_desk.tui.commands import CommandFailed, parse_failure
 from ft_desk.tui.draft import Draft, demo_draft

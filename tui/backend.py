@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ft_desk.tui import commands
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME
+from ft_desk.tui import commands
 from ft_desk.tui.draft import Draft
-from ft_desk.tui.planning import NeedsChild, Planner
 from ft_desk.tui.launch import Launch, resume_training, start_training, stop_training
+from ft_desk.tui.planning import NeedsChild, Planner
 from ft_desk.tui.runs import RunSummary, list_runs
 
 EventCallback = Callable[[dict[str, Any]], None]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ft_desk.trainer.events import parse_line
-
 from ft_desk.tui.commands import CommandFailed, child_env, cli_argv, failure_of, parse_failure
 from ft_desk.tui.launch import launch_dir
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.paths import cache_home, runs_home
-
 from ft_desk.tui.commands import child_env, cli_argv
 
 

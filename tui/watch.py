@@ -1,10 +1,11 @@
 """Following one run from a background thread: new events, and the end of its trainer process.
 
-`RunWatcher` polls RUN_DIR/events.jsonl (EventTail) a few times a second and hands new events to `on_events` in
-batches - one call per poll, however many steps arrived - so a fast run cannot flood the UI. The first batch is
-the history already on disk (`replay=True`, so old errors are not announced again). It notices the end of the trainer either from the process it was
-given (a run this app started) or from the pid in state.json (a run it re-attached to), drains the file once more,
-calls `on_end(exit_code)` (None when the code is unknown) and stops. Callbacks run on the watcher thread.
+`RunWatcher` polls RUN_DIR/events.jsonl (EventTail) a few times a second and hands new events to `on_events` in batches
+- one call per poll, however many steps arrived - so a fast run cannot flood the UI. The first batch is the history
+already on disk (`replay=True`, so old errors are not announced again). It notices the end of the trainer either from
+the process it was given (a run this app started) or from the pid in state.json (a run it re-attached to), drains the
+file once more, calls `on_end(exit_code)` (None when the code is unknown) and stops. Callbacks run on the watcher
+thread.
 """
 
 from __future__ import annotations

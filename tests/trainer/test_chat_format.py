@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+
 from ft_desk.trainer.chat_format import render_probe, stop_token_ids, turn_end_tokens
 
 

@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+
 from ft_desk.trainer.generation import Sampling, generate, pad_id_for
 
 MAX_NEW = 10

@@ -2,8 +2,8 @@
 
 import math
 
-from ft_desk.tui.loss_diagnosis import diagnose
 from ft_desk.tui.history import RunHistory
+from ft_desk.tui.loss_diagnosis import diagnose
 
 
 def run(losses, vals=(), samples=(), finished=True, every=10):

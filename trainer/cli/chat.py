@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ft_desk.trainer import run_folder
 from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.data.formats import Example, Message
 from ft_desk.trainer.data.prepare import generation_prompt
-from ft_desk.trainer import run_folder
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, JsonlSink, make_event
 from ft_desk.trainer.generation import generate

@@ -15,10 +15,12 @@ import json
 import math
 import sys
 
-from ft_desk.trainer.data.formats import FORMATS
+from ft_desk.trainer.data.formats import FORMATS, resolve_data_path
+from ft_desk.trainer.data.lint import lint_file
 from ft_desk.trainer.errors import DataError, UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_OK
 from ft_desk.trainer.hub.resolve import resolve_model_dir
+from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training.model import load_tokenizer
 
 FORMAT_CHOICES = ("auto",) + FORMATS
@@ -51,8 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from ft_desk.trainer.presets import load_config
-
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.name={args.model}")
@@ -77,9 +77,6 @@ def run(args) -> int:
 
 
 def _check(args) -> int:
-    from ft_desk.trainer.data.formats import resolve_data_path
-    from ft_desk.trainer.data.lint import lint_file
-
     try:
         cfg = _config(args)
         path = resolve_data_path(args.file)

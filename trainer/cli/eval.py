@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from ft_desk.trainer.data.formats import FORMATS
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.evaluate.report import terminal
+from ft_desk.trainer.evaluate.run import EvalOptions, evaluate_run, parse_metrics, result_summary
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, JsonlSink, make_event
+from ft_desk.trainer.training.run import stdout_for_events
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ft_desk.trainer.data.formats import FORMATS
-
     parser.add_argument("run_dir", type=Path, help="a run folder (see: ft-desk runs)")
     parser.add_argument("--data", metavar="FILE",
                         help="held-out examples in any supported format [default: RUN_DIR/data/val.jsonl]")
@@ -82,7 +84,8 @@ class ProgressLines:
             if event["phase"] == "load":
                 self._write("loading the model…")
                 return
-            text = f"  {event['model']:5} {event['phase']:9} {event['done']}/{event['total']}  {event['elapsed_s']:.0f}s"
+            text = (f"  {event['model']:5} {event['phase']:9} {event['done']}/{event['total']}  "
+                    f"{event['elapsed_s']:.0f}s")
             self._write(text, transient=event["done"] < event["total"])
         elif kind == "eval_finished" and event.get("status") == "failed":
             self._write(f"evaluation failed: {event.get('error')}")
@@ -95,8 +98,6 @@ class ProgressLines:
 
 
 def options_from(args: argparse.Namespace):
-    from ft_desk.trainer.evaluate.run import EvalOptions, parse_metrics
-
     return EvalOptions(checkpoint=str(args.checkpoint), data=args.data, format=args.format,
                        metrics=parse_metrics(args.metrics), json_schema=args.json_schema, regex=args.regex,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sample=args.sample,
@@ -105,9 +106,6 @@ def options_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ft_desk.trainer.evaluate.run import evaluate_run, result_summary
-    from ft_desk.trainer.training.run import stdout_for_events
-
     jsonl = args.json or args.events == "jsonl"
     sink = JsonlSink(stdout_for_events()) if jsonl else ProgressLines(sys.stderr)
     started = time.time()
@@ -132,7 +130,5 @@ def run(args: argparse.Namespace) -> int:
                          elapsed_s=round(time.time() - started, 3), **result_summary(report)))
     sink.close()
     if not jsonl:
-        from ft_desk.trainer.evaluate.report import terminal
-
         print(terminal(report))
     return EXIT_OK

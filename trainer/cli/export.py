@@ -18,8 +18,10 @@ from typing import Any
 
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, JsonlSink, format_bytes, make_event
+from ft_desk.trainer.export.pipeline import ExportRequest, export_run
+from ft_desk.trainer.export.verify import describe
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_TYPES, MERGED_DTYPES
-
+from ft_desk.trainer.training.run import stdout_for_events
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,8 +77,6 @@ class _HumanSink:
 
 def report_lines(event: dict[str, Any]) -> list[str]:
     """The export_finished event as the report printed for a person."""
-    from ft_desk.trainer.export.verify import describe
-
     lines = [f"exported {event['format']} to {event['out_dir']} ({format_bytes(event.get('bytes'))}, "
              f"{len(event.get('files') or [])} files) in {event.get('elapsed_s')} s"]
     facts = event.get("facts") or {}
@@ -113,12 +113,8 @@ def report_lines(event: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ft_desk.trainer.export.pipeline import ExportRequest, export_run
-
     machine = bool(args.json or args.events)
     if machine:
-        from ft_desk.trainer.training.run import stdout_for_events
-
         sink: Any = JsonlSink(stdout_for_events())
     else:
         sink = _HumanSink()

@@ -22,18 +22,18 @@ from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, make_event
 from ft_desk.trainer.hub.credentials import redact
 
-# command -> (module, one-line help). Order is the order shown in --help.
+# command -> (module in this package, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("ft_desk.trainer.cli.train", "run the demo: a tiny local model fine-tuned on bundled data, offline"),
-    "train": ("ft_desk.trainer.cli.train", "fine-tune a model (QLoRA by default); --resume RUN_DIR continues a run"),
-    "runs": ("ft_desk.trainer.cli.runs", "list runs and their status"),
-    "chat": ("ft_desk.trainer.cli.chat", "chat with a trained model (adapter on, or off with /base) in the terminal"),
-    "eval": ("ft_desk.trainer.cli.eval", "base vs tuned on held-out examples: task metrics, retention check, report"),
-    "data": ("ft_desk.trainer.cli.data", "check a data file: format, token lengths, duplicates, broken rows"),
-    "plan": ("ft_desk.trainer.cli.plan", "will it fit? peak memory of a run from config.json alone, and how to make it fit"),
-    "doctor": ("ft_desk.trainer.cli.doctor", "this machine: OS, Python, libraries, CUDA/MPS/CPU, RAM, whether 4-bit works"),
-    "models": ("ft_desk.trainer.cli.models", "search, inspect, download, list and remove base models (Hub + local cache)"),
-    "export": ("ft_desk.trainer.cli.export", "export a run as adapter, merged model, GGUF or Ollama, verified against it"),
+    "demo": ("train", "run the demo: a tiny local model fine-tuned on bundled data, offline"),
+    "train": ("train", "fine-tune a model (QLoRA by default); --resume RUN_DIR continues a run"),
+    "runs": ("runs", "list runs and their status"),
+    "chat": ("chat", "chat with a trained model (adapter on, or off with /base) in the terminal"),
+    "eval": ("eval", "base vs tuned on held-out examples: task metrics, retention check, report"),
+    "data": ("data", "check a data file: format, token lengths, duplicates, broken rows"),
+    "plan": ("plan", "will it fit? peak memory of a run from config.json alone, and how to make it fit"),
+    "doctor": ("doctor", "this machine: OS, Python, libraries, CUDA/MPS/CPU, RAM, whether 4-bit works"),
+    "models": ("models", "search, inspect, download, list and remove base models (Hub + local cache)"),
+    "export": ("export", "export a run as adapter, merged model, GGUF or Ollama, verified against it"),
 }
 
 
@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(f"{__package__}.{module_name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p, name) if _takes_name(module) else module.add_arguments(p)
-        p.set_defaults(_module=module_name)
+        p.set_defaults(_module=module.__name__)
     return parser
 
 

@@ -140,8 +140,8 @@ def _search(args) -> int:
         fit = (m.get("fit") or {}).get("verdict") or ""
         flags = " ".join(f for f, on in (("curated", m.get("curated")), ("cached", m.get("cached"))) if on)
         size = ("~" if m.get("size_estimated") else "") + format_bytes(m["size_bytes"]) if m.get("size_bytes") else "?"
-        rows.append([m["id"], _params(m.get("params")), size, m.get("license") or "?", "gated" if m.get("gated") else "", _date(m.get("last_modified")),
-                     fit, flags])
+        rows.append([m["id"], _params(m.get("params")), size, m.get("license") or "?",
+                     "gated" if m.get("gated") else "", _date(m.get("last_modified")), fit, flags])
     if not rows:
         print("no text-generation models found" + (f" for {args.query!r}" if args.query else ""))
         return 0

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ft_desk.trainer.errors import DataError
 from ft_desk.trainer.demo import demo_data_path, is_demo_data
+from ft_desk.trainer.errors import DataError
 
 FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -365,7 +365,8 @@ def _from_messages(row: dict, where: str) -> tuple[Message, ...]:
     for number, turn in enumerate(_turn_list(row, "messages", where), start=1):
         label = f"message {number}"
         if not isinstance(turn, dict):
-            raise RowError(where, f"{label} is {_type_name(turn)}, expected an object with role and content", "wrong_type")
+            raise RowError(where, f"{label} is {_type_name(turn)}, expected an object with role and content",
+                           "wrong_type")
         role = _role(turn.get("role"), where, label, {r: r for r in ROLES})
         if role == "assistant" and turn.get("tool_calls"):
             raise RowError(where, f"{label} makes tool calls, which cannot be trained yet", "tool_role")
@@ -386,7 +387,8 @@ def _from_sharegpt(row: dict, where: str) -> tuple[Message, ...]:
     for number, turn in enumerate(_turn_list(row, "conversations", where), start=1):
         label = f"turn {number}"
         if not isinstance(turn, dict):
-            raise RowError(where, f"{label} is {_type_name(turn)}, expected an object with from and value", "wrong_type")
+            raise RowError(where, f"{label} is {_type_name(turn)}, expected an object with from and value",
+                           "wrong_type")
         speaker, text_key = ("from", "value") if "from" in turn or "value" in turn else ("role", "content")
         role = _role(turn.get(speaker), where, label, SHAREGPT_ROLES)
         if text_key not in turn:

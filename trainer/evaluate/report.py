@@ -98,7 +98,8 @@ def retention_result(probe: dict[str, list[tuple[float, int]]], cfg, vocab_size:
         message = (f"forgetting: general-English perplexity rose {change}, above the {threshold * 100:.0f}% "
                    f"threshold; the tuned model predicts everyday text worse than its base")
     elif rise > 0:
-        message = f"general-English perplexity {change}, within the {threshold * 100:.0f}% allowed: no sign of forgetting"
+        message = (f"general-English perplexity {change}, within the {threshold * 100:.0f}% allowed: "
+                   "no sign of forgetting")
     else:
         message = f"general-English perplexity {change}: nothing measurable was forgotten"
     notes = []
@@ -190,7 +191,8 @@ def markdown(report: dict[str, Any], top_k: int) -> str:
     lines = [f"# Evaluation of {report['run_name']}", "", *[f"{x}  " for x in _header_lines(report)],
              f"created {report['created']}", ""]
     if report["metrics"]:
-        lines += ["## Metrics", "", "| metric | base | tuned | change | verdict | note |", "|---|---:|---:|---:|---|---|"]
+        lines += ["## Metrics", "", "| metric | base | tuned | change | verdict | note |",
+                  "|---|---:|---:|---:|---|---|"]
         for m in report["metrics"]:
             lines.append("| " + " | ".join(_cell(c, 200) for c in _metric_cells(m)) + " |")
         lines += ["", f"Intervals (95%) for every number are in report.json. A change is called better or worse only "

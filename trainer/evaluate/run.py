@@ -38,13 +38,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ft_desk.trainer.chat_format import stop_token_ids
+from ft_desk.quant.device import resolve_device
+from ft_desk.quant.policy import torch_dtype
 from ft_desk.trainer import run_folder
+from ft_desk.trainer.chat_format import stop_token_ids
+from ft_desk.trainer.data.formats import RowError
+from ft_desk.trainer.data.prepare import load_examples, resolve_data_path
+from ft_desk.trainer.data.render import example_renderer
+from ft_desk.trainer.demo import retention_probe_path
+from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.evaluate import metrics as em
 from ft_desk.trainer.evaluate import scoring
-from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.evaluate.embed import find_embedding_model, similarities
+from ft_desk.trainer.evaluate.report import build_rows, retention_result, write_report
 from ft_desk.trainer.events import EventSink, make_event
 from ft_desk.trainer.generation import Sampling, generate, pad_id_for
+from ft_desk.trainer.training.model import load_base, load_run_config, load_trained, run_dtypes
 
 METRICS = ("loss", "exact", "rouge", "chrf", "bleu", "json", "regex", "stop", "length", "semantic", "retention")
 NEEDS_GENERATION = frozenset(METRICS) - {"loss", "retention"}
@@ -140,8 +149,6 @@ def _wanted(options: EvalOptions) -> set[str]:
 
 def _held_out(run_dir: Path, options: EvalOptions):
     """(examples, path) of the held-out set, limited."""
-    from ft_desk.trainer.data.prepare import load_examples, resolve_data_path
-
     if options.data:
         path = resolve_data_path(options.data)
     else:
@@ -177,8 +184,6 @@ def _checkpoint_info(run_dir: Path, requested: str) -> dict[str, Any]:
 def _models(run_dir: Path, cfg, checkpoint: str, device: str) -> Iterator[tuple[str, Any, Any]]:
     """("base", model, tokenizer) then ("tuned", model, tokenizer). Adapters: one load, the base is the same
     weights with the adapter disabled. Full fine-tunes: the base, freed, then the trained model."""
-    from ft_desk.trainer.training.model import load_base, load_trained
-
     if cfg.train.method == "full":
         model, tokenizer, _ = load_base(cfg, device)
         model.eval()
@@ -208,19 +213,12 @@ def _autocast(cfg, device: str) -> Callable | None:
         return None
     import torch
 
-    from ft_desk.quant.policy import torch_dtype
-
-    from ft_desk.trainer.training.model import run_dtypes
-
     compute, _ = run_dtypes(cfg, device)
     return lambda: torch.autocast(device_type=device, dtype=torch_dtype(compute))
 
 
 def _prepare(examples, tokenizer, cfg) -> tuple[list[_Item], list[str]]:
     """Prompts, references and training labels of every example; rows the template refuses are left out."""
-    from ft_desk.trainer.data.formats import RowError
-    from ft_desk.trainer.data.render import example_renderer
-
     renderer = example_renderer(tokenizer, cfg.data, examples, examples[0].where if examples else "data")
     items, skipped = [], []
     for index, example in enumerate(examples):
@@ -289,10 +287,6 @@ class _Measured:
 
 
 def _plan(run_dir: Path | str, options: EvalOptions, clock: Callable[[], float]) -> _Plan:
-    from ft_desk.quant.device import resolve_device
-
-    from ft_desk.trainer.training.model import load_run_config
-
     started = clock()
     when = datetime.now()
     run_dir = Path(run_dir).expanduser().resolve()
@@ -305,8 +299,6 @@ def _plan(run_dir: Path | str, options: EvalOptions, clock: Callable[[], float])
     examples, data_path = _held_out(run_dir, options)
     probe_path = Path(options.probe).expanduser() if options.probe else None
     if "retention" in wanted:
-        from ft_desk.trainer.demo import retention_probe_path
-
         probe_path = probe_path or retention_probe_path()
         if not probe_path.is_file():
             raise UserError(f"--probe {probe_path}: no such file", hint="pass a plain-text file, one passage a line")
@@ -408,8 +400,6 @@ def _measure(plan: _Plan, sink: EventSink, clock: Callable[[], float]) -> _Measu
     _free(plan.device)
 
     if "semantic" in wanted and m.outputs:
-        from ft_desk.trainer.evaluate.embed import find_embedding_model, similarities
-
         folder, where = find_embedding_model()
         if folder is None:
             m.notes.append(where)
@@ -426,8 +416,6 @@ def _measure(plan: _Plan, sink: EventSink, clock: Callable[[], float]) -> _Measu
 
 def _finish(plan: _Plan, m: _Measured, sink: EventSink, clock: Callable[[], float]) -> dict[str, Any]:
     """Metrics, retention verdict, rows; the report written to a new folder and sent as eval_report."""
-    from ft_desk.trainer.evaluate.report import build_rows, retention_result, write_report
-
     options, wanted, items, notes = plan.options, plan.wanted, m.items, m.notes
     outputs, timings = m.outputs, m.timings
     metrics, per_example = _metric_rows(wanted, items, outputs, m.losses, m.semantic, plan.validator, plan.pattern)

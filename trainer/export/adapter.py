@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.demo import is_demo_model
+from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.export.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunSource
 
 

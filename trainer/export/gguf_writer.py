@@ -23,17 +23,33 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ft_desk.quant.gguf_tensors import (
+    ALWAYS_TIED,
+    LLAMA_CPP_TYPES,
+    TENSOR_TYPES,
+    NameMap,
+    TensorSpec,
+    UnsupportedArchitecture,
+    choose_type,
+    encode,
+    file_type,
+    ggml_type,
+    gguf_arch,
+    llama3_rope_factors,
+    llama_cpp_mismatches,
+    transform,
+)
+from ft_desk.quant.gguf_tensors import bytes_per_weight as bpw
 from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.export import llamacpp
 from ft_desk.trainer.export.safetensors_io import read_header, read_tensor
+from ft_desk.trainer.export.source import base_shards
 
 Progress = Callable[[int, int, str], None]
 
 
 def bytes_per_weight(tensor_type: str) -> float:
-    from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES, TENSOR_TYPES
-    from ft_desk.quant.gguf_tensors import bytes_per_weight as bpw
-
     if tensor_type not in TENSOR_TYPES and tensor_type not in LLAMA_CPP_TYPES:
         return 2.0
     return bpw(tensor_type)
@@ -179,8 +195,6 @@ def _add_hparams(writer, arch: str, config, tensor_type: str, name: str) -> list
     """Architecture metadata; returns extra tensors [(gguf name, fp32 tensor)] (Llama 3 rope factors)."""
     import gguf
 
-    from ft_desk.quant.gguf_tensors import file_type, llama3_rope_factors
-
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -231,10 +245,6 @@ def _add_hparams(writer, arch: str, config, tensor_type: str, name: str) -> list
 
 def plan_tensors(merged_dir: Path, arch: str, config, tensor_type: str):
     """[(TensorSpec, safetensors entry or None)] in file order, plus notes."""
-    from ft_desk.quant.gguf_tensors import ALWAYS_TIED, NameMap, TensorSpec, choose_type
-
-    from ft_desk.trainer.export.source import base_shards
-
     names = NameMap(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     specs = []
@@ -265,18 +275,6 @@ def export_gguf(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
     import gguf  # heavy-ish imports
     import numpy as np
     from transformers import AutoConfig, AutoTokenizer
-
-    from ft_desk.quant.gguf_tensors import (
-        LLAMA_CPP_TYPES,
-        TENSOR_TYPES,
-        TensorSpec,
-        UnsupportedArchitecture,
-        encode,
-        ggml_type,
-        gguf_arch,
-        llama_cpp_mismatches,
-        transform,
-    )
 
     if tensor_type in LLAMA_CPP_TYPES and work_dir is None:
         import tempfile
@@ -344,8 +342,6 @@ def export_gguf(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
 def _export_with_llama_cpp(merged_dir: Path, out_dir: Path, tensor_type: str, name: str,
                            progress: Progress | None, work_dir: Path) -> dict[str, Any]:
     """F16 file into work_dir, then llama.cpp's quantizer into out_dir; the facts describe the quantized file."""
-    from ft_desk.trainer.export import llamacpp
-
     llamacpp.require(tensor_type)
     f16 = export_gguf(merged_dir, work_dir, "f16", name, progress)
     file_name = f"{name}-{tensor_type}.gguf"
@@ -394,8 +390,6 @@ def readback_check(path: Path, merged_dir: Path) -> dict[str, Any]:
     import numpy as np
     import torch
     from transformers import AutoConfig
-
-    from ft_desk.quant.gguf_tensors import gguf_arch, transform
 
     config = AutoConfig.from_pretrained(merged_dir)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES, TENSOR_TYPES
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.export.verify import judge as judge_reload
 
 INSTALL = "pip install llama-cpp-python"
 
@@ -37,15 +39,11 @@ def capabilities() -> dict[str, Any]:
     """What this installation can export, for `ft-desk doctor --json` and the app: the GGUF types it can write and
     the llama-cpp-python version (None when it is not installed)."""
     version = installed_version()
-    from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES, TENSOR_TYPES
-
     return {"gguf_types": list(TENSOR_TYPES) + (list(LLAMA_CPP_TYPES) if version else []), "llama_cpp": version}
 
 
 def require(gguf_type: str) -> None:
     """Refuse a llama.cpp-made type up front (before any work) when llama-cpp-python is missing."""
-    from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES
-
     if gguf_type in LLAMA_CPP_TYPES and installed_version() is None:
         raise UserError(
             f"--gguf-type {gguf_type} is made by llama.cpp's own quantizer, so it needs llama-cpp-python: run "
@@ -70,8 +68,6 @@ def _run(args: dict[str, Any], workdir: Path, label: str) -> tuple[dict[str, Any
 
 def quantize(src: Path, dst: Path, gguf_type: str, workdir: Path) -> dict[str, Any]:
     """Quantize the F16 GGUF `src` into `dst` with llama.cpp; facts about the written file."""
-    from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES
-
     result, tail = _run({"mode": "quantize", "src": str(src), "dst": str(dst), "ftype": LLAMA_CPP_TYPES[gguf_type]},
                         workdir, f"quantize-{gguf_type}")
     if result is None:
@@ -105,8 +101,6 @@ def score(path: Path, reference, workdir: Path) -> dict[str, Any]:
 
 def judge(result: dict[str, Any], reference, thresholds) -> dict[str, Any]:
     """The fidelity report for llama.cpp, with the checks of the transformers reload (verify.judge)."""
-    from ft_desk.trainer.export.verify import judge as judge_reload
-
     if "error" in result:
         detail = f"llama.cpp ({installed_version()}) could not run the GGUF file: {result['error']}"
         return {"passed": False, "compared_with": "reference", "checks": [{"name": "llama_cpp_load", "ok": False,

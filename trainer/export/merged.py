@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
+from ft_desk.quant.device import available_device_types
+from ft_desk.quant.merge import AdapterUpdates, MergeError, QuantRecipe, WeightUpdate, merge_weight, training_view
+from ft_desk.quant.policy import bnb_config, four_bit_layers, torch_dtype
 from ft_desk.trainer import run_folder
+from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
 from ft_desk.trainer.errors import ModelError, UserError
+from ft_desk.trainer.events import read_events
 from ft_desk.trainer.export.safetensors_io import (
     ShardWriter,
     TensorEntry,
@@ -31,6 +35,7 @@ from ft_desk.trainer.export.safetensors_io import (
     read_tensor,
 )
 from ft_desk.trainer.export.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_WEIGHTS, RunSource, base_shards
+from ft_desk.trainer.training.model import run_dtypes
 
 OUT_DTYPES = {"bf16": ("bfloat16", "BF16"), "fp16": ("float16", "F16")}
 MERGE_INTO = ("quantized", "original")
@@ -113,8 +118,6 @@ def _meta_model(base_dir: Path, cfg):
     if cfg.train.method == "qlora":
         from transformers.quantizers import AutoHfQuantizer
 
-        from ft_desk.quant.policy import bnb_config
-
         quantizer = AutoHfQuantizer.from_config(
             bnb_config(cfg.quant.quant_type, cfg.quant.double_quant, "float32", cfg.quant.skip_modules),
             pre_quantized=False,
@@ -129,11 +132,6 @@ def training_dtypes(source: RunSource) -> tuple[str, str]:
     Where that device is here, the training code's own rule answers; otherwise the compute dtype the run
     recorded in its model_loaded event does (a CUDA run exported on a laptop).
     """
-    from ft_desk.quant.device import available_device_types
-
-    from ft_desk.trainer.events import read_events
-    from ft_desk.trainer.training.model import run_dtypes
-
     cfg = source.cfg
     if source.trained_device in available_device_types():
         return run_dtypes(cfg, source.trained_device)
@@ -157,10 +155,6 @@ def _quant_device(source: RunSource) -> str:
 
 def plan_merge(source: RunSource, out_dtype: str = "bf16", merge_into: str = "quantized") -> MergePlan:
     """Work out every output tensor (name, shape, source, update) without reading any weights."""
-    from ft_desk.quant.merge import AdapterUpdates, MergeError, QuantRecipe
-
-    from ft_desk.quant.policy import four_bit_layers
-
     if out_dtype not in OUT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
     if merge_into not in MERGE_INTO:
@@ -247,8 +241,6 @@ def plan_merge(source: RunSource, out_dtype: str = "bf16", merge_into: str = "qu
                                  trained=True))
         config_changes["tie_word_embeddings"] = False
     if tied and lm_name and lm_name not in base_entries and embed_name in base_entries:
-        from ft_desk.quant.merge import WeightUpdate
-
         embed_upd = updates.get(embed_name)
         lm_upd = updates.get(lm_name)
         if _same_shared_update(embed_upd, lm_upd):
@@ -308,9 +300,6 @@ def base_view(t: OutTensor, plan: MergePlan):
     """The fp32 value training computed with for this tensor, before the adapter."""
     import torch
 
-    from ft_desk.quant.merge import training_view
-    from ft_desk.quant.policy import torch_dtype
-
     raw = read_tensor(t.source)
     if not raw.is_floating_point():
         return raw
@@ -323,8 +312,6 @@ def base_view(t: OutTensor, plan: MergePlan):
 
 def iter_merged(plan: MergePlan) -> Iterator[tuple[OutTensor, Any]]:
     """(tensor plan, merged fp32 value) one at a time, in output order."""
-    from ft_desk.quant.merge import MergeError, merge_weight
-
     for t in plan.tensors:
         value = base_view(t, plan)
         if t.update is not None and value.is_floating_point():
@@ -338,8 +325,6 @@ def iter_merged(plan: MergePlan) -> Iterator[tuple[OutTensor, Any]]:
 def write_weights(plan: MergePlan, folder: Path, progress: Progress | None = None) -> list[str]:
     """The safetensors shard(s) and, when sharded, model.safetensors.index.json."""
     import torch
-
-    from ft_desk.quant.policy import torch_dtype
 
     out_torch = torch_dtype(OUT_DTYPES[plan.out_dtype][0])
     groups = plan.shards()

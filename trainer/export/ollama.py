@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.chat_format import PROBE_ANSWER, PROBE_SYSTEM, PROBE_USER, render_probe, turn_end_tokens
+from ft_desk.trainer.run_folder import slug
 
 MODELFILE = "Modelfile"
 
@@ -194,8 +195,6 @@ def modelfile_text(gguf_file: str, family: TemplateFamily | None, stops: list[st
 def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source, name: str | None) -> dict[str, Any]:
     """Write folder/Modelfile; returns the command to run and what was chosen."""
     from transformers import AutoConfig
-
-    from ft_desk.trainer.run_folder import slug
 
     family = match_family(tokenizer)
     stops: list[str] = []

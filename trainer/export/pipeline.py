@@ -18,10 +18,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_FAILED, EXIT_OK, EventSink, make_event
+from ft_desk.trainer.export import llamacpp
+from ft_desk.trainer.export import verify as v
+from ft_desk.trainer.export.adapter import export_adapter
+from ft_desk.trainer.export.gguf_writer import bytes_per_weight, export_gguf, readback_check
+from ft_desk.trainer.export.llamacpp import require
+from ft_desk.trainer.export.merged import export_merged, training_dtypes
+from ft_desk.trainer.export.ollama import write_modelfile
+from ft_desk.trainer.export.safetensors_io import read_header
 from ft_desk.trainer.export.safety import Staging, check_target
+from ft_desk.trainer.export.source import ADAPTER_WEIGHTS, base_shards, load_tokenizer, open_run
+from ft_desk.trainer.export.verify import VERIFY_LOGPROB_BYTES
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_FORMATS, default_gguf_type
+from ft_desk.trainer.run_folder import slug
 
 FIDELITY_FILE = "fidelity.json"
 
@@ -55,9 +67,6 @@ def default_out(request: ExportRequest) -> Path:
 
 def _params_bytes(source) -> int:
     """Bytes of the base weights at 2 bytes per parameter (from the safetensors headers, no weights read)."""
-    from ft_desk.trainer.export.safetensors_io import read_header
-    from ft_desk.trainer.export.source import base_shards
-
     total = 0
     for shard in base_shards(source.base_dir):
         for entry in read_header(shard)[0]:
@@ -67,19 +76,12 @@ def _params_bytes(source) -> int:
 
 def estimate_bytes(source, request: ExportRequest) -> int:
     """Disk space the export needs while it runs (output plus work files), roughly."""
-    from ft_desk.trainer.export.source import ADAPTER_WEIGHTS
-    from ft_desk.trainer.export.verify import VERIFY_LOGPROB_BYTES
-
     verify = VERIFY_LOGPROB_BYTES * 2 if request.verify else 0
     if request.format == "adapter":
         return (source.weights_dir / ADAPTER_WEIGHTS).stat().st_size + verify
     merged = _params_bytes(source)
     if request.format == "merged":
         return merged * (2 if request.merge_into == "original" and request.verify else 1) + verify
-    from ft_desk.quant.gguf_tensors import LLAMA_CPP_TYPES
-
-    from ft_desk.trainer.export.gguf_writer import bytes_per_weight
-
     gguf_type = gguf_type_of(request)
     # llama.cpp quantizes from an F16 file written next to the export first.
     intermediate = merged if gguf_type in LLAMA_CPP_TYPES else 0
@@ -114,14 +116,10 @@ def _note(sink: EventSink, phase: str):
 
 def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     """Run one export; returns the export_finished event it emitted. UserErrors propagate after that event."""
-    from ft_desk.trainer.export.source import load_tokenizer, open_run
-
     started = time.time()
     if request.format not in FORMAT_NAMES:
         raise UserError(f"--format must be one of {', '.join(FORMAT_NAMES)}, got {request.format!r}")
     if request.format in GGUF_FORMATS:
-        from ft_desk.trainer.export.llamacpp import require
-
         require(gguf_type_of(request))
     source = open_run(request.run_dir, request.checkpoint)
     out = Path(request.out).expanduser() if request.out else default_out(request)
@@ -161,8 +159,6 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
 
 def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging, sink: EventSink,
                       notes: list[str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    from ft_desk.trainer.export import verify as v
-
     fmt = request.format
     reference = None
     if request.verify:
@@ -170,15 +166,11 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
     comparisons: dict[str, Any] = {}
 
     if fmt == "adapter":
-        from ft_desk.trainer.export.adapter import export_adapter
-
         facts = export_adapter(source, stage.path, tokenizer)
         if reference is not None:
             result = v.run_reload_check(_adapter_args(source, stage.path, reference), stage.work, "adapter")
             comparisons["adapter_vs_trained"] = v.judge(result, reference, v.THRESHOLDS["exact"])
         return facts, _fidelity(reference, comparisons, notes)
-
-    from ft_desk.trainer.export.merged import export_merged
 
     merged_dir = stage.path if fmt == "merged" else stage.work / "merged"
     merged_dir.mkdir(parents=True, exist_ok=True)
@@ -196,16 +188,12 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
     if fmt == "merged":
         return facts, _fidelity(reference, comparisons, notes)
 
-    from ft_desk.trainer.export.gguf_writer import export_gguf
-
     gguf_type = gguf_type_of(request)
     gguf_facts = export_gguf(merged_dir, stage.path, gguf_type, name=_model_name(source, request),
                              progress=_Progress(sink, "gguf"), work_dir=stage.work)
     facts = {**{k: v_ for k, v_ in facts.items() if k != "weights"}, **gguf_facts,
              "notes": facts.get("notes", []) + gguf_facts.get("notes", [])}
     if reference is not None and not gguf_facts["transformers_can_load"]:
-        from ft_desk.trainer.export.gguf_writer import readback_check
-
         notes.append(f"transformers cannot load {gguf_facts['architecture']} GGUF files, so the file was checked "
                      "by reading every tensor back with the gguf package instead of by reloading the model")
         comparisons["gguf_readback"] = readback_check(stage.path / gguf_facts["file"], merged_dir)
@@ -219,22 +207,16 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
         limits = v.THRESHOLDS[gguf_type]
         comparisons["gguf_vs_merged"] = v.judge(result, reference, limits, label="merged")
         comparisons["gguf_vs_trained"] = v.judge(result, reference, limits)
-    from ft_desk.trainer.export import llamacpp
-
     if reference is not None and llamacpp.installed_version():
         _note(sink, "verify")("running the GGUF file in llama.cpp (llama-cpp-python is installed)")
         result = llamacpp.score(stage.path / gguf_facts["file"], reference, stage.work)
         comparisons["llama_cpp"] = llamacpp.judge(result, reference, v.THRESHOLDS[gguf_type])
     if fmt == "ollama":
-        from ft_desk.trainer.export.ollama import write_modelfile
-
         facts.update(write_modelfile(stage.path, gguf_facts, tokenizer, source, request.name))
     return facts, _fidelity(reference, comparisons, notes)
 
 
 def _model_name(source, request: ExportRequest) -> str:
-    from ft_desk.trainer.run_folder import slug
-
     return request.name or slug(f"{source.run_name}")
 
 
@@ -244,8 +226,6 @@ def _hf_args(folder: Path, reference, save_dir: Path | None) -> dict[str, Any]:
 
 
 def _adapter_args(source, folder: Path, reference) -> dict[str, Any]:
-    from ft_desk.trainer.export.merged import training_dtypes
-
     compute, weights = training_dtypes(source)
     quant = None
     if source.method == "qlora":
@@ -260,9 +240,6 @@ def _adapter_args(source, folder: Path, reference) -> dict[str, Any]:
 def _compare_quantized_merge(source, tokenizer, request: ExportRequest, stage: Staging, reference,
                              sink: EventSink) -> dict[str, Any]:
     """--merge-into original: also measure the NF4 merge, so the report shows which one is closer."""
-    from ft_desk.trainer.export import verify as v
-    from ft_desk.trainer.export.merged import export_merged
-
     other = stage.work / "merged-quantized"
     other.mkdir()
     _note(sink, "verify")("merging into the NF4 weights too, for comparison")

@@ -66,7 +66,8 @@ def check_target(path: Path, force: bool) -> OutputTarget:
             )
         folder = requested.resolve()
         if not folder.is_dir():
-            raise UserError(f"{requested} points to {folder}, which is not a folder", hint="choose another --out folder")
+            raise UserError(f"{requested} points to {folder}, which is not a folder",
+                            hint="choose another --out folder")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} exists and is not a folder", hint="choose another --out folder")
     if not folder.exists():

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ft_desk.trainer.errors import ModelError, UserError
-from ft_desk.trainer.hub.names import COMMIT_RE
 from ft_desk.trainer.hub.folder_check import check_model_folder
+from ft_desk.trainer.hub.names import COMMIT_RE
 
 # Note: ft-desk's resumable partial file is blobs/<etag> + this suffix; huggingface_hub never uses the name (its own
 # are <etag>.<uuid>.incomplete, deleted by `hf cache prune`), and it is never the name of a complete file.
@@ -168,7 +168,8 @@ def removal_plan(repo_id: str, revision: str | None = None):
     if revision:
         chosen = [r.commit_hash for r in repo.revisions if revision in r.refs or r.commit_hash.startswith(revision)]
         if not chosen:
-            raise ModelError(f"{repo_id} has no cached revision {revision!r}; cached: {', '.join(c[:12] for c in commits)}")
+            cached = ", ".join(c[:12] for c in commits)
+            raise ModelError(f"{repo_id} has no cached revision {revision!r}; cached: {cached}")
         commits = chosen
     strategy = info.delete_revisions(*commits)
     return strategy, strategy.expected_freed_size, commits

@@ -48,7 +48,7 @@ from typing import Callable
 
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.events import EventSink, make_event
-from ft_desk.trainer.hub.names import COMMIT_RE, check_repo_id, model_page_url
+from ft_desk.trainer.hub.cache import PARTIAL_SUFFIX, find_snapshot, folder_status, repo_dir
 from ft_desk.trainer.hub.folder_check import (
     check_model_folder,
     code_files_for,
@@ -56,7 +56,7 @@ from ft_desk.trainer.hub.folder_check import (
     pick_weight_files,
     remote_code_reason,
 )
-from ft_desk.trainer.hub.cache import PARTIAL_SUFFIX, find_snapshot, folder_status, repo_dir
+from ft_desk.trainer.hub.names import COMMIT_RE, check_repo_id, model_page_url
 from ft_desk.trainer.hub.remote import api, fetch_repo_json, hub_error, offline, offline_error
 
 # Files a fine-tuning run reads besides the weights (exact names at the repo root).

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from ft_desk.trainer.errors import ModelError, UserError
-from ft_desk.trainer.hub.names import model_page_url
 from ft_desk.trainer.hub.credentials import active_token, redact
+from ft_desk.trainer.hub.names import model_page_url
 
 # Note: seconds to wait for the Hub to answer a metadata call; downloads use huggingface_hub's own timeouts.
 METADATA_TIMEOUT_S = 10.0
@@ -48,7 +48,6 @@ def offline_error(what: str) -> ModelError:
 def is_unreachable(exc: BaseException) -> bool:
     """The Hub could not be reached at all (no network, DNS, refused, timeout, offline mode)."""
     import httpx2  # huggingface_hub's HTTP client
-
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     seen: set[int] = set()

@@ -20,11 +20,11 @@ from typing import Any
 from ft_desk.quant.device import DeviceFacts, probe_facts, resolve_device
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.errors import ModelError, UserError
-from ft_desk.trainer.hub.names import COMMIT_RE, check_repo_id, model_page_url
-from ft_desk.trainer.hub.folder_check import pick_weight_files, remote_code_reason
-from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.cache import cached_ids, find_snapshot, folder_status
+from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.download import is_training_file, unsafe_name
+from ft_desk.trainer.hub.folder_check import pick_weight_files, remote_code_reason
+from ft_desk.trainer.hub.names import COMMIT_RE, check_repo_id, model_page_url
 from ft_desk.trainer.hub.remote import api, endpoint, fetch_repo_json, get_json, hub_error, is_unreachable, offline
 from ft_desk.trainer.planning import plan_run
 from ft_desk.trainer.presets import load_config

@@ -1,10 +1,10 @@
 """Crash-safe checkpoints: safetensors + JSON only (ft-desk never writes or reads pickle of its own).
 
-A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN, named and found by run_folder.py) holds the trainable
-weights (peft adapter format, or model.safetensors for full fine-tuning), optimizer.safetensors (AdamW moments and step counts by parameter
-name), rng.safetensors (torch generator states) and trainer_state.json (loop progress, optimizer hyper-
-parameters, Python RNG state). It is written to a hidden temporary folder, flushed, then renamed, so a crash
-leaves either the whole checkpoint or none. A checkpoint whose weights are not all finite is never written.
+A checkpoint folder (RUN_DIR/checkpoints/step-NNNNNN, named and found by run_folder.py) holds the trainable weights
+(peft adapter format, or model.safetensors for full fine-tuning), optimizer.safetensors (AdamW moments and step counts
+by parameter name), rng.safetensors (torch generator states) and trainer_state.json (loop progress, optimizer hyper-
+parameters, Python RNG state). It is written to a hidden temporary folder, flushed, then renamed, so a crash leaves
+either the whole checkpoint or none. A checkpoint whose weights are not all finite is never written.
 """
 
 from __future__ import annotations

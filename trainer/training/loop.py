@@ -17,8 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from ft_desk.trainer.data.batching import MicroBatch, collate
 from ft_desk.trainer.config import RunConfig
+from ft_desk.trainer.data.batching import MicroBatch, collate
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EventSink, make_event
 from ft_desk.trainer.training.loss import causal_lm_loss

@@ -11,8 +11,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ft_desk.quant.device import choose_compute_dtype, probe_facts, resolve_device
+from ft_desk.quant.policy import bnb_config, disable_cpu_repack, four_bit_layers, torch_dtype
 from ft_desk.trainer.config import ModelConfig, RunConfig, config_from_dict
 from ft_desk.trainer.errors import ModelError, UserError
+from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.run_folder import ADAPTER_WEIGHTS, FULL_WEIGHTS, checkpoint_folder, config_path
 
 log = logging.getLogger("ft_desk.model")
@@ -48,8 +51,6 @@ def load_tokenizer(folder: Path, model: ModelConfig):
 
 def run_dtypes(cfg: RunConfig, device: str) -> tuple[str, str]:
     """(compute dtype, dtype of the unquantized weights) for this run on this device."""
-    from ft_desk.quant.device import choose_compute_dtype, probe_facts
-
     facts = probe_facts(device)
     compute = choose_compute_dtype(facts, cfg.quant.compute_dtype if cfg.train.method == "qlora" else cfg.model.dtype)
     if cfg.train.method == "full":
@@ -63,10 +64,6 @@ def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None):
     import time
 
     from transformers import AutoModelForCausalLM  # heavy import: only when a model is really loaded
-
-    from ft_desk.quant.policy import bnb_config, disable_cpu_repack, torch_dtype
-
-    from ft_desk.trainer.hub.resolve import resolve_model_dir
 
     started = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else resolve_model_dir(cfg.model)
@@ -117,8 +114,6 @@ def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None):
 
 def _logical_params(model, stored: int) -> int:
     """Parameter count as the model defines it (a packed 4-bit tensor stores two weights per element)."""
-    from ft_desk.quant.policy import four_bit_layers
-
     extra = 0
     for _, module in four_bit_layers(model):
         extra += module.in_features * module.out_features - module.weight.numel()
@@ -217,8 +212,6 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def load_trained(run_dir: Path, checkpoint: str | int = "best", device: str | None = None):
     """(model, tokenizer, cfg): the run's base loaded as in training with its trained weights, in eval mode."""
-    from ft_desk.quant.device import resolve_device
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     folder = checkpoint_folder(run_dir, checkpoint)

@@ -27,20 +27,34 @@ from ft_desk.quant.device import resolve_device
 from ft_desk.quant.policy import torch_dtype
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.atomic import fsync_folder, fsync_tree, write_text
+from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.data.batching import MicroBatch, schedule
 from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, prepare_data, write_examples_jsonl
 from ft_desk.trainer.errors import OutOfMemory, UserError
-from ft_desk.trainer.events import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EventSink, FanOut, FileSink,
-                                    make_event)
-from ft_desk.trainer.hub.credentials import redact
-from ft_desk.trainer.chat_format import stop_token_ids
+from ft_desk.trainer.events import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EventSink,
+    FanOut,
+    FileSink,
+    make_event,
+)
 from ft_desk.trainer.generation import generate
+from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.training import checkpoint as ckpt
 from ft_desk.trainer.training.loop import FitContext, LoopState, fit, memory_in_use
-from ft_desk.trainer.training.model import (LoadedInfo, load_base, load_run_config, load_weights,
-                                            prepare_for_training, save_weights)
+from ft_desk.trainer.training.model import (
+    LoadedInfo,
+    load_base,
+    load_run_config,
+    load_weights,
+    prepare_for_training,
+    save_weights,
+)
 
 log = logging.getLogger("ft_desk")
 
@@ -289,8 +303,9 @@ def train_schedule(cfg: RunConfig, examples: Sequence) -> list[MicroBatch]:
 
 def sample_outputs(run: RunSetup, prompts: Sequence[tuple[list[int], str]]) -> list[str]:
     """The model's greedy continuation of each prompt, stopping at the chat template's turn end."""
-    outputs = generate(run.model, run.tokenizer, [ids for ids, _ in prompts], max_new_tokens=run.cfg.eval.max_new_tokens,
-                       stop_ids=stop_token_ids(run.tokenizer, vocabulary_fallback=True), device=run.device)
+    stop_ids = stop_token_ids(run.tokenizer, vocabulary_fallback=True)
+    outputs = generate(run.model, run.tokenizer, [ids for ids, _ in prompts],
+                       max_new_tokens=run.cfg.eval.max_new_tokens, stop_ids=stop_ids, device=run.device)
     return [output.text for output in outputs]
 
 

@@ -14,15 +14,15 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
 from ft_desk.trainer.config import choices
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_data
 from ft_desk.tui.commands import CommandFailed
+from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.widgets.file_picker import FilePicker, PathSuggester
 from ft_desk.tui.widgets.histogram import TokenHistogram
-from ft_desk.tui.screens.base import DeskScreen
 
 TRAINED_STYLE = "bold black on green"
 

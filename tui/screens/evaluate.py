@@ -21,9 +21,9 @@ from textual.widgets import Input, Label, ProgressBar, Static, Switch, TabbedCon
 from ft_desk.trainer import run_folder
 from ft_desk.tui.chat_client import ChatClient
 from ft_desk.tui.commands import CommandFailed
-from ft_desk.tui.runs import read_json
-from ft_desk.tui.loss_diagnosis import diagnose
 from ft_desk.tui.history import RunHistory
+from ft_desk.tui.loss_diagnosis import diagnose
+from ft_desk.tui.runs import read_json
 from ft_desk.tui.screens.base import DeskScreen
 
 SEVERITY_MARK = {"error": "[b red]✗[/]", "warning": "[b yellow]![/]", "ok": "[b green]✓[/]", "info": "[b]·[/]"}

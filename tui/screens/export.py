@@ -16,10 +16,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Checkbox, Input, Label, ProgressBar, RadioButton, RadioSet, Select, Static
 
 from ft_desk.trainer.events import format_bytes
-from ft_desk.trainer.export_formats import (FORMATS, GGUF_FORMATS, GGUF_TYPES, LLAMA_CPP_ONLY_TYPES,
-                                           MERGED_DTYPES)
+from ft_desk.trainer.export_formats import FORMATS, GGUF_FORMATS, GGUF_TYPES, LLAMA_CPP_ONLY_TYPES, MERGED_DTYPES
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.screens.base import DeskScreen
+
 
 def gguf_type_choices() -> list[tuple[str, str]]:
     """(label, value) of the GGUF tensor types; q4_k_m is made by llama.cpp's quantizer, so it is offered only

@@ -10,8 +10,8 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from ft_desk.tui.runs import RunSummary, age, delete_run
-from ft_desk.tui.widgets.dialogs import Confirm
 from ft_desk.tui.screens.base import DeskScreen
+from ft_desk.tui.widgets.dialogs import Confirm
 
 STATUS_STYLE = {"running": "bold green", "completed": "green", "stopped": "yellow", "failed": "bold red",
                 "crashed": "bold red"}

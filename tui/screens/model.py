@@ -17,13 +17,12 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent, TabPane
 
-from ft_desk.trainer.events import format_duration, format_bytes
 from ft_desk.trainer.demo import DEMO_MODEL_NAME, DEMO_PRESET, is_demo_model
-
+from ft_desk.trainer.events import format_bytes, format_duration
 from ft_desk.tui.commands import CommandFailed
+from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.widgets.dialogs import Confirm
 from ft_desk.tui.widgets.memory import components, verdict_line
-from ft_desk.tui.screens.base import DeskScreen
 
 SEARCH_DELAY_S = 0.5
 """Note: each search is a Hub request from a child process; wait for a pause in typing."""
@@ -244,7 +243,8 @@ class ModelScreen(DeskScreen):
         if self.selected_id() == model_id:
             self._show_details(model_id, self.rows.get(model_id, {}), details.get("error"), details.get("hint"))
 
-    def _show_details(self, model_id: str, row: dict[str, Any], error: str | None = None, hint: str | None = None) -> None:
+    def _show_details(self, model_id: str, row: dict[str, Any], error: str | None = None,
+                      hint: str | None = None) -> None:
         lines = [f"[b]{escape(model_id)}[/b]" + (f"  [dim]{escape(str(row['model_page']))}[/]"
                                                 if row.get("model_page") else "")]
         curated = row.get("curated") if isinstance(row.get("curated"), dict) else {}

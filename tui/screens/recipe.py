@@ -14,11 +14,10 @@ from textual.widgets import Button, Input, Label, Select, Static, Switch
 
 from ft_desk.trainer.config import ConfigError, describe_fields
 from ft_desk.trainer.presets import available_presets, save_preset, shipped_presets_dir
-
 from ft_desk.tui.draft import HARDWARE, STRATEGIES
+from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.widgets.dialogs import Prompt
 from ft_desk.tui.widgets.memory import MemoryPanel
-from ft_desk.tui.screens.base import DeskScreen
 
 # (dotted key, label, widget kind, choices) in form order.
 FIELDS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (

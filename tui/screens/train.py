@@ -12,11 +12,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import ProgressBar, RichLog, Static
 
 from ft_desk.trainer.config import ConfigError
-from ft_desk.trainer.events import format_duration, format_bytes
-
+from ft_desk.trainer.events import format_bytes, format_duration
+from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.session import RunSession
 from ft_desk.tui.widgets.loss_chart import LossChart
-from ft_desk.tui.screens.base import DeskScreen
 
 LEVEL_STYLE = {"warning": "yellow", "error": "bold red", "step": "dim"}
 

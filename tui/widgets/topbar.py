@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.markup import escape
 from textual.containers import Horizontal
+from textual.markup import escape
 from textual.widgets import Static
 
 STATUS_STYLE = {
-    "running": "bold $success", "starting": "bold $warning", "stopping": "bold $warning", "completed": "$success", "stopped": "$warning",
+    "running": "bold $success", "starting": "bold $warning", "stopping": "bold $warning", "completed": "$success",
+    "stopped": "$warning",
     "failed": "bold $error", "crashed": "bold $error",
 }
 

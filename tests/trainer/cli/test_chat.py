@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from ft_desk.trainer.events import ListSink, parse_line
 
 pytestmark = pytest.mark.slow
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def short_run(tiny_model_dir, tmp_path_factory):
     import torch
+
     from ft_desk.trainer.presets import load_config
     from ft_desk.trainer.training.run import train
 

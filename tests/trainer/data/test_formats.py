@@ -31,7 +31,8 @@ ROWS = {
         chat(("user", "Translate to French.\n\nGood morning"), ("assistant", "Bonjour")),
     ),
     "sharegpt": (
-        {"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        {"system": "Be brief.",
+         "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
         chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")),
     ),
     "messages": (

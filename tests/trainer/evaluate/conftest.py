@@ -50,11 +50,11 @@ def eval_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def memorized_run(tiny_model_dir, eval_files, tmp_path_factory) -> Path:
+    import torch
+
     from ft_desk.trainer.events import ListSink
     from ft_desk.trainer.presets import load_config
     from ft_desk.trainer.training.run import train
-
-    import torch
 
     runs = tmp_path_factory.mktemp("eval-runs")
     cfg = load_config(["demo"], [

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from ft_desk.trainer.evaluate import metrics as em
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.evaluate import metrics as em
 
 
 def test_exact_and_normalized_exact_match():

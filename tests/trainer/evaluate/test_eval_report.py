@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from ft_desk.trainer.evaluate import report as eval_report
 from ft_desk.trainer.config import RunConfig
+from ft_desk.trainer.evaluate import report as eval_report
 from ft_desk.trainer.generation import Generation
 
 

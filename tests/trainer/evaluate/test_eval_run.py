@@ -129,8 +129,8 @@ def test_loss_is_the_training_validation_loss_and_reports_never_overwrite(memori
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time(memorized_run, eval_files):
     import torch
 
-    from ft_desk.trainer.data.prepare import generation_prompt, load_examples
     from ft_desk.trainer.chat_format import stop_token_ids
+    from ft_desk.trainer.data.prepare import generation_prompt, load_examples
     from ft_desk.trainer.generation import generate
     from ft_desk.trainer.training.model import load_trained
 

@@ -1,6 +1,7 @@
-"""Modelfile content: the template family is recognised from the model's own chat template, the stops are right, and
-the TEMPLATE, executed the way Ollama executes it (tests/trainer/export/gotemplate.py), renders every chat exactly as the
-model's own template does with add_generation_prompt=True (BOS aside: llama.cpp adds it from the GGUF)."""
+"""Modelfile content: the template family is recognised from the model's own chat template, the stops are right,
+and the TEMPLATE, executed the way Ollama executes it (tests/trainer/export/gotemplate.py), renders every chat
+exactly as the model's own template does with add_generation_prompt=True (BOS aside: llama.cpp adds it from the
+GGUF)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ from jinja2.exceptions import TemplateError as JinjaError
 from ft_desk.trainer.demo import CHATML_TEMPLATE
 from ft_desk.trainer.export.ollama import FAMILIES, match_family, modelfile_text, template_notes
 
-from .gotemplate import (TemplateError, build_go_renderer, go_render, go_toolchain, ollama_render, ollama_values,
-                         parse_modelfile, render)
+from .gotemplate import (
+    TemplateError,
+    build_go_renderer,
+    go_render,
+    go_toolchain,
+    ollama_render,
+    ollama_values,
+    parse_modelfile,
+    render,
+)
 
 # Jinja chat templates written for these tests, each rendering like a family's published template.
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "

@@ -9,9 +9,9 @@ import pytest
 
 from ft_desk.trainer.config import ModelConfig
 from ft_desk.trainer.errors import ModelError
+from ft_desk.trainer.hub.download import unsafe_name
 from ft_desk.trainer.hub.folder_check import foreign_code_refs, remote_code_reason
 from ft_desk.trainer.hub.resolve import resolve_model_dir
-from ft_desk.trainer.hub.download import unsafe_name
 
 
 def test_auto_map_only_counts_when_transformers_lacks_the_architecture():

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fake_hub import TOKEN_DENIED, TOKEN_GRANTED
 
 from ft_desk.trainer.config import ModelConfig

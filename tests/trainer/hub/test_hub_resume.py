@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fake_hub import Repo, git_blob_sha1
 
-from ft_desk.trainer.hub import download as hub_download
 from ft_desk.trainer.config import ModelConfig
 from ft_desk.trainer.errors import ModelError
+from ft_desk.trainer.hub import download as hub_download
 from ft_desk.trainer.hub.resolve import resolve_model_dir
 
 SHARD = "model-00001-of-00002.safetensors"  # ~400 KB: the last, largest file of acme/tiny-sharded
@@ -46,7 +45,7 @@ def sha256(data: bytes) -> str:
 def start_slow_download(hub, repo_id: str, path: str) -> subprocess.Popen:
     """`ft-desk models download` in a child process, with `path` on the wire (trickling) when this returns."""
     hub.server.slow[(repo_id, path)] = 0.3  # 16 KB every 0.3 s: ~8 s for the shard, plenty of time to stop it
-    child = subprocess.Popen([sys.executable, "-m", "ft_desk.trainer.cli.main", "models", "download", repo_id, "--json"],
+    child = subprocess.Popen([sys.executable, "-m", "ft_desk.trainer.cli", "models", "download", repo_id, "--json"],
                              env=hub.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while hub.server.trickled.get((repo_id, path), 0) < 64 * 1024:

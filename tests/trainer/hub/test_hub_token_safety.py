@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from fake_hub import Repo
 
 from ft_desk.trainer.hub.credentials import redact

@@ -11,9 +11,9 @@ import pytest
 
 from ft_desk.trainer.data.batching import schedule
 from ft_desk.trainer.events import ListSink
+from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training.loop import FitContext, LoopState, NonFiniteLoss, fit, lr_at
 from ft_desk.trainer.training.loss import causal_lm_loss
-from ft_desk.trainer.presets import load_config
 
 
 def _examples(n, length=24, seed=0):

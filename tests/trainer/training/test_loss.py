@@ -7,6 +7,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+
 from ft_desk.trainer.data.batching import IGNORE, MicroBatch, collate
 from ft_desk.trainer.training.loss import causal_lm_loss, per_example_loss
 
