@@ -363,6 +363,14 @@ class JsonlSink:
         pass
 
 
+def stdout_sink() -> JsonlSink:
+    """A sink writing events to the real stdout, with sys.stdout pointed at stderr from now on so that stray
+    prints from libraries cannot corrupt the event stream (`--events jsonl` / `--json` modes)."""
+    real = sys.stdout
+    sys.stdout = sys.stderr
+    return JsonlSink(real)
+
+
 class FileSink:
     """Appends events to RUN_DIR/events.jsonl; each line is flushed so a re-attaching reader sees it."""
 
@@ -571,6 +579,6 @@ def parse_line(line: str | bytes) -> dict[str, Any] | None:
 
 __all__ = [
     "V", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_STOPPED", "EVENT_TYPES", "EventError",
-    "check_event", "make_event", "EventSink", "JsonlSink",
+    "check_event", "make_event", "EventSink", "JsonlSink", "stdout_sink",
     "FileSink", "FanOut", "ListSink", "PrettySink", "describe_event", "read_events", "parse_line", "format_bytes",
 ]

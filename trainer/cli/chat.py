@@ -23,11 +23,10 @@ from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.data.formats import Example, Message
 from ft_desk.trainer.data.prepare import generation_prompt
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import EXIT_BAD_INPUT, JsonlSink, make_event
+from ft_desk.trainer.events import EXIT_BAD_INPUT, make_event, stdout_sink
 from ft_desk.trainer.generation import generate
 from ft_desk.trainer.run_folder import checkpoint_folder
 from ft_desk.trainer.training.model import load_trained
-from ft_desk.trainer.training.run import stdout_for_events
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(run_dir: Path, args: argparse.Namespace) -> int:
-    sink = JsonlSink(stdout_for_events())
+    sink = stdout_sink()
     try:
         chat = ChatModel(run_dir, args.checkpoint)
     except UserError as err:

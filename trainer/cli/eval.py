@@ -18,8 +18,7 @@ from ft_desk.trainer.data.formats import FORMATS
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.evaluate.report import terminal
 from ft_desk.trainer.evaluate.run import EvalOptions, evaluate_run, parse_metrics, result_summary
-from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, JsonlSink, make_event
-from ft_desk.trainer.training.run import stdout_for_events
+from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, make_event, stdout_sink
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +106,7 @@ def options_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     jsonl = args.json or args.events == "jsonl"
-    sink = JsonlSink(stdout_for_events()) if jsonl else ProgressLines(sys.stderr)
+    sink = stdout_sink() if jsonl else ProgressLines(sys.stderr)
     started = time.time()
     try:
         options = options_from(args)

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, JsonlSink, format_bytes, make_event
+from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, format_bytes, make_event, stdout_sink
 from ft_desk.trainer.export.pipeline import ExportRequest, export_run
 from ft_desk.trainer.export.verify import describe
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_TYPES, MERGED_DTYPES
-from ft_desk.trainer.training.run import stdout_for_events
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,7 +114,7 @@ def report_lines(event: dict[str, Any]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     machine = bool(args.json or args.events)
     if machine:
-        sink: Any = JsonlSink(stdout_for_events())
+        sink: Any = stdout_sink()
     else:
         sink = _HumanSink()
     request = ExportRequest(run_dir=args.run_dir, format=args.format, out=args.out, dtype=args.dtype,

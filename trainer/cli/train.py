@@ -12,9 +12,9 @@ from pathlib import Path
 
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import JsonlSink, ListSink, PrettySink, read_events
+from ft_desk.trainer.events import ListSink, PrettySink, read_events, stdout_sink
 from ft_desk.trainer.presets import load_config
-from ft_desk.trainer.training.run import StopFlag, stdout_for_events, train
+from ft_desk.trainer.training.run import StopFlag, train
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                         hint="start a new run instead to change settings")
     mode = args.events or ("pretty" if sys.stderr.isatty() else "pretty")
     if mode == "jsonl":
-        sink = JsonlSink(stdout_for_events())
+        sink = stdout_sink()
     elif mode == "none":
         sink = ListSink()
     else:

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -401,11 +400,3 @@ def write_final_weights(run: RunSetup) -> Path:
     tmp.rename(final)
     fsync_folder(run.run_dir)
     return final
-
-
-def stdout_for_events():
-    """The real stdout for JSON-lines events; sys.stdout is pointed at stderr so stray prints from libraries
-    cannot corrupt the event stream."""
-    real = sys.stdout
-    sys.stdout = sys.stderr
-    return real
