@@ -3,7 +3,7 @@
 Human mode (default): progress on stderr, the report table on stdout. `--json` (same as `--events jsonl`):
 JSON Lines events on stdout - eval_started, eval_progress..., eval_report, then eval_finished, whose fields are the
 result (report paths, metrics, retention, notes); a failure ends with eval_finished status=failed before the
-non-zero exit. See trainer/evaluate.py for the event fields and what is measured.
+non-zero exit. What is measured: trainer/evaluate/run.py; the event fields: their declarations in trainer/events.py.
 """
 
 from __future__ import annotations

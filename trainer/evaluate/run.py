@@ -11,7 +11,7 @@ What it does, in order:
   3. Per model: teacher-forced loss on the examples (the labels training uses: every assistant turn and its turn
      end, so the tuned loss equals the run's validation loss on val.jsonl), batched generation (greedy unless
      --sample) and the perplexity of the shipped general-English probe (trainer/assets/general_english.txt).
-  4. Metrics for base and tuned with the change and 95% intervals (eval_metrics), the retention verdict,
+  4. Metrics for base and tuned with the change and 95% intervals (evaluate/metrics.py), the retention verdict,
      per-example rows sorted by the size of the change, then RUN_DIR/eval/<time>-<checkpoint>/report.json and
      report.md (a new folder each time; an earlier report is never overwritten).
 

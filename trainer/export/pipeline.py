@@ -1,12 +1,7 @@
 """One export from start to finish: read the run, check the target, write into a staging folder, verify, move
-into place. `ft-desk export` (cmd_export.py) and the TUI both call `export_run`; progress and the result go out as
-events (types export_started, export_progress, export_finished, plus log) on the sink they pass.
-
-Event fields:
-  export_started   run_dir, format, out_dir, checkpoint, step
-  export_progress  phase (merge|gguf|verify|write), done, total, message
-  export_finished  status (ok|unverified|failed), out_dir, files, bytes, passed, fidelity, notes, command,
-                   elapsed_s, error, hint
+into place. `ft-desk export` (cli/export.py) calls `export_run`, and the TUI runs that command as a child process;
+progress and the result go out as events (export_started, export_progress, export_finished, plus log; their fields
+are declared in trainer/events.py) on the sink passed in.
 """
 
 from __future__ import annotations

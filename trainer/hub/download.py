@@ -18,7 +18,7 @@ the Range with the whole file (200) starts the file over. A cut connection is re
 finished file must hash to its ETag - sha256 for LFS files, the git blob sha1 (sha1 of "blob <size>\\0" + content) for
 small git files - or it is deleted and the download fails with the fix; then it is renamed to blobs/<etag> and linked
 from snapshots/<commit>/<path> exactly as huggingface_hub lays out its cache (relative symlink; the file itself where
-symlinks are impossible), so huggingface_hub, transformers (offline too) and hub_cache.py read it as theirs. The
+symlinks are impossible), so huggingface_hub, transformers (offline too) and hub/cache.py read it as theirs. The
 partial never carries a blob's name, so nothing mistakes it for a complete file.
 
 While a file is fetched ft-desk holds huggingface_hub's own lock for that blob (.locks/<repo>/<etag>.lock): a second

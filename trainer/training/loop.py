@@ -1,6 +1,6 @@
 """The training loop: one explicit function, `fit`, that reads top to bottom.
 
-Design for speed and memory (see also batching.py):
+Design for speed and memory (see also data/batching.py and training/loss.py):
 - Batches are packed rows with a block-diagonal mask: no compute spent on padding.
 - The loss (loss.py) is computed from the decoder's hidden states at labelled positions only, in chunks of
   `train.loss_chunk_tokens`, each chunk recomputed in backward; full-vocabulary fp32 logits never exist at once.
@@ -111,7 +111,7 @@ class _null:
 
 @dataclass
 class FitContext:
-    """What `fit` works on. Built by run.py; tests build it directly with fakes."""
+    """What `fit` works on. Built by training/run.py; tests build it directly with fakes."""
 
     model: Any
     optimizer: Any

@@ -2,7 +2,7 @@
 
   train()   start a new run folder or resume one, then always end with a run_finished event and the final state
   setup()   device, model, data, schedule, optimizer and the resumed checkpoint -> a `RunSetup`
-  fit()     the training loop (loop.py), with checkpoints and progress recorded in the run folder
+  fit()     the training loop (training/loop.py), with checkpoints and progress recorded in the run folder
   finish()  the best weights become the final weights (written atomically), after-samples, final state
 
 This is what `ft-desk train` and `ft-desk demo` execute, and what the TUI launches as a child process. What the
