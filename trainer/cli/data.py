@@ -15,7 +15,8 @@ import json
 import math
 import sys
 
-from ft_desk.trainer.data.formats import FORMATS, resolve_data_path
+from ft_desk.trainer.config import choices
+from ft_desk.trainer.data.formats import resolve_data_path
 from ft_desk.trainer.data.lint import lint_file
 from ft_desk.trainer.errors import DataError, UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_OK
@@ -23,7 +24,6 @@ from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training.model import load_tokenizer
 
-FORMAT_CHOICES = ("auto",) + FORMATS
 BAR_WIDTH = 40
 
 
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--preset", action="append", default=[], help="preset(s) to layer, in order (default: demo)")
     check.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set data.max_length=1024 (repeatable)")
-    check.add_argument("--format", choices=FORMAT_CHOICES, help="row format (default: detect it)")
+    check.add_argument("--format", choices=choices("data.format"), help="row format (default: detect it)")
     check.add_argument("--max-length", type=int, help="longest sequence in tokens (data.max_length)")
     check.add_argument("--skip-bad-rows", action="store_true",
                        help="broken rows are reported but do not fail the check (as training would skip them)")

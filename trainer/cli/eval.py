@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from ft_desk.trainer.data.formats import FORMATS
+from ft_desk.trainer.config import choices
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.evaluate.report import terminal
 from ft_desk.trainer.evaluate.run import EvalOptions, evaluate_run, parse_metrics, result_summary
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run folder (see: ft-desk runs)")
     parser.add_argument("--data", metavar="FILE",
                         help="held-out examples in any supported format [default: RUN_DIR/data/val.jsonl]")
-    parser.add_argument("--format", choices=("auto",) + tuple(FORMATS), default="auto",
+    parser.add_argument("--format", choices=choices("data.format"), default="auto",
                         help="row format of the held-out file [default: auto]")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a step number")
     parser.add_argument("--metrics", metavar="LIST",

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from ft_desk.trainer.config import choices
 from ft_desk.trainer.demo import demo_data_path, is_demo_data
 from ft_desk.trainer.errors import DataError
 
-FORMATS = ("text", "prompt_completion", "alpaca", "sharegpt", "messages")
+# The row formats are the config's `data.format` values (one list: the config checks --set against it).
+FORMATS = tuple(f for f in choices("data.format") if f != "auto")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
