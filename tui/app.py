@@ -24,6 +24,7 @@ from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from ft_desk.trainer import run_folder
+from ft_desk.trainer.atomic import write_json
 from ft_desk.trainer.config import ConfigError
 from ft_desk.trainer.paths import data_home
 from ft_desk.tui.backend import CliBackend
@@ -110,11 +111,9 @@ class FtDeskApp(App):
 
     def _save_settings(self, **changes: Any) -> None:
         data = {**self._load_settings(), **changes}
-        partial_file = self.settings_file.with_name(self.settings_file.name + ".partial")
         try:
             self.settings_file.parent.mkdir(parents=True, exist_ok=True)
-            partial_file.write_text(json.dumps(data), encoding="utf-8")
-            os.replace(partial_file, self.settings_file)  # never a half-written settings file
+            write_json(self.settings_file, data)  # never a half-written settings file
         except OSError:
             pass  # settings are a convenience; a read-only home must not break the app
 

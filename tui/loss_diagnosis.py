@@ -1,4 +1,5 @@
-"""The run doctor: reads a run's loss curves and samples and names what went wrong, with what to try.
+"""Loss diagnosis (the Evaluate screen's Doctor tab): reads a run's loss curves and samples and names what went
+wrong, with what to try.
 
 Each check looks only at the event history (no model is loaded), so it works for a live run, a replayed one and
 a run from last week. The thresholds are deliberately coarse: a finding is a prompt to look, not a verdict.

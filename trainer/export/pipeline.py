@@ -25,7 +25,7 @@ from ft_desk.trainer.export.merged import export_merged, training_dtypes
 from ft_desk.trainer.export.ollama import write_modelfile
 from ft_desk.trainer.export.safetensors_io import read_header
 from ft_desk.trainer.export.safety import Staging, check_target
-from ft_desk.trainer.export.source import ADAPTER_WEIGHTS, base_shards, load_tokenizer, open_run
+from ft_desk.trainer.export.source import ADAPTER_WEIGHTS, base_shards, load_run_tokenizer, open_run
 from ft_desk.trainer.export.verify import VERIFY_LOGPROB_BYTES
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_FORMATS, default_gguf_type
 from ft_desk.trainer.run_folder import slug
@@ -121,7 +121,7 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     target = check_target(out, request.force)
     sink.emit(make_event("export_started", run_dir=str(source.run_dir), format=request.format,
                          out_dir=str(target.folder), checkpoint=request.checkpoint, step=source.step))
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_run_tokenizer(source)
     needed = estimate_bytes(source, request)
     notes: list[str] = []
     with Staging(target, needed) as stage:

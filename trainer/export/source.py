@@ -15,8 +15,7 @@ from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.run_folder import ADAPTER_WEIGHTS, FULL_WEIGHTS
-from ft_desk.trainer.training.model import load_run_config
-from ft_desk.trainer.training.model import load_tokenizer as load_model_tokenizer
+from ft_desk.trainer.training.model import load_run_config, load_tokenizer
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -135,10 +134,10 @@ def base_shards(base_dir: Path) -> list[Path]:
     return found
 
 
-def load_tokenizer(source: RunSource):
+def load_run_tokenizer(source: RunSource):
     """The tokenizer the run trained with (saved next to its weights), chat template included, loaded the way
     training loads it."""
-    return load_model_tokenizer(source.tokenizer_dir, source.cfg.model)
+    return load_tokenizer(source.tokenizer_dir, source.cfg.model)
 
 
 def read_val_rows(source: RunSource, limit: int) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from ft_desk.quant.device import resolve_device
 from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.export.source import RunSource, load_tokenizer, read_val_rows
+from ft_desk.trainer.export.source import RunSource, load_run_tokenizer, read_val_rows
 from ft_desk.trainer.generation import generate
 from ft_desk.trainer.training.model import load_base, load_trained
 
@@ -97,7 +97,7 @@ def _load_trained(source: RunSource, device: str):
     """(model, cfg) as evaluation loads the run. When the run's tokenizer grew (added tokens), the base is resized to
     it before the adapter goes on, since the adapter then carries the resized embedding and output layers."""
     if source.method != "full":
-        grown = len(load_tokenizer(source))
+        grown = len(load_run_tokenizer(source))
         config = json.loads((source.base_dir / "config.json").read_text(encoding="utf-8"))
         text = config.get("text_config", config)
         if grown > int(text.get("vocab_size", grown)):
@@ -186,7 +186,7 @@ def build_reference(source: RunSource, folder: Path, note: Progress | None = Non
     if note:
         note("loading the trained model (reference)")
     model, cfg = _load_trained(source, device)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_run_tokenizer(source)
     rows = read_val_rows(source, VERIFY_ROWS)
     examples = verify_examples(rows, tokenizer, VERIFY_MAX_TOKENS_PER_ROW)
     if not examples:

@@ -134,7 +134,7 @@ def latest_eval_report(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def doctor_text(h: RunHistory) -> str:
+def diagnosis_text(h: RunHistory) -> str:
     lines = []
     for f in diagnose(h):
         lines.append(f"{SEVERITY_MARK.get(f.severity, '·')} [b]{escape(f.title)}[/b]")
@@ -216,7 +216,7 @@ class EvaluateScreen(DeskScreen):
                 "prompts; exact match, ROUGE-L, chrF, stop rate and a retention check. It loads the model and "
                 "takes a minute or more.[/]")
             self._load_report(session.run_dir)
-        self.query_one("#doctor", Static).update(doctor_text(h))
+        self.query_one("#doctor", Static).update(diagnosis_text(h))
         if self.chat is not None and self.chat.run_dir != session.run_dir:
             self._stop_chat()
 
