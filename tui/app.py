@@ -27,7 +27,7 @@ from ft_desk.trainer import run_folder
 from ft_desk.trainer.atomic import write_json
 from ft_desk.trainer.config import ConfigError
 from ft_desk.trainer.paths import data_home
-from ft_desk.tui.backend import CliBackend
+from ft_desk.tui.backend import Backend, CliBackend
 from ft_desk.tui.commands import CommandFailed, parse_failure
 from ft_desk.tui.draft import Draft, demo_draft
 from ft_desk.tui.runs import RunSummary
@@ -70,8 +70,8 @@ class FtDeskApp(App):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, backend: Any = None, clock: Callable[[], float] = time.time, start_mode: str | None = None,
-                 settings: Path | None = None, reattach: bool = True) -> None:
+    def __init__(self, backend: Backend | None = None, clock: Callable[[], float] = time.time,
+                 start_mode: str | None = None, settings: Path | None = None, reattach: bool = True) -> None:
         super().__init__()
         self.backend = backend or CliBackend()
         self.clock = clock
@@ -94,9 +94,7 @@ class FtDeskApp(App):
         if self.start_mode and self.start_mode != self.current_mode:
             self.switch_mode(self.start_mode)
         self.load_runs(startup=self.reattach and self.start_mode is None)
-        warm_up = getattr(self.backend, "warm_up", None)
-        if warm_up is not None:
-            self.set_timer(1.0, warm_up)  # after the first frame: the device probe is a child process
+        self.set_timer(1.0, self.backend.warm_up)  # after the first frame: the device probe is a child process
 
     def on_unmount(self) -> None:
         if self.session is not None:

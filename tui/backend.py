@@ -1,15 +1,16 @@
-"""Everything the screens ask of the outside world, behind one object the app is given.
+"""Everything the screens ask of the outside world, behind one object the app is given: a `Backend`.
 
 `CliBackend` answers by running the headless CLI (`ft-desk ... --json`) as a child process, so the app never
 imports torch and a crash in a tool cannot take the UI down. Tests hand the app a backend that returns recorded
-answers instead, which keeps snapshots deterministic. Every method blocks: the screens call them from thread
+answers instead (it implements the `Backend` Protocol; it does not subclass CliBackend), which keeps snapshots
+deterministic. Every method blocks: the screens call them from thread
 workers. Failures raise `CommandFailed` (message + fix), which the app shows as a notification.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME
 from ft_desk.tui import commands
@@ -29,6 +30,42 @@ def _recipe_args(draft: Draft) -> list[str]:
         if not item.startswith(("model.name=", "data.train_file=")):
             args += ["--set", item]
     return args
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the app asks of the outside world. Every method blocks (screens call them from thread workers) and
+    raises `CommandFailed` when the answer is a failure."""
+
+    def warm_up(self) -> None:
+        """Start slow one-time probes in the background (may do nothing)."""
+
+    def list_runs(self) -> list[RunSummary]: ...
+
+    def start_training(self, draft: Draft) -> Launch: ...
+
+    def resume_training(self, run_dir: Path) -> Launch: ...
+
+    def stop_training(self, pid: int, force: bool = False) -> None: ...
+
+    def check_data(self, draft: Draft) -> dict[str, Any]: ...
+
+    def plan(self, draft: Draft, model: str | None = None) -> dict[str, Any]: ...
+
+    def local_models(self) -> dict[str, Any]: ...
+
+    def search_models(self, query: str, draft: Draft) -> dict[str, Any]: ...
+
+    def model_info(self, model_id: str, draft: Draft) -> dict[str, Any]: ...
+
+    def download_model(self, model_id: str, on_event: EventCallback, should_stop: Callable[[], bool] = ...,
+                       trust_remote_code: bool = False) -> dict[str, Any]: ...
+
+    def export(self, run_dir: Path, options: list[str], on_event: EventCallback,
+               should_stop: Callable[[], bool] = ...) -> dict[str, Any]: ...
+
+    def evaluate(self, run_dir: Path, on_event: EventCallback,
+                 should_stop: Callable[[], bool] = ...) -> dict[str, Any]: ...
 
 
 class CliBackend:

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from ft_desk.tui.app import FtDeskApp
-from ft_desk.tui.backend import CliBackend
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.draft import Draft
-from ft_desk.tui.launch import Launch, launch_dir
+from ft_desk.tui.launch import Launch, launch_dir, stop_training
+from ft_desk.tui.runs import RunSummary, list_runs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAKE_TRAINER = Path(__file__).parent / "fake_ft_desk_trainer.py"
@@ -92,11 +92,12 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
     return predicate()
 
 
-class FakeBackend(CliBackend):
-    """Answers like the CLI from recorded outputs; training replays DEMO_EVENTS through a real detached child."""
+class FakeBackend:
+    """Answers like the CLI from recorded outputs; training replays DEMO_EVENTS through a real detached child.
+    It implements the app's `Backend` Protocol; runs are listed and stopped for real (they are real folders and
+    real child processes)."""
 
     def __init__(self, runs_dir: Path, delay: float = 0.0, hold_after: int = 0, events: Path = DEMO_EVENTS) -> None:
-        super().__init__(str(runs_dir))
         self.runs_home = runs_dir
         self.delay, self.hold_after, self.events = delay, hold_after, events
         self.calls: list[tuple[str, Any]] = []
@@ -120,6 +121,12 @@ class FakeBackend(CliBackend):
 
     def warm_up(self) -> None:
         pass  # no device probe: plans come from the recorded fixture
+
+    def list_runs(self) -> list[RunSummary]:
+        return list_runs(str(self.runs_home))
+
+    def stop_training(self, pid: int, force: bool = False) -> None:
+        stop_training(pid, force)
 
     def check_data(self, draft: Draft) -> dict[str, Any]:
         self.calls.append(("check_data", draft.train_file))

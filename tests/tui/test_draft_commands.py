@@ -104,3 +104,22 @@ def test_q4_k_m_is_offered_only_where_llama_cpp_can_make_it(monkeypatch):
     monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
     export.gguf_type_choices()
     assert "llama_cpp" not in sys.modules  # looked up, never imported by the app
+
+
+def test_the_real_and_the_test_backend_answer_every_call_the_app_makes(tmp_path):
+    """The fake implements the Backend Protocol on its own (no subclassing), so a method added to the app's
+    backend but missing from the fake fails here instead of falling through to a real child process."""
+    import inspect
+
+    from ft_desk.tui.backend import Backend, CliBackend
+
+    from .conftest import FakeBackend
+
+    calls = {name for name, _ in inspect.getmembers(Backend, inspect.isfunction) if not name.startswith("_")}
+    assert {"start_training", "check_data", "export", "evaluate", "warm_up"} <= calls
+    fake = FakeBackend(tmp_path)
+    assert CliBackend not in type(fake).__mro__
+    for backend in (CliBackend(), fake):
+        assert isinstance(backend, Backend)
+        missing = [name for name in calls if name not in type(backend).__dict__]
+        assert missing == [], f"{type(backend).__name__} lacks {missing}"
