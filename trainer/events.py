@@ -17,7 +17,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, NotRequired, Protocol, TextIO, TypedDict
+from typing import Any, Iterator, Protocol, TextIO, TypedDict
+
+try:
+    from typing import NotRequired
+except ImportError:  # Python 3.10: the same class, from the typing backport
+    from typing_extensions import NotRequired
 
 # No `from __future__ import annotations` here: TypedDict needs real annotations to tell NotRequired fields apart.
 
