@@ -16,7 +16,7 @@ Two launch files per start, in cache_home()/launches/, named after the run folde
 - `NAME.stderr.log` (`NAME.resume.stderr.log`, appended across resumes): diagnostics and tracebacks; the log
   viewer shows it next to run.log, and it is the fallback for a child that dies before main() could report.
 
-Keeping them bounded: the stdout copy is written afresh at each start (never an older attempt's final event).
+Keeping them bounded: the stdout copy is a new file at each start (never an older attempt's final event).
 The app removes it as soon as it is redundant (the run's events reached events.jsonl: `drop_stdout_if_redundant`)
 and once the child has exited and its final event was read (`drop_stdout`). Removing a file the child still
 writes is safe on POSIX: its last events go to the unlinked file, freed when it exits. What an app closed or killed
@@ -166,6 +166,10 @@ def _spawn(args: list[str], run_dir: Path, stem: str) -> Launch:
     with suppress(OSError):
         prune_launch_files()  # housekeeping must never stop a run from starting
     stdout_path, stderr_path = folder / f"{stem}{STDOUT_SUFFIX}", folder / f"{stem}{STDERR_SUFFIX}"
+    # A new file, not the old one truncated: an earlier child may still hold the old one open (a resume refused
+    # because the run is still training must not write into that trainer's copy, nor it into ours).
+    with suppress(OSError):
+        stdout_path.unlink(missing_ok=True)
     with open(stdout_path, "wb") as out, open(stderr_path, "ab") as err:
         process = subprocess.Popen(
             cli_argv(*args),
