@@ -26,9 +26,10 @@ from textual.worker import Worker, WorkerState
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.atomic import write_json
 from ft_desk.trainer.config import ConfigError
+from ft_desk.trainer.events import EXIT_FAILED
 from ft_desk.trainer.paths import data_home
 from ft_desk.tui.backend import Backend, CliBackend
-from ft_desk.tui.commands import CommandFailed, parse_failure
+from ft_desk.tui.commands import CommandFailed, failure_of, parse_failure
 from ft_desk.tui.draft import Draft, demo_draft
 from ft_desk.tui.runs import RunSummary
 from ft_desk.tui.screens.home import HomeScreen
@@ -242,6 +243,8 @@ class FtDeskApp(App):
         if not message.replay:
             for event in message.events:
                 self._announce(event)
+            if message.events and session.launch is not None and session.launch.stdout_path is not None:
+                session.launch.drop_stdout_if_redundant()  # events.jsonl has them all from here on
         self._run_updated()
 
     def _announce(self, event: dict[str, Any]) -> None:
@@ -271,23 +274,50 @@ class FtDeskApp(App):
             return
         session.ended = True
         session.exit_code = message.exit_code
-        if session.history.finished is None:
-            self._explain_crash(session, message.exit_code)
+        self._explain_end(session, message.exit_code)
         self.load_runs()
         self._run_updated()
 
-    def _explain_crash(self, session: RunSession, code: int | None) -> None:
-        stderr = session.launch.stderr_tail() if session.launch is not None else ""
-        if session.launch is not None and code not in (None, 0):
-            failure = parse_failure(stderr, code)
-            if failure.message and "ft-desk: " in stderr:
-                hint = f"\nfix: {failure.hint}" if failure.hint else ""
-                self.notify(f"{failure.message}{hint}", title="Training did not start", severity="error",
-                            timeout=60)
+    def _explain_end(self, session: RunSession, code: int | None) -> None:
+        """Say why the trainer ended when its run folder does not say so.
+
+        A run that got its run folder ends with run_finished in events.jsonl, announced already. A child of ours
+        that failed before that (a bad setting, a resume of a run that is still training) printed a final
+        command_failed event on stdout: its error and hint are shown as they are. Its stderr is read only when
+        it printed no event at all (it died before main() could report)."""
+        launch = session.launch
+        final = launch.final_event() if launch is not None else None
+        if launch is not None:
+            launch.drop_stdout()  # read: the copy has served its purpose
+        exit_code = code if code is not None else EXIT_FAILED
+        failure = failure_of(final, exit_code) if final is not None else None
+        if final is not None and final.get("type") == "command_failed":
+            if final.get("status") == "cancelled":
+                self.notify("Stopped before training started.", title="Training did not start",
+                            severity="warning", timeout=20)
+                return
+            if failure is not None:
+                self._notify_failure(failure, "Training did not start")
+                return
+        if session.history.finished is not None:
+            return  # the run's own final event said how it went
+        if failure is not None:  # a final event on stdout that never reached events.jsonl
+            started = session.history.started
+            self._notify_failure(failure, "Training failed" if started else "Training did not start")
+            return
+        if launch is not None and final is None and not launch.events_in_run_folder and code not in (None, 0):
+            stderr = launch.stderr_tail()
+            fallback = parse_failure(stderr, code)
+            if fallback.message and "ft-desk: " in stderr:
+                self._notify_failure(fallback, "Training did not start")
                 return
         code_txt = f" (exit code {code})" if code is not None else ""
         self.notify(f"The trainer stopped without a final report{code_txt}. Press l on the Train screen for the log;"
                     " r resumes from the last checkpoint.", title="Run interrupted", severity="error", timeout=60)
+
+    def _notify_failure(self, failure: CommandFailed, title: str) -> None:
+        hint = f"\nfix: {failure.hint}" if failure.hint else ""
+        self.notify(f"{failure.message}{hint}", title=title, severity="error", timeout=60)
 
     def action_start_demo(self) -> None:
         self.draft = demo_draft()
