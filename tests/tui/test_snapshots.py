@@ -6,6 +6,8 @@ Update after an intended change with: pytest tests/tui/test_snapshots.py --snaps
 
 from __future__ import annotations
 
+import fcntl
+
 import pytest
 from textual.widgets import DataTable, TabbedContent
 
@@ -16,6 +18,16 @@ from .conftest import FIXED_NOW, FakeBackend, make_run, read_events
 from .test_app import settle
 
 SIZES = [pytest.param((100, 30), id="100x30"), pytest.param((80, 24), id="80x24")]
+
+
+@pytest.fixture(autouse=True)
+def one_snapshot_home_user():
+    """snapshot_home is one fixed folder (its path is on screen), so two checkouts' test runs on one machine would
+    wipe each other's runs and settings mid-test; an exclusive lock, taken before snapshot_home (autouse fixtures
+    come first), makes them take turns."""
+    with open("/tmp/ft-desk-tui-snapshots.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture
