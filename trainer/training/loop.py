@@ -130,6 +130,9 @@ class FitContext:
     autocast: Callable | None = None
     memory: Callable[[], int] | None = None
     on_progress: Callable[[LoopState], None] | None = None
+    batches_per_epoch: int | None = None
+    """Micro-batches in one pass over the training data; None when the schedule is exactly cfg.train.epochs
+    passes (with train.max_steps it is cut or repeated to length, so the epoch must be counted from this)."""
 
     @property
     def total_steps(self) -> int:
@@ -267,5 +270,6 @@ def fit(ctx: FitContext, state: LoopState) -> tuple[LoopState, str]:
 
 def _epoch_of(ctx: FitContext, micro_index: int) -> float:
     """Epochs done, as a fraction, from the position in the schedule."""
-    total = len(ctx.schedule)
-    return round(ctx.cfg.train.epochs * micro_index / max(1, total), 3)
+    if ctx.batches_per_epoch:
+        return round(micro_index / ctx.batches_per_epoch, 3)
+    return round(ctx.cfg.train.epochs * micro_index / max(1, len(ctx.schedule)), 3)

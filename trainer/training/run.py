@@ -282,11 +282,16 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
                     schedule=plan, val_batches=val_plan, optimizer=optimizer, start=start, prompts=prompts)
 
 
+def epoch_schedule(cfg: RunConfig, examples: Sequence, epochs: float) -> list[MicroBatch]:
+    """The micro-batches of `epochs` passes over `examples` with the run's batching settings."""
+    return schedule(examples, max_length=cfg.data.max_length, micro_batch_size=cfg.train.micro_batch_size,
+                    packing=cfg.train.packing, seed=cfg.train.seed, epochs=epochs)
+
+
 def train_schedule(cfg: RunConfig, examples: Sequence) -> list[MicroBatch]:
     """The micro-batches of the whole run: cfg.train.epochs of them, or exactly max_steps optimizer steps."""
     def epochs_of(epochs: float) -> list[MicroBatch]:
-        return schedule(examples, max_length=cfg.data.max_length, micro_batch_size=cfg.train.micro_batch_size,
-                        packing=cfg.train.packing, seed=cfg.train.seed, epochs=epochs)
+        return epoch_schedule(cfg, examples, epochs)
 
     plan = epochs_of(cfg.train.epochs)
     if cfg.train.max_steps:
@@ -358,7 +363,8 @@ def fit_run(run: RunSetup, sink: EventSink, stop: StopFlag) -> tuple[LoopState, 
                      pad_id=run.tokenizer.pad_token_id, device=run.device, sink=sink,
                      save_checkpoint=functools.partial(save_checkpoint, run, sink),
                      should_stop=lambda: stop.requested, autocast=autocast_for(run),
-                     on_progress=ProgressRecorder(run.run_dir))
+                     on_progress=ProgressRecorder(run.run_dir),
+                     batches_per_epoch=len(epoch_schedule(run.cfg, run.data.train, 1.0)))
     return fit(ctx, run.start)
 
 

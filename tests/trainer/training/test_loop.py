@@ -194,3 +194,16 @@ def test_gradient_checkpointing_does_not_change_the_loss(tiny_model_dir):
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
     assert len(losses[0][1]) == len(losses[1][1]) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(losses[0][1], losses[1][1]))
+
+
+def test_the_epoch_counts_passes_over_the_data_when_max_steps_sets_the_run_length(tiny_model_dir):
+    # With train.max_steps the schedule is the epoch schedule repeated to length, whatever train.epochs says.
+    import dataclasses
+
+    ctx, sink = _context(tiny_model_dir, ["train.epochs=1", "eval.every_steps=0"])
+    one_pass = len(ctx.schedule)
+    ctx = dataclasses.replace(ctx, schedule=list(ctx.schedule) * 2, batches_per_epoch=one_pass)
+    fit(ctx, LoopState())
+    epochs = [e["epoch"] for e in sink.of_type("step")]
+    assert epochs[-1] == pytest.approx(2.0)
+    assert epochs[len(epochs) // 2 - 1] == pytest.approx(1.0)
