@@ -33,6 +33,8 @@ from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.demo import demo_cache_dir, ensure_demo_model, is_demo_model
 from ft_desk.trainer.errors import ModelError, UserError
+from ft_desk.trainer.hub.cache import find_snapshot
+from ft_desk.trainer.hub.names import is_repo_id
 
 
 def plan_inputs(run: RunConfig, device: DeviceFacts | None, cpu_allocator_capped: bool | None = None) -> PlanInputs:
@@ -229,17 +231,16 @@ def load_model_config(model: str, revision: str | None = None, offline: bool | N
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelError(f"{model} is not a folder holding a model (no such directory)",
                          hint="give a model folder, a Hub id such as Qwen/Qwen2.5-0.5B-Instruct, or demo")
-    import huggingface_hub  # light enough, but only needed for Hub ids
+    if not is_repo_id(model):
+        raise ModelError(f"{model!r} is not a valid Hub model id or folder",
+                         hint="a Hub id looks like owner/name, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    cached = _cached_config_path(model, revision)
+    if cached is not None:
+        return _read_json(cached)
+    import huggingface_hub  # light enough, but only needed to fetch a Hub id's config.json
 
     if offline is None:
         offline = huggingface_hub.constants.is_offline_mode()
-    try:
-        cached = huggingface_hub.try_to_load_from_cache(model, "config.json", revision=revision)
-    except huggingface_hub.errors.HFValidationError:
-        raise ModelError(f"{model!r} is not a valid Hub model id or folder",
-                         hint="a Hub id looks like owner/name, e.g. Qwen/Qwen2.5-0.5B-Instruct") from None
-    if isinstance(cached, str):
-        return _read_json(Path(cached))
     if offline:
         raise ModelError(
             f"config.json of {model} is not in the local Hugging Face cache and offline mode is on",
@@ -273,20 +274,23 @@ def local_model_config(name: str, revision: str | None = None) -> dict[str, Any]
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser() / "config.json"
     else:
-        import huggingface_hub  # only for Hub ids; reads the local cache
-
-        try:
-            found = huggingface_hub.try_to_load_from_cache(name, "config.json", revision=revision)
-        except Exception:  # noqa: BLE001 - an invalid id
+        found = _cached_config_path(name, revision) if is_repo_id(name) else None
+        if found is None:
             return None
-        if not isinstance(found, str):
-            return None
-        path = Path(found)
+        path = found
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _cached_config_path(repo_id: str, revision: str | None) -> Path | None:
+    """config.json of a Hub model in the local cache, found the way training finds the model (hub/cache.py
+    find_snapshot: also a model downloaded only at a pinned commit), or None."""
+    snapshot = find_snapshot(repo_id, revision)
+    config = snapshot / "config.json" if snapshot is not None else None
+    return config if config is not None and config.is_file() else None
 
 
 def _read_json(path: Path) -> dict:

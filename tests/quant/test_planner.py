@@ -248,6 +248,25 @@ def test_config_from_the_hf_cache_without_network(tmp_path, monkeypatch):
         load_model_config("someone/absent", offline=True)
 
 
+def test_a_model_downloaded_only_at_a_pinned_commit_is_planned_like_training_finds_it(tmp_path, monkeypatch):
+    # No refs/main: `models download --revision <commit>` leaves only the snapshot. Training finds it (the newest
+    # snapshot); the plan and the app's in-process estimate must find the same config.json.
+    import huggingface_hub
+
+    from ft_desk.trainer.planning import local_model_config
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--pinned" / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert load_model_config("someone/pinned", offline=True)["vocab_size"] == 49152
+    assert local_model_config("someone/pinned")["vocab_size"] == 49152
+    assert load_model_config("someone/pinned", revision="b" * 40, offline=True)["vocab_size"] == 49152
+    assert local_model_config("someone/pinned", revision="c" * 40) is None
+    assert local_model_config("../not an id") is None
+
+
 def test_online_fetches_config_json_alone(tmp_path, monkeypatch):
     import huggingface_hub
 

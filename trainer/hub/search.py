@@ -9,7 +9,6 @@ in memory, never written to the cache) - and the run config of the chosen preset
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from ft_desk.trainer.hub.download import is_training_file, unsafe_name
 from ft_desk.trainer.hub.folder_check import pick_weight_files, remote_code_reason
 from ft_desk.trainer.hub.names import COMMIT_RE, check_repo_id, model_page_url
 from ft_desk.trainer.hub.remote import api, endpoint, fetch_repo_json, get_json, hub_error, is_unreachable, offline
-from ft_desk.trainer.planning import plan_run
+from ft_desk.trainer.planning import local_model_config, plan_run
 from ft_desk.trainer.presets import load_config
 
 SORTS = {"downloads": "downloads", "likes": "likes", "updated": "lastModified"}
@@ -142,18 +141,8 @@ def short_fit(plan: dict | None) -> dict | None:
     return {"verdict": plan.get("verdict"), "total_bytes": plan.get("total_bytes"), "reason": plan.get("reason")}
 
 
-def _cached_config(repo_id: str, revision: str | None = None) -> dict | None:
-    snapshot = find_snapshot(repo_id, revision)
-    if snapshot is None or not (snapshot / "config.json").is_file():
-        return None
-    try:
-        return json.loads((snapshot / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _config_for(repo_id: str, use_network: bool) -> dict | None:
-    config = _cached_config(repo_id)
+    config = local_model_config(repo_id)
     if config is not None or not use_network:
         return config
     try:
@@ -329,7 +318,7 @@ def model_details(repo_id: str, revision: str | None = None, fit: FitCheck | Non
     if fit is not None:
         config = details.pop("_config", None)
         if config is None:
-            config = _cached_config(repo_id, revision)
+            config = local_model_config(repo_id, revision)
         details["fit"] = fit.plan(config, repo_id)
         if config is None and details.get("gated"):
             details["fit"] = {"verdict": "unknown", "reason": "gated: config.json needs access"}
