@@ -258,6 +258,9 @@ def load_model_config(model: str, revision: str | None = None, offline: bool | N
                          hint="check the spelling, or log in with: hf auth login") from None
     except errors.RevisionNotFoundError:
         raise ModelError(f"{model} has no revision {revision!r}") from None
+    except errors.LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: the Hub could not be reached
+        raise ModelError(f"could not reach the Hugging Face Hub to fetch config.json of {model}",
+                         hint=f"check the network, or download it first: ft-desk models download {model}") from None
     except errors.EntryNotFoundError:
         raise ModelError(f"{model} has no config.json, so it is not a transformers model") from None
     except (errors.HfHubHTTPError, OSError) as exc:

@@ -267,6 +267,21 @@ def test_a_model_downloaded_only_at_a_pinned_commit_is_planned_like_training_fin
     assert local_model_config("../not an id") is None
 
 
+def test_an_unreachable_hub_is_not_reported_as_a_model_without_config(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+    def unreachable(*args, **kwargs):  # what huggingface_hub raises when the connection fails
+        raise LocalEntryNotFoundError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(ModelError, match="could not reach the Hugging Face Hub") as err:
+        load_model_config("someone/uncached", offline=False)
+    assert "ft-desk models download someone/uncached" in err.value.hint
+
+
 def test_online_fetches_config_json_alone(tmp_path, monkeypatch):
     import huggingface_hub
 
