@@ -18,6 +18,9 @@ from typing import Any, Literal, get_args, get_origin
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_model
 from ft_desk.trainer.errors import UserError
 
+AUTO = "auto"
+"""The value of a batching setting that ft-desk sizes from the data (trainer/recipe_sizing.py)."""
+
 
 class ConfigError(UserError, ValueError):
     """A configuration value or key is wrong; the message is one sentence meant for the user."""
@@ -73,8 +76,9 @@ class DataConfig:
     """Validation data; when None, val_fraction of train_file is held out (deterministic from seed)."""
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = "auto"
     """Row format; auto detects it from the first rows."""
-    max_length: int = 512
-    """Longest sequence in tokens; longer examples are truncated and counted."""
+    max_length: int | Literal["auto"] = "auto"
+    """Longest sequence in tokens (also the packed row length); longer examples are truncated and counted.
+    auto: the longest example rounded up to 64 tokens, at most 2048 (see trainer/recipe_sizing.py)."""
     val_fraction: float = 0.1
     """Share of rows held out for validation when no valid_file is given."""
     max_val_rows: int = 200
@@ -117,10 +121,15 @@ class TrainConfig:
     """Passes over the training data (fractions allowed); ignored when max_steps > 0."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means derive from epochs."""
-    micro_batch_size: int = 4
-    """Examples per forward pass; lower it first when memory is short."""
-    grad_accum: int = 4
-    """Micro-batches per optimizer step; effective batch = micro_batch_size x grad_accum."""
+    micro_batch_size: int | Literal["auto"] = "auto"
+    """Rows per forward pass (a packed row holds several examples); lower it first when memory is short.
+    auto: as many rows as fit the device's tokens per forward pass (trainer/recipe_sizing.py)."""
+    grad_accum: int | Literal["auto"] = "auto"
+    """Micro-batches per optimizer step; effective batch = micro_batch_size x grad_accum.
+    auto: enough examples per step for about 100 optimizer updates over the run, 2 to 16 examples each."""
+    micro_batch_tokens: int | Literal["auto"] = "auto"
+    """Token budget of one forward pass that an auto micro-batch is sized to; auto: 1024 on CPU, 2048 on MPS,
+    4096 on CUDA. The memory plan may lower the micro-batch further (same effective batch)."""
     packing: bool = True
     """Concatenate examples into one row with a block-diagonal mask: no padding, no cross-example attention."""
     gradient_checkpointing: bool = False
@@ -202,6 +211,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.max_steps": (lambda v: v >= 0, "a non-negative int"),
     "train.micro_batch_size": (lambda v: v >= 1, "a positive int"),
     "train.grad_accum": (lambda v: v >= 1, "a positive int"),
+    "train.micro_batch_tokens": (lambda v: v >= 16, "an int of at least 16"),
     "train.loss_chunk_tokens": (lambda v: v >= 16, "an int of at least 16"),
     "train.log_every": (lambda v: v >= 1, "a positive int"),
     "train.max_bad_steps": (lambda v: v >= 1, "a positive int"),
@@ -235,7 +245,7 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
         parts = [_describe(a) for a in get_args(tp) if a is not type(None)]
-        return " or ".join(parts) + " or null"
+        return " or ".join(parts) + (" or null" if type(None) in get_args(tp) else "")
     if origin is tuple:
         return "a list"
     return {int: "an int", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -247,9 +257,20 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none", "~"}):
+        optional = len(args) < len(get_args(tp))
+        if optional and (value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none", "~"})):
             return None
-        return _coerce(key, args[0], value)
+        words = [a for a in args if get_origin(a) is Literal]
+        if isinstance(value, str) and any(value.strip() in get_args(w) for w in words):
+            return value.strip()
+        others = [a for a in args if get_origin(a) is not Literal]
+        for i, other in enumerate(others):
+            try:
+                return _coerce(key, other, value)
+            except ConfigError:
+                if i == len(others) - 1:
+                    raise bad from None
+        raise bad
     if origin is Literal:
         allowed = get_args(tp)
         if isinstance(value, str):
@@ -335,7 +356,7 @@ def choices(key: str) -> tuple[str, ...]:
 
 def _check(key: str, value: Any) -> None:
     rule = _RULES.get(key)
-    if rule is not None and value is not None and not rule[0](value):
+    if rule is not None and value is not None and value != AUTO and not rule[0](value):
         raise ConfigError(f"{key} must be {rule[1]}, got {value!r}")
 
 

@@ -35,6 +35,7 @@ from ft_desk.trainer.demo import demo_cache_dir, ensure_demo_model, is_demo_mode
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.hub.cache import find_snapshot
 from ft_desk.trainer.hub.names import is_repo_id
+from ft_desk.trainer.recipe_sizing import provisional
 
 
 def plan_inputs(run: RunConfig, device: DeviceFacts | None, cpu_allocator_capped: bool | None = None) -> PlanInputs:
@@ -45,6 +46,7 @@ def plan_inputs(run: RunConfig, device: DeviceFacts | None, cpu_allocator_capped
     if device is None:
         kind = run.train.device if run.train.device != "auto" else "cuda"
         device = DeviceFacts(type=kind, bf16=kind != "cpu")
+    run = provisional(run, device.type)  # `auto` batching, before the data is known: an upper bound
     method = run.train.method
     requested = run.quant.compute_dtype if method == "qlora" else run.model.dtype
     compute = choose_compute_dtype(device, requested)
@@ -79,6 +81,9 @@ def plan_run(model_config: dict, run: RunConfig, device: DeviceFacts | None, fou
     """Predicted peak memory of `run` on `device` (None: unknown device, no verdict) for the model described by
     `model_config` (its parsed config.json), with the changes that lower it unless it already fits.
     `four_bit_ok=False` keeps QLoRA out of the suggestions."""
+    kind = device.type if device is not None else (run.train.device if run.train.device != "auto" else "cuda")
+    context = model_config.get("max_position_embeddings")
+    run = provisional(run, kind, context if isinstance(context, int) else None)
     shape = model_shape(model_config, model_name or run.model.name)
     plan = plan_memory(shape, plan_inputs(run, device, cpu_allocator_capped), device)
     if plan.verdict == "fits":
@@ -107,6 +112,11 @@ def device_from_report(report: dict[str, Any]) -> DeviceFacts | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Suggestions: settings that lower the peak, as RunConfig overrides
+
+# Settings `ft-desk train` may change on its own when the plan does not fit: each keeps what training computes
+# (the same effective batch, the same loss), so only speed changes.
+SAME_RESULT_KEYS = frozenset({"train.gradient_checkpointing", "train.micro_batch_size", "train.grad_accum",
+                              "train.loss_chunk_tokens"})
 
 # Note: a change that saves less than this share of the total is not worth suggesting.
 MIN_SAVING = 0.01
@@ -306,5 +316,5 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-__all__ = ["device_from_report", "four_bit_likely", "load_model_config", "local_model_config", "plan_inputs",
+__all__ = ["SAME_RESULT_KEYS", "device_from_report", "four_bit_likely", "load_model_config", "local_model_config", "plan_inputs",
            "plan_run"]

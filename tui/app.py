@@ -82,6 +82,8 @@ class FtDeskApp(App):
         # Where the user left the wizard last time, if anything.
         self.draft = Draft.from_saved(self._load_settings().get("draft")) or Draft()
         self.session: RunSession | None = None
+        self.data_report: dict | None = None
+        """The Data step's last lint report (`ft-desk data check --json`); the Recipe step sizes batches from it."""
         self.runs: list[RunSummary] = []
         self.offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         self.offline_reason = "(HF_HUB_OFFLINE)" if self.offline else ""

@@ -205,6 +205,32 @@ async def test_recipe_field_errors_show_inline_and_block_training(make_app, back
         assert app.draft.config().lora.r == 8
 
 
+async def test_recipe_shows_the_steps_the_checked_data_gives_and_resizes_on_edits(make_app, tmp_path):
+    from ft_desk.trainer.recipe_sizing import length_counts
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n")
+    app = make_app(start_mode="recipe")
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.draft = demo_draft()
+        app.draft.strategy, app.draft.train_file = "qlora", str(data)
+        app.data_report = {"path": str(data), "checked_file": str(data), "recipe": {
+            "length_counts": length_counts([88 + (i * 37) % 86 for i in range(270)]), "device": "cpu",
+            "context": 8192}}
+        app.draft_updated()
+        await settle(pilot)
+        shown = text_of(app, "#recipe-sizing")
+        assert "optimizer steps" in shown and "micro-batch" in shown and "x 192 tokens" in shown
+        steps = int(shown.split("optimizer steps")[0].split()[-1])
+        app.screen.query_one("#" + _field_id("train.epochs"), Input).value = "10"
+        await settle(pilot)
+        resized = text_of(app, "#recipe-sizing")
+        assert int(resized.split("optimizer steps")[0].split()[-1]) > steps
+        app.screen.query_one("#" + _field_id("train.grad_accum"), Input).value = "64"
+        await settle(pilot)
+        assert "too few to learn much" in text_of(app, "#recipe-sizing")
+
+
 async def test_save_as_preset_writes_yaml_the_cli_reads(make_app):
     app = make_app(start_mode="recipe")
     async with app.run_test(size=(100, 30)) as pilot:

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 
+from ft_desk.quant.device import resolve_device
 from ft_desk.trainer.config import choices
 from ft_desk.trainer.data.formats import resolve_data_path
 from ft_desk.trainer.data.lint import lint_file
@@ -22,7 +23,8 @@ from ft_desk.trainer.errors import DataError, UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_OK
 from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.presets import load_config
-from ft_desk.trainer.training.model import load_tokenizer
+from ft_desk.trainer.recipe_sizing import length_counts, size_batches
+from ft_desk.trainer.training.model import load_tokenizer, read_model_config
 
 BAR_WIDTH = 40
 
@@ -65,11 +67,6 @@ def _config(args):
     return load_config(args.preset or None, overrides)
 
 
-def check_tokenizer(model_cfg):
-    """The tokenizer of a model (local folder, HF cache or the demo) exactly as training sets it up; no weights."""
-    return load_tokenizer(resolve_model_dir(model_cfg), model_cfg)
-
-
 def run(args) -> int:
     if args.data_command == "check":
         return _check(args)
@@ -80,8 +77,10 @@ def _check(args) -> int:
     try:
         cfg = _config(args)
         path = resolve_data_path(args.file)
-        tokenizer = check_tokenizer(cfg.model)
+        model_dir = resolve_model_dir(cfg.model)
+        tokenizer = load_tokenizer(model_dir, cfg.model)
         report = lint_file(path, tokenizer, cfg.data)
+        preview = recipe_preview(cfg, report, read_model_config(model_dir))
     except UserError as err:
         if not args.json:
             raise
@@ -93,12 +92,36 @@ def _check(args) -> int:
     ok = report.ok(cfg.data.skip_bad_rows)
     if args.json:
         # "hint" mirrors the failure form ({"ok", "error", "where", "hint"}) so a reader handles both alike.
-        out = {"ok": ok, "model": cfg.model.name, **report.to_dict(), "hint": report.error_hint}
+        out = {"ok": ok, "model": cfg.model.name, **report.to_dict(), "hint": report.error_hint,
+               "recipe": {**preview, "sizing": preview["sizing"].to_dict()} if preview else None}
         print(json.dumps(out, ensure_ascii=False))
     else:
         colour = sys.stdout.isatty()
         print(format_report(report, cfg.model.name, cfg.data.skip_bad_rows, colour, all_samples=args.samples))
+        if preview is not None:
+            print(f"recipe (about; the run prints the exact figures): {preview['sizing'].summary()}")
+            if preview["sizing"].warning:
+                print(f"warning: {preview['sizing'].warning}")
     return EXIT_OK if ok else EXIT_BAD_INPUT
+
+
+def recipe_preview(cfg, report, model_config: dict) -> dict | None:
+    """What the run would be sized to from this file with this recipe (recipe_sizing.py), or None without token
+    counts: {"sizing", "length_counts", "device", "context"} - the TUI re-sizes from the last three as the recipe
+    is edited. An estimate: validation rows are taken off by count, as the run's split takes them."""
+    if not report.lengths:
+        return None
+    lengths = list(report.lengths)
+    if not cfg.data.valid_file:
+        n = len(lengths)
+        held = min(round(cfg.data.val_fraction * n), cfg.data.max_val_rows)
+        held = max(0, min(max(held, 1) if cfg.data.val_fraction > 0 and n >= 2 else held, n - 1))
+        lengths = lengths[held:]
+    context = model_config.get("max_position_embeddings")
+    context = context if isinstance(context, int) else None
+    device = cfg.train.device if cfg.train.device != "auto" else resolve_device("auto")
+    _, sizing = size_batches(cfg, lengths, device, context)
+    return {"sizing": sizing, "length_counts": length_counts(lengths), "device": device, "context": context}
 
 
 def _histogram_lines(report) -> list[str]:

@@ -16,8 +16,9 @@ from typing import Any
 from ft_desk.quant.device import DeviceFacts, available_device_types, probe_facts
 from ft_desk.quant.planner import human_bytes
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.planning import four_bit_likely, load_model_config, plan_run
+from ft_desk.trainer.planning import SAME_RESULT_KEYS, four_bit_likely, load_model_config, plan_run
 from ft_desk.trainer.presets import load_config
+from ft_desk.trainer.recipe_sizing import uses_auto
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
               "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4, "tb": 1024**4, "tib": 1024**4}
@@ -83,6 +84,13 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     out = plan.to_dict()
     out.update({"model": cfg.model.name, "device_description": where,
                 "device_name": facts.name if facts else None})
+    if uses_auto(cfg):
+        out["notes"] = [*out.get("notes", []), "batching is auto: `ft-desk train` sizes micro-batch, accumulation and "
+                        "max length from the data (ft-desk data check shows the figures); this plans the longest "
+                        "rows auto may use, an upper bound"]
+    first = out.get("first_fit")
+    if first:  # `train` applies a same-result change on its own; say so next to it
+        out["applied_by_train"] = all(o.split("=")[0] in SAME_RESULT_KEYS for o in first["overrides"])
     return out
 
 
@@ -133,6 +141,8 @@ def render(plan: dict[str, Any]) -> str:
         if first:
             lines.append("")
             lines.append(f"First change that fits: {first['description']} -> {first['set_args']}")
+            if plan.get("applied_by_train"):
+                lines.append("  (ft-desk train makes this change on its own when the plan does not fit: same result)")
         elif budget is not None and verdict == "does not fit":
             lines.append("")
             lines.append("Nothing here makes it fit this device: choose a smaller model.")

@@ -10,9 +10,10 @@ block-diagonal causal mask. Targets are shifted inside each example, so no token
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Sequence
+
+from ft_desk.trainer.recipe_sizing import pack_rows
 
 IGNORE = -100
 # Note: rows are padded to a multiple of this many tokens so kernels see few distinct shapes.
@@ -39,26 +40,7 @@ def _target_count(example) -> int:
 
 def epoch_rows(examples: Sequence, max_length: int, packing: bool, seed: int, epoch: int) -> list[tuple[int, ...]]:
     """Rows for one epoch: a seeded shuffle, then (with packing) first-fit into rows of max_length tokens."""
-    order = list(range(len(examples)))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    if not packing:
-        return [(i,) for i in order]
-    lengths = _lengths(examples)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    # Note: only the last few open rows are tried, which keeps packing O(n) and the order mostly shuffled.
-    window = 16
-    for i in order:
-        n = lengths[i]
-        for r in range(max(0, len(rows) - window), len(rows)):
-            if room[r] >= n:
-                rows[r].append(i)
-                room[r] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(max_length - n)
-    return [tuple(r) for r in rows]
+    return pack_rows(_lengths(examples), max_length, packing, seed, epoch)
 
 
 def schedule(
@@ -130,3 +112,4 @@ def collate(examples: Sequence, batch: MicroBatch, pad_id: int, device: str, pac
         "attention_mask": mask.to(device),
         "targets": targets.to(device),
     }
+

@@ -11,6 +11,7 @@ tokens that carry loss. Problems with the whole file (missing, empty, not UTF-8)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from ft_desk.trainer.config import DataConfig
 from ft_desk.trainer.data.formats import MAX_PROBLEMS_KEPT, Example, RowError, scan_file
 from ft_desk.trainer.data.render import IGNORE, example_renderer
 from ft_desk.trainer.errors import DataError
+from ft_desk.trainer.recipe_sizing import auto_max_length, is_auto, token_limit
 
 # Note: how many file:line locations are listed per finding (all are counted).
 MAX_LOCATIONS = 5
@@ -54,6 +56,8 @@ class LintReport:
     samples: list = field(default_factory=list)
     error: str | None = None  # why the file cannot be used with this model at all
     error_hint: str = ""
+    auto_max_length: bool = False  # data.max_length was auto: max_length is what the data sized it to
+    lengths: list = field(default_factory=list, repr=False)  # tokens per usable example as trained (not in to_dict)
 
     @property
     def usable(self) -> bool:
@@ -65,6 +69,7 @@ class LintReport:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        out.pop("lengths")
         out["usable"] = self.usable
         return out
 
@@ -119,15 +124,19 @@ def _token_findings(report: LintReport, examples: list[Example], tokenizer, cfg:
         report.error, report.error_hint = str(err), err.hint
         return
     report.rendering = "chat_template" if renderer.use_template else "plain"
-    lengths = []
-    picks: dict[str, tuple[int, Example]] = {}  # sample label -> (tokens, example)
+    encoded_rows = []
     for example in examples:
         try:
-            encoded = renderer.encode(example)
+            encoded_rows.append((example, renderer.encode(example)))
         except RowError as err:
             report.usable_rows -= 1
             _add_broken(report, err)
-            continue
+    if is_auto(cfg.max_length):  # sized from the data, as training will size it
+        cfg = dataclasses.replace(cfg, max_length=auto_max_length([len(e.input_ids) for _, e in encoded_rows]))
+        report.max_length = cfg.max_length
+    lengths = []
+    picks: dict[str, tuple[int, Example]] = {}  # sample label -> (tokens, example)
+    for example, encoded in encoded_rows:
         n = len(encoded.input_ids)
         lengths.append(n)
         report.total_tokens += min(n, cfg.max_length)
@@ -156,6 +165,7 @@ def _token_findings(report: LintReport, examples: list[Example], tokenizer, cfg:
             "max": ordered[-1],
         }
         report.histogram = _histogram(lengths, cfg.max_length)
+        report.lengths = [min(n, cfg.max_length) for n in lengths]
     report.samples = _samples(picks, renderer, cfg.max_length)
 
 
@@ -191,9 +201,10 @@ def lint_file(path: Path | str, tokenizer, cfg: DataConfig) -> LintReport:
         format=scan.format,
         rows=scan.rows_read,
         usable_rows=len(scan.examples),
-        max_length=cfg.max_length,
+        max_length=token_limit(cfg.max_length),
         train_on=cfg.train_on,
         dedupe=cfg.dedupe,
+        auto_max_length=is_auto(cfg.max_length),
     )
     for err in scan.problems:
         report.broken_rows.append({"where": err.where, "reason": err.reason, "kind": err.kind})

@@ -59,15 +59,25 @@ def run_dtypes(cfg: RunConfig, device: str) -> tuple[str, str]:
     return compute, weights
 
 
-def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None):
-    """(model, tokenizer, LoadedInfo) with the base loaded exactly as training loads it; no adapter yet."""
+def read_model_config(model_dir: Path) -> dict:
+    """The model folder's config.json as a dict ({} when it cannot be read: loading the model will say why)."""
+    try:
+        data = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None, tokenizer=None):
+    """(model, tokenizer, LoadedInfo) with the base loaded exactly as training loads it; no adapter yet.
+    `tokenizer`: one already loaded from model_dir with load_tokenizer (it is not loaded twice)."""
     import time
 
     from transformers import AutoModelForCausalLM  # heavy import: only when a model is really loaded
 
     started = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else resolve_model_dir(cfg.model)
-    tokenizer = load_tokenizer(model_dir, cfg.model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, cfg.model)
     compute, weights_dtype = run_dtypes(cfg, device)
     kwargs: dict = dict(
         dtype=torch_dtype(weights_dtype),

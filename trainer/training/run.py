@@ -11,6 +11,7 @@ run folder holds, and how state.json is written, is run_folder.py's contract.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ft_desk.quant.device import resolve_device
+from ft_desk.quant.device import probe_facts, resolve_device
 from ft_desk.quant.policy import torch_dtype
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.atomic import fsync_folder, fsync_tree, write_text
 from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.config import RunConfig
+from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.data.batching import MicroBatch, schedule
 from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, prepare_data, write_examples_jsonl
 from ft_desk.trainer.errors import OutOfMemory, UserError
@@ -43,15 +45,20 @@ from ft_desk.trainer.events import (
 )
 from ft_desk.trainer.generation import generate
 from ft_desk.trainer.hub.credentials import redact
+from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.paths import runs_home
+from ft_desk.trainer.planning import SAME_RESULT_KEYS, plan_run
+from ft_desk.trainer.recipe_sizing import size_batches, token_limit
 from ft_desk.trainer.training import checkpoint as ckpt
 from ft_desk.trainer.training.loop import FitContext, LoopState, fit, memory_in_use
 from ft_desk.trainer.training.model import (
     LoadedInfo,
     load_base,
     load_run_config,
+    load_tokenizer,
     load_weights,
     prepare_for_training,
+    read_model_config,
     save_weights,
 )
 
@@ -239,14 +246,22 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
 
-    model, tokenizer, info = load_base(cfg, device)
-    model = prepare_for_training(model, cfg)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    data = prepare_data(cfg.data, tokenizer)
+    # Data before weights: a bad file fails in seconds, and the batch is sized from it before the model loads.
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
+    model_config = read_model_config(model_dir)
+    context = model_config.get("max_position_embeddings")
+    limit = token_limit(cfg.data.max_length, context if isinstance(context, int) else None)
+    data = prepare_data(dataclasses.replace(cfg.data, max_length=limit), tokenizer)
     if not data.train:
         raise UserError("no training examples are left after reading and cleaning the data",
                         hint="check the file with: ft-desk data check FILE")
+    cfg, notes = size_to_data(cfg, data, device, model_config, run_dir)
     write_examples_jsonl(data.val_examples, run_folder.val_path(run_dir))
+
+    model, tokenizer, info = load_base(cfg, device, model_dir=model_dir, tokenizer=tokenizer)
+    model = prepare_for_training(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     plan = train_schedule(cfg, data.train)
     val_plan = schedule(data.val, max_length=cfg.data.max_length, micro_batch_size=cfg.train.micro_batch_size,
@@ -272,6 +287,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
                          truncated=data.stats.get("truncated", 0),
                          duplicates_dropped=data.stats.get("duplicates_dropped", 0),
                          skipped_rows=data.stats.get("skipped_rows", 0)))
+    for note in notes:
+        sink.emit(note)
     sink.emit(make_event("model_loaded", params=info.params, trainable_params=trainable, dtype=info.dtype,
                          quantized=info.quantized, load_seconds=info.load_seconds,
                          memory_bytes=memory_in_use(device), model_dir=info.model_dir))
@@ -280,6 +297,55 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
     prompts = [generation_prompt(ex, tokenizer, cfg.data) for ex in data.val_examples[: cfg.eval.sample_prompts]]
     return RunSetup(cfg=cfg, run_dir=run_dir, device=device, model=model, tokenizer=tokenizer, info=info, data=data,
                     schedule=plan, val_batches=val_plan, optimizer=optimizer, start=start, prompts=prompts)
+
+
+def size_to_data(cfg: RunConfig, data: PreparedData, device: str, model_config: dict,
+                 run_dir: Path) -> tuple[RunConfig, list[dict]]:
+    """(the run's config as it trains, log events that say so): `auto` batching sized from the data
+    (recipe_sizing.py), then the memory plan's first fitting suggestion that keeps the result, when the plan does
+    not fit. Saved as the run's config.json so a resume trains exactly the same batches."""
+    context = model_config.get("max_position_embeddings")
+    cfg, sizing = size_batches(cfg, [len(e.input_ids) for e in data.train], device,
+                               context if isinstance(context, int) else None)
+    cfg, memory_note = fit_memory(cfg, model_config, device)
+    notes = [make_event("log", level="info", message=f"recipe: {sizing.summary()}")]
+    if sizing.warning:
+        notes.append(make_event("log", level="warning", message=sizing.warning))
+    if memory_note:
+        notes.append(make_event("log", level="warning" if "does not fit" in memory_note else "info",
+                                message=memory_note))
+    write_text(run_folder.config_path(run_dir), cfg.to_json())
+    run_folder.update_state(run_dir, recipe=sizing.to_dict())
+    return cfg, notes
+
+
+def fit_memory(cfg: RunConfig, model_config: dict, device: str) -> tuple[RunConfig, str]:
+    """(config, note): when the memory plan does not fit, the planner's first fitting suggestion that changes
+    only SAME_RESULT_KEYS is applied; when none does, the config is kept and the note says what would fit."""
+    try:
+        plan = plan_run(model_config, cfg, probe_facts(device), four_bit_ok=device != "mps",
+                        model_name=cfg.model.name)
+    except Exception:  # noqa: BLE001 - an unplannable model still trains; the plan is advice
+        log.warning("memory plan failed", exc_info=True)
+        return cfg, ""
+    if plan.verdict != "does not fit":
+        return cfg, ""
+    gib = 1024 ** 3
+    for suggestion in plan.suggestions:
+        keys = {o.split("=", 1)[0] for o in suggestion.overrides}
+        if suggestion.fits and keys <= SAME_RESULT_KEYS:
+            changed = cfg
+            for override in suggestion.overrides:
+                dotted, value = override.split("=", 1)
+                section, key = dotted.split(".")
+                changed = replace_config(changed, section, **{key: value})
+            return changed, (f"memory: the plan ({plan.total_bytes / gib:.1f} GiB) is over this {device}'s budget, "
+                             f"so {suggestion.description.split(' (')[0]} ({suggestion.total_bytes / gib:.1f} GiB; "
+                             "same result)")
+    levers = "; ".join(f"{s.description} ({' '.join('--set ' + o for o in s.overrides)})"
+                       for s in plan.suggestions[:2])
+    return cfg, (f"memory: the plan ({plan.total_bytes / gib:.1f} GiB) does not fit this {device}"
+                 + (f"; what would: {levers}" if levers else ""))
 
 
 def epoch_schedule(cfg: RunConfig, examples: Sequence, epochs: float) -> list[MicroBatch]:

@@ -242,6 +242,7 @@ class DataScreen(DeskScreen):
 
     def show_report(self, report: dict[str, Any]) -> None:
         self.report = report
+        self.desk.data_report = {**report, "checked_file": self.desk.draft.train_file}
         draft = self.desk.draft
         usable = bool(report.get("ok")) and not report.get("error")
         if draft.data_checked != usable:

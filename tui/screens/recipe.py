@@ -4,6 +4,8 @@ YAML file the CLI reads with `--preset NAME`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
@@ -14,6 +16,7 @@ from textual.widgets import Button, Input, Label, Select, Static, Switch
 
 from ft_desk.trainer.config import ConfigError, describe_fields
 from ft_desk.trainer.presets import available_presets, save_preset, shipped_presets_dir
+from ft_desk.trainer.recipe_sizing import lengths_from_counts, size_batches, uses_auto
 from ft_desk.tui.draft import HARDWARE, STRATEGIES
 from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.widgets.dialogs import Prompt
@@ -93,6 +96,7 @@ class RecipeScreen(DeskScreen):
                         yield Input(value, id=_field_id(key), compact=True, classes="field-input")
                     yield Static(escape(self._help.get(key, "")), classes="field-help", id=_field_id(key) + "-help")
         yield Static("", id="recipe-error")
+        yield Static("", id="recipe-sizing")
         yield MemoryPanel(id="memory")
         with Horizontal(id="recipe-buttons"):
             yield Button("Save as preset", id="save-preset", compact=True)
@@ -142,6 +146,7 @@ class RecipeScreen(DeskScreen):
         elif not draft.model:
             message = "[dim]No model chosen yet (step 1): the estimate uses the demo model.[/]"
         self.query_one("#recipe-error", Static).update(message)
+        self.query_one("#recipe-sizing", Static).update(sizing_text(self.desk.draft, self.desk.data_report))
         path = available_presets().get(draft.strategy)
         self.query_one("#strategy-help", Static).update(f"[dim]{escape(_preset_summary(path))}[/]" if path else "")
 
@@ -237,6 +242,28 @@ class RecipeScreen(DeskScreen):
                         timeout=15)
 
         self.app.push_screen(Prompt("Save this recipe as a preset named:", placeholder="my-recipe"), save)
+
+
+def sizing_text(draft, report: dict | None) -> str:
+    """Steps, examples and tokens per step this recipe gives on the checked data (trainer/recipe_sizing.py),
+    re-sized on every edit; before a data check, what `auto` will do."""
+    inputs = (report or {}).get("recipe") or {}
+    checked = report is not None and report.get("checked_file") == draft.train_file
+    try:
+        config = draft.config()
+    except ConfigError:
+        return ""
+    if not checked or not inputs.get("length_counts"):
+        if uses_auto(config):
+            return ("[dim]steps and batch: sized from the data when the run starts (check the data in step 2 "
+                    "to see the figures here)[/]")
+        return ""
+    _, sizing = size_batches(config, lengths_from_counts(inputs["length_counts"]), str(inputs.get("device")),
+                             inputs.get("context"))
+    text = f"[b]on {escape(Path(str(report.get('path'))).name)}:[/] {escape(sizing.summary())}"
+    if sizing.warning:
+        text += f"\n[yellow]{escape(sizing.warning)}[/]"
+    return text
 
 
 def _preset_summary(path) -> str:

@@ -86,3 +86,50 @@ def test_other_failures_keep_their_own_sentence():
     assert (bug["exit_code"], bug["error"]) == (1, "internal error: RuntimeError: shape mismatch")
     bad = run_mod.failure_outcome(UserError("no data", hint="add some"))
     assert (bad["exit_code"], bad["error"], bad["hint"]) == (2, "no data", "add some")
+
+
+def test_an_auto_recipe_is_sized_from_the_data_said_before_step_one_and_saved_for_resume(tiny_model_dir, tmp_path,
+                                                                                      one_thread):
+    cfg = _cfg(tiny_model_dir, tmp_path, "output.run_name=sized", "train.micro_batch_size=auto",
+               "train.grad_accum=auto", "data.max_length=auto")
+    sink = ListSink()
+    code, run_dir = run_mod.train(cfg, sink)
+    assert code == 0, run_folder.log_path(run_dir).read_text()[-2000:]
+    saved = run_mod.load_run_config(run_dir)
+    assert all(isinstance(v, int) for v in (saved.train.micro_batch_size, saved.train.grad_accum,
+                                            saved.data.max_length))
+    recipe = run_folder.read_state(run_dir)["recipe"]
+    assert (recipe["micro_batch_size"], recipe["grad_accum"], recipe["max_length"]) == (
+        saved.train.micro_batch_size, saved.train.grad_accum, saved.data.max_length)
+    types = [e["type"] for e in sink.events]
+    said = [i for i, e in enumerate(sink.events) if e["type"] == "log" and e["message"].startswith("recipe: ")]
+    assert said and types.index("run_started") < said[0] < types.index("step")
+    assert f"micro-batch {saved.train.micro_batch_size} x {saved.data.max_length} tokens" in sink.events[said[0]][
+        "message"]
+
+
+def test_a_plan_that_does_not_fit_gets_its_first_same_result_suggestion(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        one_thread):
+    from ft_desk.quant.device import DeviceFacts
+
+    def tight(device):  # a device with barely more than the plan with gradient checkpointing needs
+        return DeviceFacts(type="cpu", total_memory=2**30, free_memory=2**30)
+
+    monkeypatch.setattr(run_mod, "probe_facts", tight)
+    cfg = _cfg(tiny_model_dir, tmp_path, "data.max_length=2048", "train.micro_batch_size=8",
+               "train.grad_accum=1", "train.loss_chunk_tokens=2048")
+    model_config = run_mod.read_model_config(tiny_model_dir)
+    changed, note = run_mod.fit_memory(cfg, model_config, "cpu")
+    assert note.startswith("memory: the plan") and "same result" in note
+    moved = {k for k in ("gradient_checkpointing", "micro_batch_size", "grad_accum", "loss_chunk_tokens")
+             if getattr(changed.train, k) != getattr(cfg.train, k)}
+    assert moved  # only settings that keep what training computes
+    assert changed.train.micro_batch_size * changed.train.grad_accum == 8
+    assert (changed.lora, changed.data, changed.optim) == (cfg.lora, cfg.data, cfg.optim)
+
+    def hopeless(device):
+        return DeviceFacts(type="cpu", total_memory=2**20, free_memory=2**20)
+
+    monkeypatch.setattr(run_mod, "probe_facts", hopeless)
+    kept, note = run_mod.fit_memory(cfg, model_config, "cpu")
+    assert kept == cfg and "does not fit" in note
