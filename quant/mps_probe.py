@@ -121,7 +121,8 @@ class FourBitProbe:
         """The probe back from `to_dict()` (what `ft-desk doctor --json` prints)."""
         fields = ("dtype", "ok", "reason", "quant_error", "forward_error", "backward_error", "seconds")
         results = tuple(DtypeProbe(**{k: r[k] for k in fields if k in r},
-                                   cpu_fallbacks=tuple(r.get("cpu_fallbacks") or ())) for r in data.get("results") or ())
+                                   cpu_fallbacks=tuple(r.get("cpu_fallbacks") or ()))
+                        for r in data.get("results") or ())
         return cls(str(data.get("device", "")), results, data.get("version"), str(data.get("kernels") or ""),
                    str(data.get("error") or ""))
 

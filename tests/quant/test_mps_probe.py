@@ -213,9 +213,8 @@ def test_a_gemm_that_returns_zeros_fails_the_forward_check(cpu_override):
 
 
 def test_a_dequantize_with_wrong_scales_is_caught_by_the_independent_reference(cpu_override):
-    from bitsandbytes.backends.default import ops as default_ops
-
     import torch._dynamo
+    from bitsandbytes.backends.default import ops as default_ops
 
     def doubled(A, absmax, blocksize, quant_type, shape, dtype):
         code = bnb.functional.get_4bit_type(quant_type, device=A.device)
