@@ -139,3 +139,28 @@ def test_no_probe_line_off_a_mac():
     data = report.to_dict()
     data["export"] = {}
     assert "4-bit probe" not in render(data)
+
+
+def test_doctor_on_a_mac_runs_the_4bit_probe_and_takes_its_dtype(monkeypatch):
+    from ft_desk.quant import device as dev
+    from ft_desk.quant.mps_probe import DtypeProbe, FourBitProbe
+
+    asked = []
+
+    def fake_probe(device, dtypes, quant_type="nf4", double_quant=True):
+        asked.append((device, dtypes))
+        return FourBitProbe("mps", (DtypeProbe("bfloat16", False, "the forward pass was 40.0% off"),
+                                    DtypeProbe("float16", True, "", 0.09, 0.0003, 0.0003, 0.01)), "0.50.2", "pytorch")
+
+    def no_dense_check(*args, **kwargs):
+        raise AssertionError("on a Mac the probe replaces the dense-weights check")
+
+    monkeypatch.setattr(dev, "available_device_types", lambda: ["mps", "cpu"])
+    monkeypatch.setattr(dev, "probe_facts", lambda device: MAC_16GB)
+    monkeypatch.setattr(dev, "cached_probe", fake_probe)
+    monkeypatch.setattr(dev, "check_four_bit", no_dense_check)
+    report = dev.probe()
+    assert asked == [("mps", ("bfloat16", "float16"))]
+    assert report.device == "mps" and report.compute_dtype == "float16"  # bf16 failed the 4-bit probe
+    assert report.four_bit.usable and report.four_bit_probe["results"][0]["ok"] is False
+    assert any(a.startswith("QLoRA runs on this GPU in float16") for a in report.advice)
