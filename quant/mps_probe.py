@@ -38,10 +38,11 @@ PROBE_OUT = 96
 PROBE_ROWS = 8
 
 # Note: relative error (Frobenius norm) of the 4-bit layer's forward output and input gradient against the same
-# matmul in fp32 on the dequantized weights. Only rounding separates them: fp32 ~1e-7, fp16 ~5e-4 (10-bit
-# mantissa, 128-term sums), bf16 ~4e-3 (7-bit mantissa); measured on CPU with bitsandbytes 0.50.2: fp32 3e-8,
-# fp16 3e-4, bf16 2.5e-3. The limits sit ~10x above that, far below what a wrong kernel gives (errors near 1).
-FORWARD_TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+# matmul in fp32 on the dequantized weights. Only rounding separates them; measured on CPU with bitsandbytes
+# 0.50.2 (fp32 accumulation): fp32 3e-8, fp16 3e-4, bf16 2.5e-3. A GPU that accumulates the 128-term sums in the
+# compute dtype itself rounds more, about sqrt(128) x its epsilon: fp16 0.6%, bf16 4.4%. The limits sit above
+# that worst honest case and far below what a wrong kernel gives (a wrong scale or code: 10% to 100%).
+FORWARD_TOLERANCE = {"float32": 1e-3, "float16": 1.5e-2, "bfloat16": 6e-2}
 
 # Note: NF4 with 64-weight blocks reproduces a Gaussian weight matrix to ~9.3% relative error (measured on the
 # probe layer: 0.0926 with and without double quantization); 0.15 fails a quantizer that returns garbage or zeros.
