@@ -14,6 +14,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ft_desk.quant.mps_probe import FourBitProbe, cached_probe, candidate_dtypes, compute_dtype_from_probe
 from ft_desk.trainer.errors import UserError
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
@@ -29,6 +30,87 @@ class DeviceFacts:
     free_memory: int = 0
     compute_capability: tuple[int, int] | None = None
     bf16: bool = False
+    unified_memory: int = 0
+    """MPS: the RAM the CPU and the GPU share (bytes); 0 on other devices."""
+    high_watermark_ratio: float | None = None
+    """MPS: torch's hard allocation limit as a multiple of `total_memory` (PYTORCH_MPS_HIGH_WATERMARK_RATIO,
+    1.7 by default; 0 means no limit); None on other devices."""
+
+
+# torch's MPS allocator fails an allocation beyond this multiple of the recommended working set (its default;
+# the PYTORCH_MPS_HIGH_WATERMARK_RATIO environment variable, read when the allocator starts, overrides it).
+MPS_DEFAULT_HIGH_WATERMARK_RATIO = 1.7
+
+
+def mps_high_watermark_ratio(environ: dict[str, str] | None = None) -> float:
+    """The hard-limit ratio torch's MPS allocator uses in this environment (unparseable values: the default)."""
+    value = (os.environ if environ is None else environ).get("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "")
+    try:
+        ratio = float(value)
+    except ValueError:
+        return MPS_DEFAULT_HIGH_WATERMARK_RATIO
+    return ratio if ratio >= 0 else MPS_DEFAULT_HIGH_WATERMARK_RATIO
+
+
+@dataclass(frozen=True)
+class UnifiedBudget:
+    """What a run may use of an Apple Silicon Mac's unified memory, and why.
+
+    The GPU and everything else share one pool of RAM. Metal recommends a working set for the GPU
+    (`recommended`, about two thirds to three quarters of the RAM); torch's MPS allocator refuses allocations
+    beyond `hard_limit` (the high-watermark ratio times that, 1.7x by default, which can be more than the RAM);
+    and whatever macOS and the other open apps hold now is not available to the run at all. The run's budget is
+    the smallest of the three: beyond the recommended working set macOS starts compressing and swapping memory,
+    and a training step that waits on swap can trip the GPU watchdog.
+    """
+
+    unified: int
+    recommended: int
+    hard_limit: int | None
+    available: int | None
+
+    @property
+    def others(self) -> int | None:
+        """Bytes macOS and the other apps use now (None when the free RAM is not known)."""
+        return None if self.available is None or not self.unified else max(0, self.unified - self.available)
+
+    @property
+    def budget(self) -> int:
+        limits = [self.recommended]
+        if self.hard_limit:
+            limits.append(self.hard_limit)
+        if self.available is not None:
+            limits.append(self.available)
+        return min(limits)
+
+    @property
+    def limited_by(self) -> str:
+        if self.available is not None and self.budget == self.available and self.available < self.recommended:
+            return "free RAM"
+        if self.hard_limit and self.budget == self.hard_limit and self.hard_limit < self.recommended:
+            return "torch's limit"
+        return "recommended working set"
+
+    def describe(self) -> str:
+        gib = 1024**3
+        text = f"the GPU may use {self.budget / gib:.1f} GiB of this Mac's {self.unified / gib:.0f} GiB unified memory"
+        parts = [f"Metal recommends at most {self.recommended / gib:.1f} GiB"]
+        parts.append(f"torch stops at {self.hard_limit / gib:.1f} GiB" if self.hard_limit
+                     else "torch's limit is off (PYTORCH_MPS_HIGH_WATERMARK_RATIO=0)")
+        if self.others is not None:
+            parts.append(f"macOS and other apps hold {self.others / gib:.1f} GiB now")
+        return f"{text} ({'; '.join(parts)})"
+
+
+def unified_budget(facts: DeviceFacts) -> UnifiedBudget | None:
+    """The unified-memory budget of an MPS device; None for other devices or when the RAM size is not known."""
+    if facts.type != "mps" or not facts.unified_memory:
+        return None
+    recommended = facts.total_memory or facts.unified_memory
+    ratio = MPS_DEFAULT_HIGH_WATERMARK_RATIO if facts.high_watermark_ratio is None else facts.high_watermark_ratio
+    hard = int(ratio * recommended) if ratio > 0 else None
+    return UnifiedBudget(unified=facts.unified_memory, recommended=recommended, hard_limit=hard,
+                         available=facts.free_memory or None)
 
 
 def available_device_types() -> list[str]:
@@ -77,8 +159,9 @@ def choose_compute_dtype(facts: DeviceFacts, requested: str = "auto") -> str:
 def probe_facts(device_type: str) -> DeviceFacts:
     """Facts about the device a run will use (a minimal probe; `probe` gives the full report).
 
-    CUDA: the first card, its free memory as the driver reports it now. MPS: the working-set limit torch
-    recommends (what Metal lets one process use) and whether bf16 kernels run. CPU: RAM and native bf16.
+    CUDA: the first card, its free memory as the driver reports it now. MPS: the working set Metal recommends
+    for the GPU (`total_memory`), the RAM available now (`free_memory`), the unified RAM and torch's hard limit
+    ratio, and whether bf16 kernels run. CPU: RAM and native bf16.
     """
     import torch  # heavy import
 
@@ -98,9 +181,10 @@ def probe_facts(device_type: str) -> DeviceFacts:
     vm = psutil.virtual_memory()
     if device_type == "mps":
         limit = int(torch.mps.recommended_max_memory()) if hasattr(torch.mps, "recommended_max_memory") else 0
-        limit = limit or vm.total
         return DeviceFacts(
-            type="mps", name="Apple GPU", total_memory=limit, free_memory=min(limit, vm.available), bf16=_mps_bf16()
+            type="mps", name=_apple_chip() or "Apple GPU", total_memory=limit or vm.total,
+            free_memory=int(vm.available), bf16=_mps_bf16(), unified_memory=int(vm.total),
+            high_watermark_ratio=mps_high_watermark_ratio(),
         )
     return DeviceFacts(
         type="cpu", name=cpu_name(), total_memory=vm.total, free_memory=vm.available, bf16=cpu_features()["bf16"]
@@ -145,6 +229,12 @@ def _mps_bf16() -> bool:
         return bool(torch.isfinite((a @ a).float().cpu()).all())
     except (RuntimeError, TypeError):
         return False
+
+
+def _apple_chip() -> str:
+    """"Apple M2 Pro GPU" style, from the CPU brand macOS reports (the GPU is on the same chip)."""
+    brand = _sysctl("machdep.cpu.brand_string") if platform.system() == "Darwin" else ""
+    return f"{brand} GPU" if brand.startswith("Apple") else ""
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -329,6 +419,8 @@ class DeviceReport:
     cpu: dict[str, Any] = field(default_factory=dict)
     four_bit: FourBitCheck = field(default_factory=lambda: FourBitCheck(False, "not checked"))
     advice: list[str] = field(default_factory=list)
+    four_bit_probe: dict[str, Any] | None = None
+    """MPS: the capability probe's results per compute dtype (quant.mps_probe.FourBitProbe.to_dict())."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -384,7 +476,17 @@ def probe() -> DeviceReport:
         "ram_available": int(vm.available),
         **cpu_features(),
     }
-    four_bit = check_four_bit(device, compute)
+    probe_details = None
+    if device == "mps":
+        # The full probe (both 16-bit dtypes, forward and backward against the dequantized matmul), as a QLoRA
+        # run on this Mac does at its start; the compute dtype is the one it shows works.
+        result = cached_probe("mps", candidate_dtypes(facts.bf16))
+        backend, native = _bnb_backend()
+        four_bit = FourBitCheck(result.usable, result.reason, result.version, backend or "mps", native)
+        compute = compute_dtype_from_probe(result) or compute
+        probe_details = result.to_dict()
+    else:
+        four_bit = check_four_bit(device, compute)
     report = DeviceReport(
         os=f"{platform.system()} {platform.release()} ({platform.platform()})",
         python=f"{platform.python_version()} ({sys.executable})",
@@ -397,6 +499,7 @@ def probe() -> DeviceReport:
         mps=mps,
         cpu=cpu,
         four_bit=four_bit,
+        four_bit_probe=probe_details,
     )
     report.advice = advice_for(report)
     return report
@@ -426,8 +529,21 @@ def advice_for(report: DeviceReport) -> list[str]:
             "float16 with loss scaling, which can overflow on some models; lower optim.lr if the loss turns NaN."
         )
     if report.device == "mps":
-        limit = report.facts.total_memory
-        out.append(f"Apple GPU: one process may use about {limit / gib:.1f} GiB of unified memory.")
+        budget = unified_budget(report.facts)
+        if budget is not None:
+            out.append(f"Apple GPU: {budget.describe()}. Closing other apps leaves a run more.")
+        else:
+            out.append(f"Apple GPU: one process may use about {report.facts.total_memory / gib:.1f} GiB of unified "
+                       "memory.")
+        probe = report.four_bit_probe or {}
+        fallbacks = FourBitProbe.from_dict(probe).cpu_fallbacks if probe else ()
+        if report.four_bit.usable:
+            kernels = ("bitsandbytes' Metal kernels" if probe.get("kernels") == "metal"
+                       else "bitsandbytes' pure-PyTorch MPS code (no Metal kernels: slower 4-bit matmuls)")
+            out.append(f"QLoRA runs on this GPU in {report.compute_dtype} through {kernels}.")
+        if fallbacks:
+            out.append(f"{', '.join(fallbacks)} ran on the CPU instead of the GPU during the 4-bit probe "
+                       "(PYTORCH_ENABLE_MPS_FALLBACK=1): each call copies its tensors to the CPU and back.")
     if report.packages.get("bitsandbytes") is None and report.device == "cuda":
         out.append("pip install bitsandbytes to train QLoRA on this GPU.")
     return out

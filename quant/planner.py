@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ft_desk.quant.device import DeviceFacts
+from ft_desk.quant.device import DeviceFacts, unified_budget
 from ft_desk.quant.policy import four_bit_bytes
 from ft_desk.trainer.errors import ModelError
 
@@ -493,6 +493,12 @@ def _load_peak(shape: ModelShape, s: PlanInputs, resident: int) -> int:
     checkpoint = shape.params * DTYPE_BYTES[shape.checkpoint_dtype] if converts else 0
     widest_linear = max(i * o for _, i, o, _ in shape.linear_layers())
     quantizing = widest_linear * 4 if s.method == "qlora" else 0
+    if s.device == "mps":
+        # A QLoRA base is quantized on the GPU tensor by tensor from the mapped checkpoint, whose pages macOS can
+        # drop under pressure (file cache, not the run's memory). A 16-bit base is loaded on the host and then
+        # moved to the GPU: converted to another dtype on the way, the host copy is a second full copy until then.
+        host_copy = resident if s.method != "qlora" and converts else 0
+        return resident + host_copy + quantizing
     return resident + checkpoint + quantizing
 
 
@@ -533,12 +539,16 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
         loss_heap = logits_bytes(shape, s) if chunk_tensor < GLIBC_MMAP_THRESHOLD_MAX else 0
         components.append(("CPU allocator retention (glibc keeps the last step's blocks)", heap + loss_heap))
         model_bytes += heap + loss_heap
-    if s.device == "cpu":
+    if s.device in ("cpu", "mps"):
+        # Note: on a Mac the loader's host-side copies and the Python process live in the same unified memory as
+        # the GPU's tensors, so the CPU rules apply (the MPS figures are not measured on Apple hardware).
         resident = sum(b for _, b in _weights(shape, s))
         load = _load_peak(shape, s, resident)
         if load > model_bytes:
             components.append(("loading peak above training (checkpoint read while converting)", load - model_bytes))
-        components.append(("framework overhead (Python, torch, libraries)", CPU_IMPORT_BYTES + CPU_RUNTIME_BYTES))
+        where = "" if s.device == "cpu" else " in unified memory"
+        components.append((f"framework overhead (Python, torch, libraries){where}",
+                           CPU_IMPORT_BYTES + CPU_RUNTIME_BYTES))
     elif s.device == "cuda":
         components.append(("framework overhead (CUDA context, kernels)", CUDA_CONTEXT_BYTES))
     if not shape.known:
@@ -548,12 +558,17 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
 
 
 def device_budget(device: DeviceFacts | None) -> int | None:
-    """Bytes the run may use on `device` (free memory on CUDA, the recommended working set on MPS), or None."""
+    """Bytes the run may use on `device`, or None: free memory on CUDA; on MPS the unified-memory budget
+    (quant.device.UnifiedBudget: the recommended working set, torch's hard limit and the free RAM, whichever is
+    least), or the recommended working set alone when the RAM is not known; free RAM on CPU."""
     if device is None:
         return None
     if device.type == "cuda":
         return device.free_memory or device.total_memory or None
     if device.type == "mps":
+        unified = unified_budget(device)
+        if unified is not None:
+            return unified.budget or None
         return device.total_memory or device.free_memory or None
     return device.free_memory or device.total_memory or None
 
@@ -597,8 +612,11 @@ def plan_memory(shape_or_config: ModelShape | dict, inputs: PlanInputs, device: 
     if inputs.use_dora:
         notes.append("DoRA adds activations per adapted layer; its estimate is less exact than plain LoRA's")
     if inputs.method == "qlora" and inputs.device == "mps":
-        notes.append("ft-desk train does not run QLoRA on Apple GPUs (MPS): train LoRA on a 16-bit base there "
-                     "(--preset lora) and plan that")
+        notes.append("QLoRA on an Apple GPU runs through bitsandbytes' MPS backend; ft-desk train checks it with a "
+                     "4-bit test layer first (ft-desk doctor shows the result)")
+    unified = unified_budget(device) if device is not None else None
+    if unified is not None:
+        notes.append(unified.describe())
     if inputs.packing:
         notes.append("assumes packed rows filled to max length (the worst case)")
     settings = {

@@ -94,8 +94,22 @@ def plan_run(model_config: dict, run: RunConfig, device: DeviceFacts | None, fou
 
 
 def four_bit_likely(device_type: str) -> bool:
-    """Whether QLoRA can be suggested without running the 4-bit check (ft-desk doctor runs it)."""
-    return device_type != "mps" and importlib.util.find_spec("bitsandbytes") is not None
+    """Whether QLoRA can be suggested without running the 4-bit check (ft-desk doctor runs it). On an Apple GPU
+    that takes a bitsandbytes with an MPS backend (0.48+); the probe at run start has the last word."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    return device_type != "mps" or bitsandbytes_has_mps_backend()
+
+
+def bitsandbytes_has_mps_backend() -> bool:
+    """Whether the installed bitsandbytes ships an MPS backend, read from its file list (nothing is imported)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("bitsandbytes") or []
+    except metadata.PackageNotFoundError:
+        return False
+    return any(str(f).replace("\\", "/").endswith("backends/mps/ops.py") for f in files)
 
 
 def device_from_report(report: dict[str, Any]) -> DeviceFacts | None:
@@ -105,8 +119,8 @@ def device_from_report(report: dict[str, Any]) -> DeviceFacts | None:
         return None
     if facts.get("compute_capability") is not None:
         facts["compute_capability"] = tuple(facts["compute_capability"])
-    known = {k: facts[k] for k in ("type", "name", "total_memory", "free_memory", "compute_capability", "bf16")
-             if k in facts}
+    known = {k: facts[k] for k in ("type", "name", "total_memory", "free_memory", "compute_capability", "bf16",
+                                   "unified_memory", "high_watermark_ratio") if k in facts}
     return DeviceFacts(**known)
 
 
@@ -316,5 +330,5 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-__all__ = ["SAME_RESULT_KEYS", "device_from_report", "four_bit_likely", "load_model_config", "local_model_config", "plan_inputs",
-           "plan_run"]
+__all__ = ["SAME_RESULT_KEYS", "device_from_report", "four_bit_likely", "load_model_config", "local_model_config",
+           "plan_inputs", "plan_run"]

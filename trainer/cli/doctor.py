@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from ft_desk.quant.device import probe
+from ft_desk.quant.mps_probe import FourBitProbe, describe_probe
 from ft_desk.quant.planner import human_bytes
 from ft_desk.trainer.export.llamacpp import capabilities
 from ft_desk.trainer.planning import load_model_config, plan_run
@@ -102,6 +103,8 @@ def render(d: dict[str, Any]) -> str:
         state = "4-bit works here" if fb["usable"] else f"4-bit does NOT work here: {fb['reason']}"
         bnb = f"{fb['version']} · backend {fb['backend'] or '?'} · {lib} · {state}"
     rows.append(("bitsandbytes", bnb))
+    if d.get("four_bit_probe"):
+        rows.append(("4-bit probe", f"{d['device']}: {describe_probe(FourBitProbe.from_dict(d['four_bit_probe']))}"))
     export = d.get("export") or {}
     if export:
         llama = (f"llama-cpp-python {export['llama_cpp']} (q4_k_m and a llama.cpp check of every GGUF)"

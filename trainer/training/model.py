@@ -10,12 +10,23 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from ft_desk.quant.device import choose_compute_dtype, probe_facts, resolve_device
+from ft_desk.quant.device import DeviceFacts, choose_compute_dtype, probe_facts, resolve_device
+from ft_desk.quant.mps_probe import (
+    FourBitProbe,
+    cached_probe,
+    candidate_dtypes,
+    compute_dtype_from_probe,
+    describe_probe,
+)
+from ft_desk.quant.planner import human_bytes
 from ft_desk.quant.policy import bnb_config, disable_cpu_repack, four_bit_layers, torch_dtype
 from ft_desk.trainer.config import ModelConfig, RunConfig, config_from_dict
+from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.hub.resolve import resolve_model_dir
+from ft_desk.trainer.planning import plan_run
 from ft_desk.trainer.run_folder import ADAPTER_WEIGHTS, FULL_WEIGHTS, checkpoint_folder, config_path
 
 log = logging.getLogger("ft_desk.model")
@@ -49,10 +60,18 @@ def load_tokenizer(folder: Path, model: ModelConfig):
     return tok
 
 
-def run_dtypes(cfg: RunConfig, device: str) -> tuple[str, str]:
-    """(compute dtype, dtype of the unquantized weights) for this run on this device."""
+def run_dtypes(cfg: RunConfig, device: str, model_dir: Path | None = None) -> tuple[str, str]:
+    """(compute dtype, dtype of the unquantized weights) for this run on this device.
+
+    QLoRA on an Apple GPU takes the compute dtype the 4-bit probe shows works there (`mps_qlora_dtype`);
+    `model_dir` only sharpens its failure message with the 16-bit LoRA plan of that model.
+    """
     facts = probe_facts(device)
-    compute = choose_compute_dtype(facts, cfg.quant.compute_dtype if cfg.train.method == "qlora" else cfg.model.dtype)
+    if device == "mps" and cfg.train.method == "qlora":
+        compute = mps_qlora_dtype(cfg, facts, model_dir)
+    else:
+        requested = cfg.quant.compute_dtype if cfg.train.method == "qlora" else cfg.model.dtype
+        compute = choose_compute_dtype(facts, requested)
     if cfg.train.method == "full":
         return compute, "float32"  # full fine-tuning keeps fp32 master weights; autocast does the 16-bit math
     weights = compute if cfg.model.dtype == "auto" else cfg.model.dtype
@@ -68,6 +87,59 @@ def read_model_config(model_dir: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def mps_qlora_dtype(cfg: RunConfig, facts: DeviceFacts, model_dir: Path | None = None,
+                    probe: Callable[..., FourBitProbe] | None = None) -> str:
+    """The compute dtype QLoRA trains in on this Apple GPU, from the 4-bit probe (bf16 where it passes, else
+    fp16; a requested dtype must pass itself). When nothing passes: a UserError that says why and offers
+    16-bit LoRA with its memory plan; ft-desk never switches methods behind the user's back."""
+    requested = cfg.quant.compute_dtype
+    probe = probe or cached_probe  # looked up at call time, so tests can inject results
+    result = probe("mps", candidate_dtypes(facts.bf16, requested), cfg.quant.quant_type, cfg.quant.double_quant)
+    chosen = compute_dtype_from_probe(result, requested)
+    for op in result.cpu_fallbacks:
+        log.warning("4-bit probe: %s ran on the CPU instead of the Apple GPU (PYTORCH_ENABLE_MPS_FALLBACK=1)", op)
+    if chosen is not None:
+        log.info("4-bit probe on the Apple GPU: %s; QLoRA computes in %s", describe_probe(result), chosen)
+        return chosen
+    where = ""
+    if requested != "auto":
+        where = f" in {requested}"
+        works = compute_dtype_from_probe(probe("mps", candidate_dtypes(facts.bf16), cfg.quant.quant_type,
+                                               cfg.quant.double_quant))
+        if works is not None:
+            raise UserError(f"4-bit QLoRA does not work{where} on this Mac's GPU: {result.reason}",
+                            hint=f"use --set quant.compute_dtype={works} (it passed the same test)")
+    raise UserError(f"4-bit QLoRA does not work{where} on this Mac's GPU: {result.reason}",
+                    hint=_lora_instead(cfg, facts, model_dir))
+
+
+def _lora_instead(cfg: RunConfig, facts: DeviceFacts, model_dir: Path | None) -> str:
+    """The hint of a failed probe: 16-bit LoRA, with what it needs for this model when its config is at hand."""
+    base = "train 16-bit LoRA instead with --preset lora"
+    config = None
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = None
+    if not isinstance(config, dict):
+        return f"{base} (ft-desk plan {cfg.model.name} --preset lora shows what it needs)"
+    lora = replace_config(cfg, "train", method="lora")
+    try:
+        plan = plan_run(config, lora, facts, four_bit_ok=False)
+    except UserError:
+        return f"{base} (ft-desk plan {cfg.model.name} --preset lora shows what it needs)"
+    first = plan.first_fit
+    text = (f"{base}: its plan for {cfg.model.name} is about {human_bytes(plan.total_bytes)} at these settings "
+            f"({plan.verdict}")
+    if plan.device_budget_bytes:
+        text += f" in the {human_bytes(plan.device_budget_bytes)} this Mac gives the GPU"
+    text += ")"
+    if plan.verdict != "fits" and first is not None:
+        text += f"; with {' '.join(f'--set {o}' for o in first.overrides)} it needs {human_bytes(first.total_bytes)}"
+    return text
+
+
 def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None, tokenizer=None):
     """(model, tokenizer, LoadedInfo) with the base loaded exactly as training loads it; no adapter yet.
     `tokenizer`: one already loaded from model_dir with load_tokenizer (it is not loaded twice)."""
@@ -78,7 +150,7 @@ def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None, tokeni
     started = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else resolve_model_dir(cfg.model)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, cfg.model)
-    compute, weights_dtype = run_dtypes(cfg, device)
+    compute, weights_dtype = run_dtypes(cfg, device, model_dir)
     kwargs: dict = dict(
         dtype=torch_dtype(weights_dtype),
         attn_implementation=cfg.model.attn_implementation,
@@ -87,11 +159,6 @@ def load_base(cfg: RunConfig, device: str, model_dir: Path | None = None, tokeni
     )
     quantized = cfg.train.method == "qlora"
     if quantized:
-        if device == "mps":
-            raise UserError(
-                "QLoRA needs bitsandbytes 4-bit, which does not run on Apple GPUs (MPS)",
-                hint="use --preset lora (16-bit base) or --set train.device=cpu",
-            )
         kwargs["quantization_config"] = bnb_config(
             cfg.quant.quant_type, cfg.quant.double_quant, compute, cfg.quant.skip_modules
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ft_desk.quant.device import probe_facts, resolve_device
+from ft_desk.quant.mps_probe import watch_cpu_fallbacks
 from ft_desk.quant.policy import torch_dtype
 from ft_desk.trainer import run_folder
 from ft_desk.trainer.atomic import fsync_folder, fsync_tree, write_text
@@ -32,7 +33,7 @@ from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.data.batching import MicroBatch, schedule
 from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, prepare_data, write_examples_jsonl
-from ft_desk.trainer.errors import OutOfMemory, UserError
+from ft_desk.trainer.errors import MPS_OOM_LEVER, OutOfMemory, UserError, device_failure, mps_out_of_memory
 from ft_desk.trainer.events import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -47,9 +48,10 @@ from ft_desk.trainer.generation import generate
 from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.paths import runs_home
-from ft_desk.trainer.planning import SAME_RESULT_KEYS, plan_run
+from ft_desk.trainer.planning import SAME_RESULT_KEYS, four_bit_likely, plan_run
 from ft_desk.trainer.recipe_sizing import size_batches, token_limit
 from ft_desk.trainer.training import checkpoint as ckpt
+from ft_desk.trainer.training.awake import keep_awake
 from ft_desk.trainer.training.loop import FitContext, LoopState, fit, memory_in_use
 from ft_desk.trainer.training.model import (
     LoadedInfo,
@@ -127,6 +129,9 @@ def as_out_of_memory(exc: BaseException) -> OutOfMemory | None:
     if isinstance(exc, UserError):
         return None  # our own sentence already; it may quote a setting that mentions memory
     text = str(exc).lower()
+    mac = mps_out_of_memory(str(exc))  # an Apple GPU's own numbers and levers
+    if mac is not None:
+        return OutOfMemory(mac, hint=f"{OOM_HINT}; {MPS_OOM_LEVER}")
     if type(exc).__name__ == "OutOfMemoryError" or any(words in text for words in OOM_WORDS):
         return OutOfMemory("the device ran out of memory", hint=OOM_HINT)
     return None
@@ -134,6 +139,9 @@ def as_out_of_memory(exc: BaseException) -> OutOfMemory | None:
 
 def _explain_failure(exc: BaseException) -> tuple[str, str]:
     """(error sentence, hint) for an unexpected exception that escaped the run."""
+    known = device_failure(str(exc))  # the GPU watchdog, an op the Apple GPU lacks
+    if known is not None:
+        return known
     name = type(exc).__name__
     text = str(exc)
     if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
@@ -189,6 +197,9 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
     sinks = FanOut(file_sink, sink)
     handler = setup_logging(run_dir)
     run_folder.update_state(run_dir, status="running", pid=os.getpid())
+    awake = keep_awake()  # macOS: no idle sleep while this process trains (caffeinate -i -w PID)
+    if awake.message:
+        sinks.emit(make_event("log", level="info" if awake.active else "warning", message=awake.message))
     try:
         run = setup(cfg, run_dir, sinks, resumed=resume_dir is not None)
         if run.start.step == 0:  # a resumed run showed its before-samples the first time
@@ -211,6 +222,7 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
     ))
     run_folder.update_state(run_dir, status=outcome["status"], error=outcome["error"], hint=outcome["hint"],
                             exit_code=outcome["exit_code"])
+    awake.stop()
     file_sink.close()
     logging.getLogger().removeHandler(handler)
     handler.close()
@@ -246,6 +258,7 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
 
+    watch_cpu_fallbacks(device, lambda text: sink.emit(make_event("log", level="warning", message=text)))
     # Data before weights: a bad file fails in seconds, and the batch is sized from it before the model loads.
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir, cfg.model)
@@ -323,7 +336,7 @@ def fit_memory(cfg: RunConfig, model_config: dict, device: str) -> tuple[RunConf
     """(config, note): when the memory plan does not fit, the planner's first fitting suggestion that changes
     only SAME_RESULT_KEYS is applied; when none does, the config is kept and the note says what would fit."""
     try:
-        plan = plan_run(model_config, cfg, probe_facts(device), four_bit_ok=device != "mps",
+        plan = plan_run(model_config, cfg, probe_facts(device), four_bit_ok=four_bit_likely(device),
                         model_name=cfg.model.name)
     except Exception:  # noqa: BLE001 - an unplannable model still trains; the plan is advice
         log.warning("memory plan failed", exc_info=True)
