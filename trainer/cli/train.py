@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 from ft_desk.trainer import run_folder
+from ft_desk.trainer.demo import is_demo_model
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import ListSink, PrettySink, read_events, stdout_sink
+from ft_desk.trainer.events import ListSink, PrettySink, make_event, read_events, stdout_sink
+from ft_desk.trainer.hub.cache import find_snapshot
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training.run import StopFlag, train
 
@@ -32,7 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
     if name == "train":
         parser.add_argument("--resume", metavar="RUN_DIR", type=Path,
                             help="continue a stopped or crashed run from its last checkpoint")
+    else:
+        parser.set_defaults(demo=True)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+REAL_DEMO_MODELS = ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct")
+"""Real small instruct models `ft-desk demo` uses when one is already on this machine, smallest first."""
+REAL_DEMO_PRESET = "demo-real"
+GET_REAL_DEMO = ("this demo trains a tiny random model: it shows the pipeline, not useful replies. For a real one, "
+                 "get SmolLM2-135M-Instruct once (ft-desk models download HuggingFaceTB/SmolLM2-135M-Instruct, or "
+                 "ft-desk train --model path/to/SmolLM2-135M-Instruct.gguf) and run ft-desk demo again")
+
+
+def real_demo_model() -> str | None:
+    """A real small instruct model already on disk (the Hugging Face cache), or None. Never downloads."""
+    return next((repo for repo in REAL_DEMO_MODELS if find_snapshot(repo) is not None), None)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -43,7 +60,13 @@ def resolve_config(args: argparse.Namespace):
         overrides.append(f"data.train_file={args.data}")
     if args.skip_bad_rows:
         overrides.append("data.skip_bad_rows=true")
-    return load_config(args.preset, overrides)
+    presets = args.preset
+    if getattr(args, "demo", False) and not presets and not args.model:
+        real = real_demo_model()
+        if real is not None:
+            presets = [REAL_DEMO_PRESET]
+            overrides.insert(0, f"model.name={real}")
+    return load_config(presets, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         sink = PrettySink(sys.stderr)
     stop = StopFlag()
     stop.install()
+    if getattr(args, "demo", False) and mode != "jsonl" and cfg is not None and is_demo_model(cfg.model.name):
+        sink.emit(make_event("log", level="info", message=GET_REAL_DEMO))
     code, run_dir = train(cfg, sink, resume_dir=resume, stop=stop)
     sink.close()
     if mode == "pretty" and run_dir is not None:
