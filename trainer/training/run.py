@@ -43,6 +43,7 @@ from ft_desk.trainer.events import (
 )
 from ft_desk.trainer.generation import generate
 from ft_desk.trainer.hub.credentials import redact
+from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.training import checkpoint as ckpt
 from ft_desk.trainer.training.loop import FitContext, LoopState, fit, memory_in_use
@@ -239,7 +240,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
 
-    model, tokenizer, info = load_base(cfg, device)
+    # A GGUF or Ollama base is imported here on first use; its progress goes to the run's events.
+    model, tokenizer, info = load_base(cfg, device, resolve_model_dir(cfg.model, on_event=sink.emit))
     model = prepare_for_training(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = prepare_data(cfg.data, tokenizer)
