@@ -62,6 +62,26 @@ def source_note(name: str, model_dir: str | Path | None = None) -> str | None:
     return dequantized_note(provenance.get("file_type", "?"), provenance.get("stored_dtype", "?"))
 
 
+def plan_note(name: str) -> str | None:
+    """What a plan of a GGUF / Ollama base says about its weights (imported or not yet), else None."""
+    try:
+        source = gguf_source(name)
+    except UserError:
+        return None
+    if source is None:
+        return None
+    path, ollama = source
+    found = find_import(path, ollama.sha256 if ollama else None)
+    if found is not None:
+        return f"{found.note} (imported in {found.folder})"
+    try:
+        facts = read_gguf(path)
+    except UserError as err:
+        return err.message
+    return (f"a {facts.file_type} GGUF: imported once on first use (about a minute per 100M parameters), "
+            f"{dequantized_note(facts, storage_dtype(facts))}")
+
+
 def ollama_source(name: str, model_dir: str | Path | None = None) -> dict[str, Any] | None:
     """For a run whose base is an Ollama model: {"name": short name, "template", "system", "params"} (what its
     Modelfile had), from the store or, when the store lost it, from the import record. None for other bases."""

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
                         + (" [default: demo]" if name == "demo" else " [default: demo]"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set lora.r=32 --set optim.lr=1e-4")
-    parser.add_argument("--model", help="shortcut for --set model.name=...")
+    parser.add_argument("--model", help="shortcut for --set model.name=...: a Hub id, a model folder, a .gguf file "
+                                        "or an Ollama model (name:tag; imported once on first use)")
     parser.add_argument("--data", help="shortcut for --set data.train_file=...")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable data rows and report counts")
     parser.add_argument("--events", choices=["pretty", "jsonl", "none"], default=None,
