@@ -68,3 +68,22 @@ async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app,
         await pilot.press("enter")
         await settle(pilot)
         assert app.draft.model == str(gguf)
+
+
+def test_a_runs_history_keeps_the_import_and_logs_it_plainly():
+    from ft_desk.trainer.events import make_event
+    from ft_desk.tui.history import RunHistory
+
+    history = RunHistory()
+    history.apply(make_event("model_import", phase="convert", source="smollm2:135m", done=40, total=272,
+                             message="dequantizing Q4_1 tensors: 40/272"))
+    assert history.model_import["phase"] == "convert"
+    history.apply(make_event("model_import", phase="done", source="smollm2:135m", done=0, total=0,
+                             folder="/data/imported-models/b179c9523d0e6a0f", file_type="Q4_1", dtype="bfloat16",
+                             message="imported smollm2:135m in 70s: weights dequantized from the GGUF's Q4_1 to "
+                                     "bfloat16: they keep the Q4_1 rounding"))
+    assert history.model_import["file_type"] == "Q4_1" and "model_import" not in history.extra
+    lines = [text for _, text in history.log]
+    assert lines == ["dequantizing Q4_1 tensors: 40/272",
+                     "imported smollm2:135m in 70s: weights dequantized from the GGUF's Q4_1 to bfloat16: they keep "
+                     "the Q4_1 rounding"]
