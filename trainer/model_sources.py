@@ -107,6 +107,28 @@ def _imported_from_ollama(name: str, model_dir: str | Path) -> bool:
     return parsed is not None and parsed.short in ollama
 
 
+def describe_model(name: str, fit=None) -> dict[str, Any] | None:
+    """`ft-desk models info` for a GGUF file or an Ollama model (from its header, nothing converted); None when
+    `name` is neither."""
+    source = gguf_source(name)
+    if source is None:
+        return None
+    path, ollama = source
+    facts = read_gguf(path)
+    found = find_import(path, ollama.sha256 if ollama else None)
+    out: dict[str, Any] = {
+        "id": name, "kind": "ollama" if ollama else "gguf", "path": str(path), "size_bytes": facts.size_bytes,
+        "architecture": facts.architecture, "gguf_name": facts.name, "file_type": facts.file_type,
+        "tensor_types": facts.tensor_types, "params": facts.params, "imported": found is not None,
+        "folder": str(found.folder) if found else None, "note": dequantized_note(facts, storage_dtype(facts)),
+        "ollama_name": ollama.name.short if ollama else None, "system": (ollama.texts.get("system") if ollama
+                                                                        else None),
+    }
+    if fit is not None:
+        out["fit"] = fit.plan(facts.config, model_name=name)
+    return out
+
+
 def ollama_listing(fit=None) -> dict[str, Any]:
     """Every model in Ollama's store with its size, GGUF type, architecture, parameters, whether it was imported,
     and (given a hub.search.FitCheck) the fit verdict of the run on this device - all from the GGUF headers."""

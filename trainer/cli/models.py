@@ -37,7 +37,7 @@ from ft_desk.trainer.hub.cache import (
 from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.download import download_model
 from ft_desk.trainer.hub.search import FitCheck, model_details, search_models
-from ft_desk.trainer.model_sources import import_model, ollama_listing
+from ft_desk.trainer.model_sources import describe_model, import_model, ollama_listing
 
 SUBCOMMANDS = ("search", "list", "info", "download", "rm", "ollama", "import")
 
@@ -191,7 +191,31 @@ def _list(args) -> int:
     return 0
 
 
+def _gguf_info(args, details: dict) -> int:
+    if args.json:
+        _print_json(details)
+        return 0
+    types = ", ".join(f"{t} x{n}" for t, n in details["tensor_types"].items())
+    lines = [("model", details["id"]), ("file", details["path"]), ("architecture", details["architecture"]),
+             ("parameters", _params(details["params"])), ("size", format_bytes(details["size_bytes"])),
+             ("quant type", f"{details['file_type']} ({types})"), ("weights", details["note"]),
+             ("imported", details["folder"] or "not yet: on first use, or now with ft-desk models import")]
+    if details.get("system"):
+        lines.append(("system prompt", details["system"][:200]))
+    fit = details.get("fit")
+    if fit:
+        total = f", about {format_bytes(fit['total_bytes'])}" if fit.get("total_bytes") else ""
+        lines.append(("fit", f"{fit.get('verdict')}{total}; breakdown: ft-desk plan {details['id']}"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
 def _info(args) -> int:
+    local = describe_model(args.model_id, fit=_fit_check(args))
+    if local is not None:
+        return _gguf_info(args, local)
     details = model_details(args.model_id, args.revision, fit=_fit_check(args))
     if args.json:
         _print_json(details)
