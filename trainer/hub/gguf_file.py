@@ -166,12 +166,12 @@ def read_gguf(path: Path | str) -> GGUFFacts:
 def storage_dtype(facts: GGUFFacts) -> str:
     """The dtype an imported GGUF's weights are stored in: the file's own when it is F16, BF16 or F32, else bfloat16.
 
-    Why bfloat16 for quantized files: dequantized values are `scale * q (+ min)` with an f16 scale, so no 16-bit
-    type holds them exactly, but bf16's rounding (at most 2^-9 of a value) is a few percent of one quantization
-    step of Q4/Q5/Q6 and under half a step of Q8_0 - far below the error the file already carries, and far below
-    QLoRA's own NF4 re-quantization of the base. It halves the folder and load time against float32, and it is the
-    dtype GPU training computes in, so the base loads without a conversion there (CPU runs upcast to fp32 on load,
-    exactly). float16 is not used: its range (65504) is narrower than the weights of some models.
+    Why bfloat16 for quantized files rather than float32: dequantized values are `scale * q (+ min)` with an f16
+    scale, so only float32 holds them exactly, but bf16's rounding is small against the rounding the file already
+    carries. Measured on SmolLM2-135M-Instruct Q4_1 (per block of 32, error / quantization step): Q4_1 tensors mean
+    0.3%, max 3.5% of a step; its Q8_0 embedding mean 4.7%, max 46% of a step. QLoRA then re-quantizes the base to
+    NF4, a whole step of error again. Against that, bfloat16 halves the folder and the load against float32, is the
+    dtype GPU training loads and computes in (no conversion at load), and widens exactly to fp32 on CPU runs.
     """
     return _PLAIN_TYPES.get(facts.file_type.upper(), "bfloat16")
 
