@@ -49,9 +49,18 @@ async def test_an_empty_store_says_where_it_looked(make_app, backend):
         assert "OLLAMA_MODELS" in text_of(app, "#details")
 
 
-async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app, tmp_path):
+async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app, backend, tmp_path):
     gguf = tmp_path / "my-model.Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
+    asked = []
+
+    def model_info(model_id, draft):  # what `ft-desk models info FILE.gguf --json` answers (its header's facts)
+        asked.append(model_id)
+        return {"id": model_id, "kind": "gguf", "size_bytes": 397_807_936, "file_type": "Q4_K_M", "params": 494_032_768,
+                "imported": False, "architecture": "qwen2",
+                "note": "weights dequantized from the GGUF's Q4_K_M to bfloat16: they keep the Q4_K_M rounding"}
+
+    backend.model_info = model_info
     app = make_app(start_mode="model")
     async with app.run_test(size=(110, 32)) as pilot:
         await settle(pilot)
@@ -63,7 +72,10 @@ async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app,
         table.focus()
         table.move_cursor(row=0)
         await settle(pilot)
-        assert "GGUF file" in text_of(app, "#details") and "dequantized" in text_of(app, "#details")
+        await settle(pilot, until=lambda: asked and "Q4_K_M GGUF" in text_of(app, "#details"))
+        details = text_of(app, "#details")
+        assert asked == [str(gguf)] and "494M parameters" in details and "imported once on first use" in details
+        assert "dequantized from the GGUF's Q4_K_M to bfloat16" in details
         box.focus()
         await pilot.press("enter")
         await settle(pilot)

@@ -20,7 +20,8 @@ from ft_desk.trainer.data.formats import resolve_data_path
 from ft_desk.trainer.data.lint import lint_file
 from ft_desk.trainer.errors import DataError, UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_OK
-from ft_desk.trainer.hub.resolve import resolve_model_dir
+from ft_desk.trainer.hub.gguf_import import load_gguf_tokenizer
+from ft_desk.trainer.hub.resolve import gguf_source, imported_dir, resolve_model_dir
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training.model import load_tokenizer
 
@@ -66,7 +67,14 @@ def _config(args):
 
 
 def check_tokenizer(model_cfg):
-    """The tokenizer of a model (local folder, HF cache or the demo) exactly as training sets it up; no weights."""
+    """The tokenizer of a model (local folder, HF cache or the demo) exactly as training sets it up; no weights.
+    A GGUF or Ollama base not imported yet is not converted for this: its tokenizer is read from the GGUF."""
+    source = None if imported_dir(model_cfg.name) else gguf_source(model_cfg.name)
+    if source is not None:
+        tokenizer = load_gguf_tokenizer(source[0])
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # as load_tokenizer sets it up for training
+        return tokenizer
     return load_tokenizer(resolve_model_dir(model_cfg), model_cfg)
 
 

@@ -325,6 +325,28 @@ def _convert(gguf_path: Path, facts: GGUFFacts, dtype: str, out: Path, progress:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def load_gguf_tokenizer(path: Path):
+    """The tokenizer stored in a GGUF, read without converting the weights (what `ft-desk data check` needs before
+    the model was ever imported); the same object an import saves, so it counts the same tokens."""
+    from transformers import AutoTokenizer  # heavy import
+
+    facts = read_gguf(path)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ft-desk-gguf-") as scratch:
+        link = Path(scratch) / "model.gguf"
+        try:
+            link.symlink_to(Path(path).resolve())
+            folder, name = Path(scratch), link.name
+        except OSError:
+            folder, name = Path(path).parent, Path(path).name
+        try:
+            with _quiet_loader(_ProgressIter(None, str(path), facts.file_type)):
+                return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        except Exception as exc:  # noqa: BLE001 - the loader raises many types for files it cannot read
+            raise _explain(exc, facts) from exc
+
+
 def _explain(exc: BaseException, facts: GGUFFacts) -> ModelError:
     """One sentence for a loader failure the header checks did not catch."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -274,7 +274,10 @@ class ModelScreen(DeskScreen):
             return
         row = self.rows.get(model_id, {})
         self._show_details(model_id, row)
-        if not is_demo_model(model_id) and not Path(model_id).is_absolute() and not row.get("source"):
+        # Hub models and GGUF files have details to fetch (`models info` reads a GGUF's header); Ollama rows
+        # arrive complete from `models ollama`.
+        wanted = row.get("source") == "gguf" or (not Path(model_id).is_absolute() and not row.get("source"))
+        if not is_demo_model(model_id) and wanted:
             if self._info_timer is not None:
                 self._info_timer.stop()
             self._info_timer = self.set_timer(INFO_DELAY_S, lambda: self._info(model_id))
@@ -316,8 +319,9 @@ class ModelScreen(DeskScreen):
         facts = []
         if row.get("params"):
             facts.append(f"{params_text(row['params'])} parameters")
-        if row.get("source") == "ollama":
-            facts.append(f"{escape(str(row.get('file_type') or '?'))} GGUF in Ollama's store, "
+        if row.get("source") in ("ollama", "gguf") and row.get("file_type"):
+            where = " in Ollama's store" if row.get("source") == "ollama" else ""
+            facts.append(f"{escape(str(row.get('file_type') or '?'))} GGUF{where}, "
                          f"{format_bytes(row.get('size_bytes'))}")
             facts.append("[green]imported[/]" if row.get("imported") else "imported once on first use")
         elif row.get("size_bytes"):
@@ -332,7 +336,7 @@ class ModelScreen(DeskScreen):
         if isinstance(cached, dict):
             facts.append("[green]downloaded[/]" if cached.get("complete") else
                          f"[yellow]incomplete download: {escape(str(cached.get('problem')))}[/]")
-        elif cached is True and row.get("source") != "ollama":
+        elif cached is True and not row.get("file_type"):
             facts.append("[green]on this machine[/]")
         elif row.get("_details"):
             facts.append("not downloaded yet: ctrl+d downloads it")

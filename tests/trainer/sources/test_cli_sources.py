@@ -63,3 +63,22 @@ def test_plan_of_a_gguf_says_it_will_be_dequantized(tiny_gguf_q8, fresh_home, ca
     assert "FITS" in out and "a Q8_0 GGUF: imported once on first use" in out
     assert "dequantized from the GGUF's Q8_0 to bfloat16" in out
     assert not imports_dir().exists()  # planning converts nothing
+
+
+def test_data_check_of_a_gguf_base_reads_its_tokenizer_without_importing(tiny_gguf_q8, tiny_model_dir, fresh_home,
+                                                                         tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "completion": f"It is {2 * i}."} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["data", "check", str(data), "--model", str(tiny_gguf_q8), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["model"] == str(tiny_gguf_q8)
+    assert not imports_dir().exists()  # nothing converted for a data check
+    # The tokens counted are the ones the original tokenizer makes.
+    original = AutoTokenizer.from_pretrained(tiny_model_dir)
+    from ft_desk.trainer.hub.gguf_import import load_gguf_tokenizer
+
+    text = rows[3]["prompt"] + " " + rows[3]["completion"]
+    assert load_gguf_tokenizer(tiny_gguf_q8)(text)["input_ids"] == original(text)["input_ids"]
