@@ -66,3 +66,11 @@ def test_train_from_a_gguf_path_and_from_an_ollama_name(tiny_gguf_q8, tmp_path):
     assert result["command"] == f"ollama create tiny:ft-from-ollama -f {out / 'Modelfile'}"
     assert 'SYSTEM """Answer as the Support Desk."""' in (out / "Modelfile").read_text()
     assert any("SYSTEM prompt of tiny:q8" in note for note in result["notes"])
+
+    adapter_out = tmp_path / "adapter-export"
+    adapter = subprocess.run(CLI + ["export", str(tmp_path / "runs" / "from-ollama"), "--format", "adapter",
+                                    "--no-verify", "--out", str(adapter_out), "--json"],
+                             env=_env(tmp_path, store), capture_output=True, text=True, timeout=600)
+    assert adapter.returncode == 0, adapter.stderr[-2000:]
+    # peft loads the adapter onto its base: the imported folder, not the Ollama name it cannot resolve.
+    assert json.loads((adapter_out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
