@@ -133,3 +133,10 @@ def test_export_names_the_tuned_model_after_its_ollama_source(ollama_store, tiny
     assert ollama_source("smollm2:135m", folder)["system"] == "You are SmolLM."
     text = modelfile_text("m.gguf", None, ["<|im_end|>"], 2048, system=origin["system"], template=origin["template"])
     assert 'SYSTEM """You are SmolLM."""' in text and 'TEMPLATE """{{ .Prompt }}"""' in text
+
+
+def test_run_names_read_well_for_gguf_and_ollama_bases():
+    from ft_desk.trainer.run_folder import slug
+
+    assert slug("/models/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct.q4_1"
+    assert slug("smollm2:135m") == "smollm2-135m" and slug("ollama:ns/x:q4") == "x-q4"
