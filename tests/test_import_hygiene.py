@@ -57,7 +57,8 @@ def test_tui_reaches_quant_only_through_the_trainer():
         assert not module.startswith("ft_desk.quant"), f"{path} imports {module}: imports flow tui -> trainer -> quant"
 
 
-HUB_LAYERS = ("names", "credentials", "remote", "folder_check", "cache", "resolve", "download", "search")
+HUB_LAYERS = ("names", "gguf_file", "ollama_store", "credentials", "remote", "folder_check", "cache", "gguf_import",
+              "resolve", "download", "search")
 
 
 def test_hub_modules_import_only_the_layers_below_them():

@@ -29,7 +29,8 @@ class ConfigError(UserError, ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = DEMO_MODEL_NAME
-    """Base model: a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`), a local folder, or `demo` (a tiny model built locally)."""
+    """Base model: a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`), a local folder, a .gguf file, an Ollama model
+    (`smollm2:135m`; see trainer/model_sources.py), or `demo` (a tiny model built locally)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; None means the cached/default one."""
     trust_remote_code: bool = False
@@ -223,7 +224,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "eval.early_stop_patience": (lambda v: v >= 0, "a non-negative int"),
     "output.save_every": (lambda v: v >= 0, "a non-negative int"),
     "output.keep_last": (lambda v: v >= 1, "a positive int"),
-    "model.name": (lambda v: v.strip() != "", "a model id, a folder or `demo`"),
+    "model.name": (lambda v: v.strip() != "", "a model id, a folder, a .gguf file, an Ollama model or `demo`"),
     "data.train_file": (lambda v: v.strip() != "", "a data file or `demo`"),
 }
 

@@ -268,6 +268,19 @@ class DownloadFailed(TypedDict):
 
 # --- `ft-desk chat --events jsonl` -------------------------------------------------------------------------------
 
+class ModelImport(TypedDict):
+    """A GGUF file or Ollama model being turned into a model folder once (hub/gguf_import.py), or reused."""
+
+    phase: str  # hash | start | convert | write | done | reused
+    source: str  # the GGUF path or the Ollama name
+    message: str
+    done: int
+    total: int
+    folder: NotRequired[str]
+    file_type: NotRequired[str]  # the GGUF's weight type, e.g. Q4_1
+    dtype: NotRequired[str]  # what the weights are stored as after dequantizing
+
+
 class ChatReady(TypedDict):
     model: str
     device: str
@@ -312,7 +325,7 @@ EVENT_TYPES: dict[str, type] = {
     "eval_finished": EvalFinished,
     "export_started": ExportStarted, "export_progress": ExportProgress, "export_finished": ExportFinished,
     "download_started": DownloadStarted, "download_progress": DownloadProgress,
-    "download_finished": DownloadFinished, "download_failed": DownloadFailed,
+    "download_finished": DownloadFinished, "download_failed": DownloadFailed, "model_import": ModelImport,
     "chat_ready": ChatReady, "chat_token": ChatToken, "chat_done": ChatDone, "chat_error": ChatError,
     "command_failed": FailedCommand,
 }

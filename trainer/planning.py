@@ -4,7 +4,8 @@ model search's fit column and the TUI's live estimate.
 quant.planner is arithmetic on plain data and knows nothing of RunConfig, files or the Hub. This module:
   - resolves a RunConfig and the device into quant.planner.PlanInputs, with the dtypes `ft-desk train` picks,
   - reads the model's config.json (a folder, the demo model, the Hugging Face cache, or fetched from the Hub
-    when online; `local_model_config` never leaves the disk),
+    when online; `local_model_config` never leaves the disk); for a GGUF file or an Ollama model, the sizes in
+    its GGUF header (or the config.json of its import, once imported), so a plan needs no conversion,
   - and lists the settings that lower the peak as RunConfig overrides (`--set key=value`), each judged by the
     planner, so a suggestion's overrides given to `ft-desk train` reproduce the promised estimate.
 No torch import: a plan answers in milliseconds.
@@ -34,7 +35,9 @@ from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.demo import demo_cache_dir, ensure_demo_model, is_demo_model
 from ft_desk.trainer.errors import ModelError, UserError
 from ft_desk.trainer.hub.cache import find_snapshot
+from ft_desk.trainer.hub.gguf_file import read_gguf
 from ft_desk.trainer.hub.names import is_repo_id
+from ft_desk.trainer.hub.resolve import gguf_source, imported_dir
 from ft_desk.trainer.recipe_sizing import provisional
 
 
@@ -250,6 +253,9 @@ def load_model_config(model: str, revision: str | None = None, offline: bool | N
         if not config.is_file():
             raise ModelError(f"{path} has no config.json, so it is not a Hugging Face model folder")
         return _read_json(config)
+    source = gguf_source(model)
+    if source is not None:
+        return _gguf_config(model, source[0])
     if path.suffix == ".json" and path.is_file():
         return _read_json(path)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
@@ -296,6 +302,15 @@ def load_model_config(model: str, revision: str | None = None, offline: bool | N
 def local_model_config(name: str, revision: str | None = None) -> dict[str, Any] | None:
     """config.json of a model that is already on disk, or None: never downloads, never builds the demo model,
     never raises (an unreadable or invalid one is None too, and `load_model_config` says what is wrong)."""
+    try:
+        source = None if is_demo_model(name) else gguf_source(name)
+    except UserError:
+        return None
+    if source is not None:
+        try:
+            return _gguf_config(name, source[0])
+        except UserError:
+            return None
     if is_demo_model(name):
         path = demo_cache_dir() / "config.json"
     elif Path(name).expanduser().is_dir():
@@ -310,6 +325,23 @@ def local_model_config(name: str, revision: str | None = None) -> dict[str, Any]
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+# (path, size, mtime_ns) -> planner config of a GGUF header: the Recipe screen plans on every keystroke.
+_GGUF_CONFIGS: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _gguf_config(name: str, gguf_path: Path) -> dict[str, Any]:
+    """What the planner reads for a GGUF or Ollama model: its import's config.json once imported (what training
+    loads), else the sizes in the GGUF header (no conversion)."""
+    folder = imported_dir(name)
+    if folder is not None and (folder / "config.json").is_file():
+        return _read_json(folder / "config.json")
+    st = gguf_path.stat()
+    key = (str(gguf_path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _GGUF_CONFIGS:
+        _GGUF_CONFIGS[key] = read_gguf(gguf_path).config
+    return dict(_GGUF_CONFIGS[key])
 
 
 def _cached_config_path(repo_id: str, revision: str | None) -> Path | None:

@@ -96,8 +96,9 @@ def is_run_folder(run_dir: Path) -> bool:
 # ------------------------------------------------------------------ creating one
 
 def slug(text: str) -> str:
-    """The last part of a model name, safe in a folder name: `Qwen/Qwen2.5-0.5B` -> `qwen2.5-0.5b`."""
-    base = text.rstrip("/").split("/")[-1]
+    """The last part of a model name, safe in a folder name: `Qwen/Qwen2.5-0.5B` -> `qwen2.5-0.5b`,
+    `~/m/SmolLM2.Q4_1.gguf` -> `smollm2.q4_1`, `smollm2:135m` -> `smollm2-135m`."""
+    base = re.sub(r"\.gguf$", "", text.rstrip("/").split("/")[-1], flags=re.IGNORECASE)
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower()[:40] or "model"
 
 

@@ -56,6 +56,8 @@ class Backend(Protocol):
 
     def search_models(self, query: str, draft: Draft) -> dict[str, Any]: ...
 
+    def ollama_models(self, draft: Draft) -> dict[str, Any]: ...
+
     def model_info(self, model_id: str, draft: Draft) -> dict[str, Any]: ...
 
     def download_model(self, model_id: str, on_event: EventCallback, should_stop: Callable[[], bool] = ...,
@@ -115,6 +117,10 @@ class CliBackend:
         """Curated list first (no query), Hub results otherwise; each row with its fit for the draft's recipe."""
         args = ["models", "search"] + ([query] if query else [])
         return commands.run_json(args + _recipe_args(draft) + ["--json"], timeout=120)
+
+    def ollama_models(self, draft: Draft) -> dict[str, Any]:
+        """The models in Ollama's store (size, GGUF type, fit for the draft's recipe), from their GGUF headers."""
+        return commands.run_json(["models", "ollama"] + _recipe_args(draft) + ["--json"], timeout=120)
 
     def model_info(self, model_id: str, draft: Draft) -> dict[str, Any]:
         return commands.run_json(["models", "info", model_id] + _recipe_args(draft) + ["--json"], timeout=120)

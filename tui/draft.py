@@ -26,7 +26,7 @@ class Draft:
     """What the user has chosen so far. Empty strings mean "not chosen yet"."""
 
     model: str = ""
-    """Base model: a Hub id, a local folder or `demo`."""
+    """Base model: a Hub id, a local folder, a .gguf file, an Ollama model (`name:tag`) or `demo`."""
     train_file: str = ""
     """Training data file, or `demo` for the bundled sample."""
     strategy: str = "qlora"

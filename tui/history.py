@@ -39,6 +39,8 @@ class RunHistory:
     started: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    model_import: dict[str, Any] = field(default_factory=dict)
+    """The last `model_import` event: a GGUF / Ollama base being converted once (or reused) before loading."""
     last_step: dict[str, Any] = field(default_factory=dict)
     steps: list[StepPoint] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
@@ -100,6 +102,9 @@ class RunHistory:
 
     def _on_model_loaded(self, e: dict[str, Any]) -> None:
         self.model = dict(e)
+
+    def _on_model_import(self, e: dict[str, Any]) -> None:
+        self.model_import = dict(e)
 
     def _on_step(self, e: dict[str, Any]) -> None:
         self.last_step = dict(e)

@@ -145,6 +145,13 @@ class FakeBackend:
     def local_models(self) -> dict[str, Any]:
         return {"models": []}
 
+    ollama_answer: dict[str, Any] = {"store": "/home/user/.ollama/models", "store_exists": False, "models": [],
+                                     "problems": []}
+
+    def ollama_models(self, draft: Draft) -> dict[str, Any]:
+        self.calls.append(("ollama_models", draft.cli_args()))
+        return self.ollama_answer
+
     def search_models(self, query: str, draft: Draft) -> dict[str, Any]:
         self.calls.append(("search_models", query))
         result = load_fixture("models_search.json")

@@ -21,10 +21,12 @@ from ft_desk.trainer.data.formats import resolve_data_path
 from ft_desk.trainer.data.lint import lint_file
 from ft_desk.trainer.errors import DataError, UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_OK
-from ft_desk.trainer.hub.resolve import resolve_model_dir
+from ft_desk.trainer.hub.gguf_import import load_gguf_tokenizer
+from ft_desk.trainer.hub.resolve import gguf_source, imported_dir, resolve_model_dir
+from ft_desk.trainer.planning import local_model_config
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.recipe_sizing import length_counts, size_batches
-from ft_desk.trainer.training.model import load_tokenizer, read_model_config
+from ft_desk.trainer.training.model import load_tokenizer
 
 BAR_WIDTH = 40
 
@@ -67,6 +69,18 @@ def _config(args):
     return load_config(args.preset or None, overrides)
 
 
+def check_tokenizer(model_cfg):
+    """The tokenizer of a model (local folder, HF cache or the demo) exactly as training sets it up; no weights.
+    A GGUF or Ollama base not imported yet is not converted for this: its tokenizer is read from the GGUF."""
+    source = None if imported_dir(model_cfg.name) else gguf_source(model_cfg.name)
+    if source is not None:
+        tokenizer = load_gguf_tokenizer(source[0])
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # as load_tokenizer sets it up for training
+        return tokenizer
+    return load_tokenizer(resolve_model_dir(model_cfg), model_cfg)
+
+
 def run(args) -> int:
     if args.data_command == "check":
         return _check(args)
@@ -77,10 +91,10 @@ def _check(args) -> int:
     try:
         cfg = _config(args)
         path = resolve_data_path(args.file)
-        model_dir = resolve_model_dir(cfg.model)
-        tokenizer = load_tokenizer(model_dir, cfg.model)
+        tokenizer = check_tokenizer(cfg.model)
         report = lint_file(path, tokenizer, cfg.data)
-        preview = recipe_preview(cfg, report, read_model_config(model_dir))
+        # The model's context bounds auto max length; the demo model is built by check_tokenizer already.
+        preview = recipe_preview(cfg, report, local_model_config(cfg.model.name, cfg.model.revision) or {})
     except UserError as err:
         if not args.json:
             raise

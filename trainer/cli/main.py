@@ -86,7 +86,8 @@ def streams_events(args: argparse.Namespace) -> bool:
     """Whether this command line prints JSON-lines events (rather than one JSON object, or text)."""
     if getattr(args, "events", None) == "jsonl":
         return True
-    event_commands = args.command in ("eval", "export") or getattr(args, "models_command", None) == "download"
+    event_commands = args.command in ("eval", "export") or getattr(args, "models_command", None) in ("download",
+                                                                                                     "import")
     return bool(getattr(args, "json", False)) and event_commands
 
 

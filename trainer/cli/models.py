@@ -5,10 +5,13 @@
   info ID                                           params, size, license, gated, weights, remote code, fit
   download ID [--allow-pickle] [--trust-remote-code] only the files training needs, with progress, resumable
   rm ID [--yes]                                     delete from the cache after confirmation
+  ollama                                            models in Ollama's store: size, quant type, fit, imported
+  import FILE.gguf|OLLAMA_NAME                      convert a GGUF / Ollama model once (train does it on first use)
 
 Every subcommand takes --json (one JSON object on stdout, for the TUI); `download --json` (or `--events jsonl`) writes
 JSON Lines events instead - download_started, download_progress..., download_finished (the result) - and a
-download_failed event before exiting non-zero. Human output: data on stdout, the progress bar on stderr.
+download_failed event before exiting non-zero; `import --json` writes model_import events (a failure ends with
+command_failed). Human output: data on stdout, the progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from ft_desk.trainer.hub.cache import (
 from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.download import download_model
 from ft_desk.trainer.hub.search import FitCheck, model_details, search_models
+from ft_desk.trainer.model_sources import describe_model, import_model, ollama_listing
 
-SUBCOMMANDS = ("search", "list", "info", "download", "rm")
+SUBCOMMANDS = ("search", "list", "info", "download", "rm", "ollama", "import")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("model_id", metavar="ID")
     p.add_argument("--revision", default=None, help="remove only this revision (commit or branch)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p = add("ollama", "list the models in Ollama's store (OLLAMA_MODELS or ~/.ollama/models) with their fit")
+    fit_args(p)
+
+    p = add("import", "convert a .gguf file or an Ollama model into a model folder once (train does it on first use)")
+    p.add_argument("source", metavar="FILE_OR_NAME", help="path to a .gguf file, or an Ollama model name")
     parser.set_defaults(_models_parser=parser)
 
 
@@ -89,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if command is None:
         args._models_parser.print_help()
         return 0
-    return {"search": _search, "list": _list, "info": _info, "download": _download, "rm": _rm}[command](args)
+    return {"search": _search, "list": _list, "info": _info, "download": _download, "rm": _rm,
+            "ollama": _ollama, "import": _import}[command](args)
 
 
 def _print_json(obj: Any) -> None:
@@ -181,7 +191,31 @@ def _list(args) -> int:
     return 0
 
 
+def _gguf_info(args, details: dict) -> int:
+    if args.json:
+        _print_json(details)
+        return 0
+    types = ", ".join(f"{t} x{n}" for t, n in details["tensor_types"].items())
+    lines = [("model", details["id"]), ("file", details["path"]), ("architecture", details["architecture"]),
+             ("parameters", _params(details["params"])), ("size", format_bytes(details["size_bytes"])),
+             ("quant type", f"{details['file_type']} ({types})"), ("weights", details["note"]),
+             ("imported", details["folder"] or "not yet: on first use, or now with ft-desk models import")]
+    if details.get("system"):
+        lines.append(("system prompt", details["system"][:200]))
+    fit = details.get("fit")
+    if fit:
+        total = f", about {format_bytes(fit['total_bytes'])}" if fit.get("total_bytes") else ""
+        lines.append(("fit", f"{fit.get('verdict')}{total}; breakdown: ft-desk plan {details['id']}"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
 def _info(args) -> int:
+    local = describe_model(args.model_id, fit=_fit_check(args))
+    if local is not None:
+        return _gguf_info(args, local)
     details = model_details(args.model_id, args.revision, fit=_fit_check(args))
     if args.json:
         _print_json(details)
@@ -331,4 +365,45 @@ def _rm(args) -> int:
         _print_json({"removed": args.model_id, "revision": args.revision, "commits": commits, "freed_bytes": freed})
     else:
         print(f"removed {what}, freed {format_bytes(freed)}")
+    return 0
+
+
+def _ollama(args) -> int:
+    result = ollama_listing(_fit_check(args))
+    if args.json:
+        _print_json(result)
+        return 0
+    for problem in result["problems"]:
+        print(f"note: {problem}")
+    if not result["models"]:
+        print(f"no Ollama models in {result['store']}" + ("" if result["store_exists"] else
+              " (no store there; set OLLAMA_MODELS to where Ollama keeps its models)"))
+        return 0
+    rows = []
+    for m in result["models"]:
+        fit = (m.get("fit") or {}).get("verdict") or ""
+        rows.append([m["name"], _params(m.get("params")), format_bytes(m["size_bytes"]), m.get("file_type") or "?",
+                     m.get("architecture") or "?", fit, "imported" if m.get("imported") else ""])
+    print(_table(rows, ["MODEL", "PARAMS", "SIZE", "QUANT", "ARCH", "FIT", ""]))
+    print(f"\n{len(rows)} model(s) in {result['store']}; train one with: ft-desk train --model NAME --data FILE"
+          "\n(the weights are dequantized from the GGUF's quant type once, on first use)")
+    return 0
+
+
+def _import(args) -> int:
+    sink = JsonlSink(sys.stdout) if args.json else None
+    screen = sys.stderr  # bound now: the conversion redirects sys.stderr to keep transformers' output off screen
+
+    def show(event: dict) -> None:
+        if sink is not None:
+            sink.emit(event)
+        else:
+            print(event["message"], file=screen, flush=True)
+
+    result = import_model(args.source, on_event=show)
+    if sink is not None:
+        sink.close()
+        return 0
+    print(result["folder"])
+    print(f"train with: ft-desk train --model {args.source} --data FILE", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ from typing import Any
 from ft_desk.quant.device import DeviceFacts, available_device_types, probe_facts
 from ft_desk.quant.planner import human_bytes
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.model_sources import plan_note
 from ft_desk.trainer.planning import SAME_RESULT_KEYS, four_bit_likely, load_model_config, plan_run
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.recipe_sizing import uses_auto
@@ -26,7 +27,8 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL_ID_OR_DIR",
-                        help="Hub id (owner/name), model folder, or demo [default: model.name of the presets]")
+                        help="Hub id (owner/name), model folder, .gguf file, Ollama model (name:tag), or demo "
+                             "[default: model.name of the presets]")
     parser.add_argument("--preset", action="append", default=None, metavar="NAME",
                         help="preset name or .yaml path; repeat to layer, as for ft-desk train [default: demo]")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -91,6 +93,9 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     first = out.get("first_fit")
     if first:  # `train` applies a same-result change on its own; say so next to it
         out["applied_by_train"] = all(o.split("=")[0] in SAME_RESULT_KEYS for o in first["overrides"])
+    note = plan_note(cfg.model.name)
+    if note:
+        out["notes"] = [*out.get("notes", []), note]
     return out
 
 

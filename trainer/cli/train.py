@@ -15,6 +15,7 @@ from ft_desk.trainer.demo import is_demo_model
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import ListSink, PrettySink, make_event, read_events, stdout_sink
 from ft_desk.trainer.hub.cache import find_snapshot
+from ft_desk.trainer.hub.gguf_import import imports_dir, read_provenance
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training.run import StopFlag, train
 
@@ -25,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
                         + (" [default: demo]" if name == "demo" else " [default: demo]"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set lora.r=32 --set optim.lr=1e-4")
-    parser.add_argument("--model", help="shortcut for --set model.name=...")
+    parser.add_argument("--model", help="shortcut for --set model.name=...: a Hub id, a model folder, a .gguf file "
+                                        "or an Ollama model (name:tag; imported once on first use)")
     parser.add_argument("--data", help="shortcut for --set data.train_file=...")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable data rows and report counts")
     parser.add_argument("--events", choices=["pretty", "jsonl", "none"], default=None,
@@ -48,8 +50,19 @@ GET_REAL_DEMO = ("this demo trains a tiny random model: it shows the pipeline, n
 
 
 def real_demo_model() -> str | None:
-    """A real small instruct model already on disk (the Hugging Face cache), or None. Never downloads."""
-    return next((repo for repo in REAL_DEMO_MODELS if find_snapshot(repo) is not None), None)
+    """A real small instruct model already on disk - in the Hugging Face cache, or imported from its GGUF (its
+    name or file name in the import's provenance) - or None. Never downloads."""
+    cached = next((repo for repo in REAL_DEMO_MODELS if find_snapshot(repo) is not None), None)
+    if cached is not None:
+        return cached
+    wanted = [repo.split("/")[1].lower() for repo in REAL_DEMO_MODELS]
+    root = imports_dir()
+    for folder in sorted(root.iterdir()) if root.is_dir() else ():
+        provenance = read_provenance(folder) or {}
+        names = f"{provenance.get('gguf_name') or ''} {Path(str(provenance.get('source_path') or '')).name}"
+        if any(w in names.lower().replace(" ", "-") for w in wanted) and (folder / "config.json").is_file():
+            return str(folder)
+    return None
 
 
 def resolve_config(args: argparse.Namespace):

@@ -16,6 +16,7 @@ from typing import Any
 from ft_desk.trainer.demo import is_demo_model
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.export.source import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunSource
+from ft_desk.trainer.hub.gguf_import import read_provenance
 
 
 def tokenizer_changes(source: RunSource, tokenizer) -> list[str]:
@@ -39,9 +40,11 @@ def tokenizer_changes(source: RunSource, tokenizer) -> list[str]:
 
 
 def base_reference(source: RunSource) -> str:
-    """What adapter_config.json should name as the base model."""
+    """What adapter_config.json should name as the base model: the Hub id, else the folder it loads from (a
+    GGUF / Ollama base is its imported folder: peft cannot load a GGUF or an Ollama name)."""
     name = source.cfg.model.name
-    if not is_demo_model(name) and not Path(name).expanduser().exists():
+    imported = read_provenance(source.base_dir) is not None
+    if not is_demo_model(name) and not Path(name).expanduser().exists() and not imported:
         return name
     return str(source.base_dir)
 

@@ -14,6 +14,11 @@ formats differently. A template that matches none gets no TEMPLATE line (Ollama 
 in the GGUF) and the report says so.
 PARAMETER stop lists the turn-end and EOS tokens.
 
+A run tuned from an Ollama model (model.name `smollm2:135m`, see trainer/model_sources.py) is named after it:
+`smollm2:ft-<run>` unless --name says otherwise, and its Modelfile keeps that model's SYSTEM prompt; when the chat
+template matches no family above, the source model's own TEMPLATE is used (it was written for the chat template
+the run trained with, which came from the same GGUF).
+
 Verified without Ollama (tests/trainer/export/test_ollama.py): each TEMPLATE, run by a Go text/template renderer written
 for the tests (checked against Go's own text/template where a Go toolchain is installed) after Ollama's message
 handling, in both its current and its older form, equals the family's Jinja templates rendered with
@@ -27,11 +32,13 @@ family's later templates do, and the export says so (`template_notes`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.chat_format import PROBE_ANSWER, PROBE_SYSTEM, PROBE_USER, render_probe, turn_end_tokens
+from ft_desk.trainer.model_sources import ollama_source
 from ft_desk.trainer.run_folder import slug
 
 MODELFILE = "Modelfile"
@@ -174,13 +181,19 @@ def _quote(text: str) -> str:
     return f'"""{text}"""' if '"' in text else f'"{text}"'
 
 
-def modelfile_text(gguf_file: str, family: TemplateFamily | None, stops: list[str], num_ctx: int) -> str:
+def modelfile_text(gguf_file: str, family: TemplateFamily | None, stops: list[str], num_ctx: int,
+                   system: str | None = None, template: str | None = None) -> str:
+    """The Modelfile; `template` (a Go template) is used only when no family matched, `system` becomes SYSTEM."""
     lines = [
         "# Made by ft-desk. Create the model with:  ollama create NAME -f Modelfile",
         f"FROM ./{gguf_file}",
     ]
     if family is not None:
         lines.append(f'TEMPLATE """{family.go_template}"""')
+    elif template:
+        lines.append(f'TEMPLATE """{template}"""')
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
     for stop in stops:
         lines.append(f"PARAMETER stop {_quote(stop)}")
     lines += [
@@ -192,11 +205,29 @@ def modelfile_text(gguf_file: str, family: TemplateFamily | None, stops: list[st
     return "\n".join(lines) + "\n"
 
 
+def _tag_part(text: str) -> str:
+    # Ollama's rules for a name or tag part: letters, digits, '_', '-', '.'.
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.").lower() or "model"
+
+
+def ollama_model_name(run_name: str, name: str | None, origin: dict[str, Any] | None) -> str:
+    """What `ollama create` is told: --name as given (each part cleaned), else `<source model>:ft-<run>` for a
+    run tuned from an Ollama model, else the run name."""
+    if name:
+        base, _, tag = name.partition(":")
+        return "/".join(_tag_part(p) for p in base.split("/")) + (f":{_tag_part(tag)[:128]}" if tag else "")
+    if origin:
+        model = str(origin["name"]).split(":")[0].split("/")[-1]
+        return f"{_tag_part(model)}:{('ft-' + _tag_part(run_name))[:128]}"
+    return slug(run_name)
+
+
 def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source, name: str | None) -> dict[str, Any]:
     """Write folder/Modelfile; returns the command to run and what was chosen."""
     from transformers import AutoConfig
 
     family = match_family(tokenizer)
+    origin = ollama_source(source.cfg.model.name, source.base_dir)
     stops: list[str] = []
     for text in [*turn_end_tokens(tokenizer), *(family.stops if family else ()), tokenizer.eos_token]:
         if text and text not in stops and text in tokenizer.get_vocab():
@@ -206,11 +237,19 @@ def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source,
     # Note: Ollama's default context (2048 in older versions) truncates silently; 4096 fits most chats and is
     # capped by what the model supports.
     num_ctx = min(4096, int(getattr(text_config, "max_position_embeddings", 4096) or 4096))
-    (folder / MODELFILE).write_text(modelfile_text(gguf_facts["file"], family, stops, num_ctx), encoding="utf-8")
-    model_name = slug(name or source.run_name)
+    system = (origin or {}).get("system") or None
+    template = ((origin or {}).get("template") or None) if family is None else None
+    (folder / MODELFILE).write_text(modelfile_text(gguf_facts["file"], family, stops, num_ctx, system, template),
+                                    encoding="utf-8")
+    model_name = ollama_model_name(source.run_name, name, origin)
     notes = template_notes(tokenizer, family) if family is not None else []
-    if family is None:
+    if family is None and template:
+        notes.append(f"the chat template matches none of ChatML, Llama 3, Gemma, Mistral, Phi-3: the Modelfile uses "
+                     f"the TEMPLATE of {origin['name']}, the Ollama model this run was tuned from")
+    elif family is None:
         notes.append("the chat template matches none of ChatML, Llama 3, Gemma, Mistral, Phi-3: the Modelfile has no "
                      "TEMPLATE, so Ollama uses the chat template stored in the GGUF")
+    if system:
+        notes.append(f"the Modelfile keeps the SYSTEM prompt of {origin['name']}")
     return {"modelfile": MODELFILE, "template_family": family.name if family else None, "stops": stops,
-            "ollama_name": model_name, "notes": notes}
+            "ollama_name": model_name, "source_ollama_model": (origin or {}).get("name"), "notes": notes}

@@ -212,7 +212,8 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
 
 
 def _model_name(source, request: ExportRequest) -> str:
-    return request.name or slug(f"{source.run_name}")
+    # The GGUF's file name: an Ollama name's `:tag` is not safe in a file name everywhere.
+    return request.name.replace(":", "-") if request.name else slug(f"{source.run_name}")
 
 
 def _hf_args(folder: Path, reference, save_dir: Path | None) -> dict[str, Any]:

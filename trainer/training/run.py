@@ -260,7 +260,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
 
     watch_cpu_fallbacks(device, lambda text: sink.emit(make_event("log", level="warning", message=text)))
     # Data before weights: a bad file fails in seconds, and the batch is sized from it before the model loads.
-    model_dir = resolve_model_dir(cfg.model)
+    # A GGUF or Ollama base is imported here on first use; its progress goes to the run's events.
+    model_dir = resolve_model_dir(cfg.model, on_event=sink.emit)
     tokenizer = load_tokenizer(model_dir, cfg.model)
     model_config = read_model_config(model_dir)
     context = model_config.get("max_position_embeddings")

@@ -1,6 +1,7 @@
-"""Model: the curated list, Hub search and the models already on this machine, each with parameters, size,
-license, gated flag and whether it fits this device with the chosen recipe; a details pane with the memory
-breakdown; download with a progress bar. Works offline from the local cache (the top bar says so)."""
+"""Model: the curated list, Hub search, the models already on this machine and those in Ollama's store, each with
+parameters, size, license (or GGUF type), gated flag and whether it fits this device with the chosen recipe; a
+details pane with the memory breakdown; download with a progress bar. The search box also takes a model folder or
+a .gguf file. Works offline from the local cache (the top bar says so)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent
 
 from ft_desk.trainer.demo import DEMO_MODEL_NAME, DEMO_PRESET, is_demo_model
 from ft_desk.trainer.events import format_bytes, format_duration
+from ft_desk.trainer.model_sources import is_gguf_path, looks_like_ollama
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.widgets.dialogs import Confirm
@@ -52,8 +54,13 @@ def fit_text(fit: Any) -> Text:
 
 
 def is_local_folder(text: str) -> bool:
+    """A model folder or a .gguf file typed into the search box."""
     path = Path(text).expanduser()
-    return text.startswith(("/", "~", ".")) and (path / "config.json").is_file()
+    return text.startswith(("/", "~", ".")) and ((path / "config.json").is_file() or is_gguf_path(text))
+
+
+GGUF_NOTE = ("a GGUF file (llama.cpp, LM Studio): imported once into a model folder on first use; its weights are "
+             "dequantized from the file's type")
 
 
 class ModelScreen(DeskScreen):
@@ -77,6 +84,8 @@ class ModelScreen(DeskScreen):
         self._searched_for: tuple | None = None
         self._cancel = threading.Event()
         self.downloading: str | None = None
+        self._ollama_result: dict[str, Any] = {}
+        self._ollama_empty = ""
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="search-row"):
@@ -88,6 +97,10 @@ class ModelScreen(DeskScreen):
                 yield self._table("find-table")
             with TabPane("On this machine", id="tab-local"):
                 yield self._table("local-table")
+            with TabPane("Ollama", id="tab-ollama"):
+                table = DataTable(id="ollama-table", cursor_type="row", zebra_stripes=True)
+                table.add_columns("model", "params", "size", "quant", "fit", "")
+                yield table
         with VerticalScroll(id="model-details"):
             yield Static("", id="details")
         with Horizontal(id="download-row"):
@@ -109,6 +122,7 @@ class ModelScreen(DeskScreen):
             self._searched_for = key
             self.run_search()
             self.load_local()
+            self.load_ollama()
 
     def _search_key(self) -> tuple:
         d = self.desk.draft
@@ -127,6 +141,9 @@ class ModelScreen(DeskScreen):
         if is_local_folder(event.value.strip()):
             self._use(str(Path(event.value.strip()).expanduser().resolve()))
             return
+        if looks_like_ollama(event.value.strip()):  # `smollm2:135m`: Ollama's name, not a Hub search
+            self._use(event.value.strip())
+            return
         self.query_one("#find-table", DataTable).focus()
 
     def action_focus_search(self) -> None:
@@ -137,8 +154,10 @@ class ModelScreen(DeskScreen):
         self.query_one("#search-note", Static).update("[dim]searching…[/]")
         if is_local_folder(query):
             folder = str(Path(query).expanduser().resolve())
-            self._show_find({"models": [{"id": folder, "cached": True, "license": "local",
-                                         "note": "a model folder on this machine"}], "note": "local folder"})
+            gguf = is_gguf_path(query)
+            self._show_find({"models": [{"id": folder, "cached": True, "license": "local", "source": "gguf" if gguf
+                                         else None, "note": GGUF_NOTE if gguf else "a model folder on this machine"}],
+                             "note": "GGUF file" if gguf else "local folder"}, query)
             return
         self._search(query)
 
@@ -177,6 +196,39 @@ class ModelScreen(DeskScreen):
                 for m in result.get("models") or []]
         self.app.call_from_thread(self._fill, "local-table", [DEMO_ROW] + rows)
 
+    @work(thread=True, exclusive=True, group="model-ollama", exit_on_error=False)
+    def load_ollama(self) -> None:
+        try:
+            result = self.desk.backend.ollama_models(self.desk.draft)
+        except CommandFailed as err:
+            result = {"models": [], "problems": [err.message]}
+        self.app.call_from_thread(self._fill_ollama, result)
+
+    def _fill_ollama(self, result: dict[str, Any]) -> None:
+        """Ollama's models with size, GGUF type and fit; the tab says where the store is when it is empty."""
+        self._ollama_result = result
+        table = self.query_one("#ollama-table", DataTable)
+        table.clear()
+        chosen = self.desk.draft.model
+        for m in result.get("models") or []:
+            model_id = str(m.get("name"))
+            self.rows[model_id] = {**self.rows.get(model_id, {}), **m, "source": "ollama", "cached": True}
+            flags = " ".join(f for f, on in (("✓ chosen", model_id == chosen or chosen == m.get("id")),
+                                            ("imported", m.get("imported"))) if on)
+            table.add_row(model_id, params_text(m.get("params")),
+                          format_bytes(m["size_bytes"]) if m.get("size_bytes") else "-",
+                          str(m.get("file_type") or "?"), fit_text(m.get("fit")), flags, key=model_id)
+        if not table.row_count:
+            where = result.get("store") or "~/.ollama/models"
+            self.query_one(TabbedContent).get_tab("tab-ollama").label = "Ollama (none)"
+            self._ollama_empty = (f"No Ollama models in {escape(str(where))}. Pull one with `ollama pull NAME`, set "
+                                  "OLLAMA_MODELS if Ollama keeps them elsewhere, or type the path of a .gguf file "
+                                  "in the search box.")
+        else:
+            self.query_one(TabbedContent).get_tab("tab-ollama").label = f"Ollama ({table.row_count})"
+        if table.row_count and table.has_focus:
+            self._highlighted(table)
+
     def _fill(self, table_id: str, models: list[dict[str, Any]]) -> None:
         table = self.query_one("#" + table_id, DataTable)
         table.clear()
@@ -200,7 +252,8 @@ class ModelScreen(DeskScreen):
     # Details of the highlighted model.
     def _current_table(self) -> DataTable:
         tabs = self.query_one(TabbedContent)
-        return self.query_one("#local-table" if tabs.active == "tab-local" else "#find-table", DataTable)
+        table_id = {"tab-local": "#local-table", "tab-ollama": "#ollama-table"}.get(tabs.active, "#find-table")
+        return self.query_one(table_id, DataTable)
 
     def selected_id(self) -> str | None:
         table = self._current_table()
@@ -219,11 +272,23 @@ class ModelScreen(DeskScreen):
         model_id = self.selected_id()
         if model_id is None:
             return
-        self._show_details(model_id, self.rows.get(model_id, {}))
-        if not is_demo_model(model_id) and not Path(model_id).is_absolute():
+        row = self.rows.get(model_id, {})
+        self._show_details(model_id, row)
+        # Hub models and GGUF files have details to fetch (`models info` reads a GGUF's header); Ollama rows
+        # arrive complete from `models ollama`.
+        wanted = row.get("source") == "gguf" or (not Path(model_id).is_absolute() and not row.get("source"))
+        if not is_demo_model(model_id) and wanted:
             if self._info_timer is not None:
                 self._info_timer.stop()
             self._info_timer = self.set_timer(INFO_DELAY_S, lambda: self._info(model_id))
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        """The details pane follows the tab: its highlighted model, or why the Ollama tab is empty."""
+        if event.pane.id == "tab-ollama" and not self.query_one("#ollama-table", DataTable).row_count:
+            self.query_one("#details", Static).update(self._ollama_empty or "Looking for Ollama's models…")
+        elif self._current_table().row_count:
+            self._highlighted(self._current_table())
 
     @on(DataTable.RowSelected)
     def _row_selected(self, _event: DataTable.RowSelected) -> None:
@@ -254,7 +319,12 @@ class ModelScreen(DeskScreen):
         facts = []
         if row.get("params"):
             facts.append(f"{params_text(row['params'])} parameters")
-        if row.get("size_bytes"):
+        if row.get("source") in ("ollama", "gguf") and row.get("file_type"):
+            where = " in Ollama's store" if row.get("source") == "ollama" else ""
+            facts.append(f"{escape(str(row.get('file_type') or '?'))} GGUF{where}, "
+                         f"{format_bytes(row.get('size_bytes'))}")
+            facts.append("[green]imported[/]" if row.get("imported") else "imported once on first use")
+        elif row.get("size_bytes"):
             facts.append(f"{format_bytes(row['size_bytes'])} to download")
         if row.get("license"):
             facts.append(f"license {escape(str(row['license']))}")
@@ -266,7 +336,7 @@ class ModelScreen(DeskScreen):
         if isinstance(cached, dict):
             facts.append("[green]downloaded[/]" if cached.get("complete") else
                          f"[yellow]incomplete download: {escape(str(cached.get('problem')))}[/]")
-        elif cached is True:
+        elif cached is True and not row.get("file_type"):
             facts.append("[green]on this machine[/]")
         elif row.get("_details"):
             facts.append("not downloaded yet: ctrl+d downloads it")
@@ -284,9 +354,12 @@ class ModelScreen(DeskScreen):
                     lines.append("[dim]" + " · ".join(f"{escape(n)} {format_bytes(b)}" for n, b in parts[:5]) + "[/]")
             elif fit.get("reason"):
                 lines.append(f"fit: {escape(str(fit.get('verdict')))} ({escape(str(fit['reason']))})")
+        if row.get("problem"):
+            lines.append(f"[red]{escape(str(row['problem']))}[/]")
         if error:
             lines.append(f"[red]{escape(error)}[/]" + (f"\n[b]fix:[/] {escape(hint)}" if hint else ""))
-        lines.append("[dim]enter uses this model · ctrl+d downloads it[/]")
+        lines.append("[dim]enter uses this model[/]" if row.get("source") else
+                     "[dim]enter uses this model · ctrl+d downloads it[/]")
         self.query_one("#details", Static).update("\n".join(lines))
 
     # Choosing and downloading.
@@ -315,10 +388,13 @@ class ModelScreen(DeskScreen):
         self._fill_marks()
 
     def _fill_marks(self) -> None:
-        for table_id in ("find-table", "local-table"):
+        for table_id in ("find-table", "local-table", "ollama-table"):
             table = self.query_one("#" + table_id, DataTable)
             cursor = table.cursor_row
-            self._fill(table_id, self._lists.get(table_id, []))
+            if table_id == "ollama-table":
+                self._fill_ollama(getattr(self, "_ollama_result", {}))
+            else:
+                self._fill(table_id, self._lists.get(table_id, []))
             if table.row_count:
                 table.move_cursor(row=min(cursor, table.row_count - 1))
 
@@ -327,8 +403,10 @@ class ModelScreen(DeskScreen):
 
     def action_download(self) -> None:
         model_id = self.selected_id()
-        if model_id is None or is_demo_model(model_id) or Path(model_id).is_absolute():
-            self.notify("The demo model and local folders need no download.", severity="warning")
+        if model_id is None or is_demo_model(model_id) or Path(model_id).is_absolute() \
+                or self.rows.get(model_id, {}).get("source"):
+            self.notify("The demo model, local folders, GGUF files and Ollama models need no download.",
+                        severity="warning")
             return
         if self.downloading:
             self.notify(f"Already downloading {self.downloading}.", severity="warning")

@@ -118,6 +118,8 @@ class TrainScreen(DeskScreen):
             text = f"step {h.step}/{total}  {eta}"
         else:
             text = "" if h.finished or session.ended else "loading the model and the data…"
+            if text and h.model_import and h.model_import.get("phase") not in ("done", "reused"):
+                text = str(h.model_import.get("message") or text)  # a GGUF base is being converted, once
         self.query_one("#progress-text", Static).update(text)
 
         stats = []
@@ -136,6 +138,9 @@ class TrainScreen(DeskScreen):
         elif h.model:
             stats.append(f"model {h.model.get('params', 0) / 1e6:.1f}M params, "
                          f"{h.model.get('trainable_params', 0) / 1e6:.2f}M trainable")
+            if h.model_import.get("file_type") and h.model_import.get("dtype"):
+                stats.append(f"dequantized from the GGUF's {escape(str(h.model_import['file_type']))} to "
+                             f"{escape(str(h.model_import['dtype']))}")
         if h.finished and h.finished.get("status") == "failed":
             hint = h.finished.get("hint")
             stats = [f"[red]failed:[/] {escape(str(h.finished.get('error')))}"

@@ -35,3 +35,19 @@ def test_an_explicit_model_or_preset_is_never_replaced(monkeypatch, tmp_path):
     monkeypatch.setattr(train_cli, "find_snapshot", lambda repo, revision=None: tmp_path)
     assert train_cli.resolve_config(demo_args(model="demo")).model.name == "demo"
     assert train_cli.resolve_config(demo_args(preset="demo")).model.name == "demo"
+
+
+def test_demo_uses_an_imported_gguf_of_the_real_model(monkeypatch, tmp_path):
+    import json
+
+    monkeypatch.setattr(train_cli, "find_snapshot", lambda repo, revision=None: None)
+    folder = tmp_path / "imported" / "0123abcd"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "provenance.json").write_text(json.dumps({
+        "gguf_name": "Smollm2 135M 8k", "source_path": "/models/SmolLM2-135M-Instruct.Q4_1.gguf"}))
+    monkeypatch.setattr(train_cli, "imports_dir", lambda: tmp_path / "imported")
+    monkeypatch.setattr(train_cli, "read_provenance",
+                        lambda f: json.loads((f / "provenance.json").read_text()) if (f / "provenance.json").is_file()
+                        else None)
+    assert train_cli.resolve_config(demo_args()).model.name == str(folder)
