@@ -38,7 +38,8 @@ class PreparedData:
     format: str  # detected format of the training file
     stats: dict = field(default_factory=dict)
     # train_rows, val_rows, train_tokens, val_tokens, train_target_tokens, truncated, duplicates_dropped,
-    # skipped_rows, skipped_by_reason, dropped_no_target, rendering, train_file, valid_file
+    # skipped_rows, skipped_by_reason, dropped_no_target, rendering, columns (the mapping applied, as a
+    # --columns value), columns_note (what was assumed about the columns), train_file, valid_file
 
 
 def dedupe_examples(examples: list[Example]) -> tuple[list[Example], int]:
@@ -99,7 +100,7 @@ def _tokenize_all(
 def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     """Read, check, deduplicate, split, render, mask and truncate the run's data (see the module docstring)."""
     train_path = resolve_data_path(cfg.train_file)
-    train_examples, fmt, read = load_examples(train_path, cfg.format, cfg.skip_bad_rows)
+    train_examples, fmt, read = load_examples(train_path, cfg.format, cfg.skip_bad_rows, cfg.columns)
     counts = {
         "skipped_rows": read["skipped_rows"],
         "skipped_by_reason": dict(read["skipped_by_reason"]),
@@ -112,8 +113,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
         counts["duplicates_dropped"] += dropped
     valid_path = None
     if cfg.valid_file:
-        valid_path = resolve_data_path(cfg.valid_file)
-        val_examples, _, vread = load_examples(valid_path, cfg.format, cfg.skip_bad_rows)
+        valid_path = resolve_data_path(cfg.valid_file, split="validation")
+        val_examples, _, vread = load_examples(valid_path, cfg.format, cfg.skip_bad_rows, cfg.columns)
         counts["skipped_rows"] += vread["skipped_rows"]
         for kind, n in vread["skipped_by_reason"].items():
             counts["skipped_by_reason"][kind] = counts["skipped_by_reason"].get(kind, 0) + n
@@ -144,6 +145,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
         "train_target_tokens": sum(sum(1 for x in t.labels[1:] if x != IGNORE) for t in train),
         **counts,
         "rendering": "chat_template" if renderer.use_template else "plain",
+        "columns": read["columns"],
+        "columns_note": read["columns_note"],
         "train_file": str(train_path),
         "valid_file": str(valid_path) if valid_path else None,
     }
