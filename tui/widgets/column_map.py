@@ -32,6 +32,10 @@ from ft_desk.trainer.columns import (
 )
 
 
+# Note: how many lines of the rendered sample the dialog shows (the last ones).
+SAMPLE_LINES = 5
+
+
 def role_options() -> list[tuple[str, str]]:
     """(label, role) for the pickers: every role with what it holds."""
     return [(f"{role} · {what}", role) for role, (_fmt, what) in ROLES.items()]
@@ -129,6 +133,9 @@ class ColumnMapDialog(ModalScreen["dict[str, str] | None"]):
     def show_result(self, summary: str, sample: Text | None) -> None:
         """The lint result of the mapping being tried: a markup line, and the first sample with its loss mask."""
         self.query_one("#map-result", Static).update(summary)
+        if sample is not None:  # its end: where the reply, the part that carries loss, is
+            lines = sample.split("\n", allow_blank=True)
+            sample = Text("\n").join(lines[-SAMPLE_LINES:])
         self.query_one("#map-sample", Static).update(sample if sample is not None else "")
 
     def action_apply(self) -> None:
