@@ -779,6 +779,22 @@ def suggest_columns(row: dict) -> dict[str, str]:
     return mapping
 
 
+def _suggest_for(row: dict, fmt: str) -> dict[str, str]:
+    """suggest_columns, in the roles of `fmt` when the format is given (prompt/completion -> instruction/output)."""
+    suggestion = suggest_columns(row)
+    if fmt in ("auto", mapping_format(suggestion)) or not suggestion:
+        return suggestion
+    system = {"system": suggestion["system"]} if "system" in suggestion and fmt != "text" else {}
+    columns = [c for r, c in suggestion.items() if r != "system"]
+    if fmt == "text":
+        return {"text": columns[-1]}
+    if fmt in ("messages", "conversations", "sharegpt"):
+        return {**system, ("messages" if fmt == "messages" else "conversations"): columns[-1]}
+    first, last = columns[0], columns[-1]
+    roles = ("prompt", "completion") if fmt == "prompt_completion" else ("instruction", "output")
+    return {**system, roles[0]: first, roles[1]: last} if first != last else {**system, roles[1]: last}
+
+
 def _sample(value: Any) -> str:
     if isinstance(value, str):
         text = value
@@ -929,6 +945,19 @@ def scan_file(path: Path, fmt: str = "auto", columns: Any = ()) -> ScanResult:
         raise DataError(str(path), "the file is empty", "add rows to it")
     if first is not None and chosen is None:
         raise _no_format(path, *first)
+    if (first is not None and not examples and fmt != "auto" and set(by_kind) == {"missing_field"}
+            and not all(role in first[0] or role in mapping for role in REQUIRED[fmt])):
+        suggestion = _suggest_for(first[0], fmt)
+        needed = [role for role in REQUIRED[fmt] if role not in first[0] and role not in mapping]
+        raise ColumnsMismatch(
+            first[1],
+            f"the file is read as {fmt} (data.format), but its rows have no {' or '.join(map(repr, needed))} "
+            f"column (their keys: {_keys_text(first[0])})",
+            f"map them with --columns {columns_line(suggestion)}, or set data.format=auto" if suggestion else
+            "set data.format=auto, or map the columns with --columns ROLE=COLUMN",
+            describe_columns(first[0]),
+            suggestion,
+        )
     missing = [(role, column) for role, column in mapping.items() if column not in seen]
     if first is not None and not examples and set(by_kind) == {"missing_column"} and missing:
         suggestion = suggest_columns(first[0])

@@ -1,6 +1,8 @@
 """The training-data pipeline: files -> examples -> deduplicated, split, tokenized and masked training rows.
 
-`prepare_data(cfg, tokenizer)` is what a run calls: it reads data.train_file (and data.valid_file), drops exact
+`prepare_data(cfg, tokenizer)` is what a run calls: it reads data.train_file (and data.valid_file, a dataset
+folder's validation split), both with the data.columns mapping (or the column names assumed, said in the stats'
+columns_note), drops exact
 duplicates, holds out a deterministic validation split (from data.seed) when there is no validation file,
 renders every example (chat template or plain, see data_render), masks the loss (data.train_on), truncates to
 data.max_length and counts what it changed. Bad rows stop it with a `DataError` naming file:line, or with

@@ -31,7 +31,6 @@ from ft_desk.trainer.columns import (
     parse_columns,
 )
 
-
 # Note: how many lines of the rendered sample the dialog shows (the last ones).
 SAMPLE_LINES = 5
 

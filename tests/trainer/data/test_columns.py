@@ -163,3 +163,33 @@ def test_preference_pairs_are_refused_for_sft_unless_the_chosen_side_is_mapped(t
         load_examples(path)
     assert "--columns messages=chosen" in err.value.hint
     assert load_examples(path, columns="messages=chosen")[0][0].messages[-1].content == "good"
+
+
+def test_a_given_format_uses_its_own_aliases_and_says_which_columns_it_lacks(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Greet.", "response": "Hello!"}])
+    examples, fmt, _ = load_examples(path, "alpaca")
+    assert fmt == "alpaca" and user_assistant(examples[0]) == ("Greet.", "Hello!")
+    with pytest.raises(ColumnsMismatch) as err:
+        load_examples(path, "prompt_completion")
+    assert "read as prompt_completion (data.format), but its rows have no 'prompt' or 'completion' column" in str(
+        err.value)
+    assert "--columns prompt=instruction,completion=response" in err.value.hint
+    assert len(load_examples(path, "prompt_completion", columns="prompt=instruction,completion=response")[0]) == 1
+
+
+def test_a_run_reads_the_mapped_file_and_its_validation_file_and_says_what_it_assumed(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from ft_desk.trainer.config import DataConfig
+    from ft_desk.trainer.data.prepare import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(6)])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"question": "V?", "answer": "W."}])
+    data = prepare_data(DataConfig(train_file=str(train), valid_file=str(valid)), tokenizer)
+    assert (data.format, len(data.train), len(data.val)) == ("prompt_completion", 6, 1)
+    assert data.stats["columns"] == "prompt=question,completion=answer"
+    assert data.stats["columns_note"].startswith("assumed --columns prompt=question,completion=answer")
+    mapped = write_jsonl(tmp_path / "mapped.jsonl", [{"ask": f"Q{i}?", "say": f"A{i}."} for i in range(6)])
+    data = prepare_data(DataConfig(train_file=str(mapped), columns=("prompt=ask", "completion=say")), tokenizer)
+    assert data.format == "prompt_completion" and data.stats["columns_note"] == ""
