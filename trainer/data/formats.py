@@ -868,7 +868,7 @@ def _settle(row: dict, where: str, fmt: str, mapping: dict[str, str]) -> tuple[s
     implied = mapping_format(mapping)
     if implied is not None:
         note = ""
-        if _is_preference(row) and _by_lower(row)["rejected"] not in mapping.values():
+        if _is_preference(row) and _by_lower(row)["chosen"] in mapping.values():
             note = "preference data: training on the chosen side; the rejected replies are left out"
         return implied, mapping, note
     renamed = _renamed(row, mapping, where, "")
