@@ -237,9 +237,11 @@ class DataScreen(DeskScreen):
                 except ColumnsError:
                     start = {}
         reason = str(report.get("error") or report.get("columns_note") or "")
-        if report.get("where") and reason.startswith(f"{report['where']}: "):
-            reason = reason[len(str(report["where"])) + 2:]
         path = str(report.get("path") or draft.train_file)
+        for prefix in (str(report.get("where") or ""), path):
+            if prefix and reason.startswith(prefix):  # the dialog names the file; drop "PATH:LINE: "
+                reason = reason[len(prefix):].split(": ", 1)[-1]
+                break
         dialog = ColumnMapDialog(Path(path).name, columns, start, reason, on_change=self._try_columns)
         self._column_dialog = dialog
 
