@@ -33,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "check",
         help="lint a data file: format, token lengths vs max length, duplicates, broken rows, rendered samples",
         description=(
-            "Lint a training data file (.jsonl, .json, .csv, .parquet) for a model. Formats: text, "
-            "prompt/completion, Alpaca (instruction/input/output), ShareGPT (conversations with from/value), "
-            "chat messages (role/content). Exit 0 when the file is usable, 2 when it has broken rows."
+            "Lint a training data file (.jsonl, .json, .csv, .parquet, .arrow, gzipped .jsonl/.json/.csv, or a "
+            "datasets save_to_disk / cache folder) for a model. Formats: text, prompt/completion, Alpaca "
+            "(instruction/input/output), ShareGPT (conversations with from/value), chat messages (role/content); "
+            "other column names are mapped with --columns. Exit 0 when the file is usable, 2 when it has broken "
+            "rows."
         ),
     )
     check.add_argument("file", help="the data file, or `demo` for the bundled sample")

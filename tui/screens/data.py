@@ -118,7 +118,8 @@ class DataScreen(DeskScreen):
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="file-row"):
-            yield Input(placeholder="path to a .jsonl / .json / .csv / .parquet file, or demo", id="data-path",
+            yield Input(placeholder="a .jsonl / .json / .csv / .parquet / .arrow file, a dataset folder, or demo",
+                        id="data-path",
                         suggester=PathSuggester(), compact=True)
             yield Button("Check", variant="primary", id="check", compact=True)
             yield Button("Browse…", id="browse", compact=True)
