@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin
 
+from ft_desk.trainer.columns import ColumnsError, columns_setting
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_model
 from ft_desk.trainer.errors import UserError
 
@@ -77,6 +78,8 @@ class DataConfig:
     """Validation data; when None, val_fraction of train_file is held out (deterministic from seed)."""
     format: Literal["auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"] = "auto"
     """Row format; auto detects it from the first rows."""
+    columns: tuple[str, ...] = ()
+    """Which column fills which role, e.g. prompt=question,completion=answer; unmapped columns keep their names."""
     max_length: int | Literal["auto"] = "auto"
     """Longest sequence in tokens (also the packed row length); longer examples are truncated and counted.
     auto: the longest example rounded up to 64 tokens, at most 2048 (see trainer/recipe_sizing.py)."""
@@ -227,6 +230,18 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.name": (lambda v: v.strip() != "", "a model id, a folder, a .gguf file, an Ollama model or `demo`"),
     "data.train_file": (lambda v: v.strip() != "", "a data file or `demo`"),
 }
+
+
+
+def _columns(value: Any) -> tuple[str, ...]:
+    try:
+        return columns_setting(value)
+    except ColumnsError as err:
+        raise ConfigError(str(err)) from None
+
+
+# Settings whose values have their own grammar: dotted key -> parser (raises ConfigError).
+_PARSERS: dict[str, typing.Callable[[Any], Any]] = {"data.columns": _columns}
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -409,7 +424,8 @@ def build_config(raw: dict[str, dict[str, Any]]) -> RunConfig:
         kwargs = {}
         for key, value in values.items():
             dotted = f"{section}.{key}"
-            coerced = _coerce(dotted, types_[key], value)
+            parse = _PARSERS.get(dotted)
+            coerced = parse(value) if parse else _coerce(dotted, types_[key], value)
             _check(dotted, coerced)
             kwargs[key] = coerced
         built[section] = cls(**kwargs)

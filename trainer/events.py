@@ -63,6 +63,7 @@ class DataReady(TypedDict):
     truncated: int
     duplicates_dropped: int
     skipped_rows: int
+    columns_note: NotRequired[str]  # what was assumed about the data's column names ("" or absent: nothing)
 
 
 class ModelLoaded(TypedDict):
@@ -524,9 +525,10 @@ def describe_event(event: dict[str, Any]) -> str:
         if event.get("skipped_rows"):
             extra.append(f"{event['skipped_rows']} bad rows skipped")
         tail = f" ({', '.join(extra)})" if extra else ""
+        note = f"\n  columns: {event['columns_note']}" if event.get("columns_note") else ""
         return (
             f"data: {event['format']} format, {event['train_rows']} train / {event['val_rows']} val rows, "
-            f"{event['train_tokens']} train tokens{tail}"
+            f"{event['train_tokens']} train tokens{tail}{note}"
         )
     if kind == "model_loaded":
         q = "4-bit base, " if event.get("quantized") else ""

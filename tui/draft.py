@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ft_desk.trainer.columns import ColumnsError, columns_line, parse_columns
 from ft_desk.trainer.config import ConfigError, RunConfig
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, DEMO_PRESET, is_demo_data
 from ft_desk.trainer.presets import load_config
@@ -119,6 +120,17 @@ class Draft:
             self.overrides.pop(key, None)
         else:
             self.overrides[key] = value
+
+    def columns(self) -> dict[str, str]:
+        """The column mapping (role -> column) the run will use: data.columns as typed or from the presets."""
+        try:
+            return parse_columns(self.value("data.columns"))
+        except ColumnsError:
+            return {}
+
+    def set_columns(self, mapping: dict[str, str]) -> None:
+        """Write a column mapping into the draft as `data.columns` (an empty one removes the override)."""
+        self.set_override("data.columns", columns_line(parse_columns(mapping)))
 
     def value(self, key: str) -> str:
         """What a recipe field shows: the user's text if they typed one, else the preset value."""

@@ -106,6 +106,28 @@ def test_data(snap_compare, desk, size):
 
 
 @pytest.mark.parametrize("size", SIZES)
+def test_data_column_map(snap_compare, desk, snapshot_home, size):
+    """The mapping dialog over a question/answer file, its suggestion tried (the masked sample inside it)."""
+    from ft_desk.tui.widgets.column_map import ColumnMapDialog
+
+    from .test_column_map import fake_check  # the check_data answers of the dialog's Pilot tests
+
+    app = desk("data", runs=False)
+    fake_check(app.backend, snapshot_home)
+    data = snapshot_home / "qa.csv"
+    data.write_text("q,a\nHow do I reset my password?,\"Open Settings, then Security.\"\n", encoding="utf-8")
+
+    async def run_before(pilot) -> None:
+        app.draft = demo_draft()
+        app.draft.train_file = str(data)
+        app.draft_updated()
+        await settle(pilot, until=lambda: isinstance(app.screen, ColumnMapDialog)
+                     and "usable" in str(app.screen.query_one("#map-result").render()))
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_recipe(snap_compare, desk, size):
     app = desk("recipe", runs=False)
     run_before = with_demo_draft(app, until=lambda: "peak" in str(app.screen.query_one("#memory").render()))

@@ -37,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "check",
         help="lint a data file: format, token lengths vs max length, duplicates, broken rows, rendered samples",
         description=(
-            "Lint a training data file (.jsonl, .json, .csv, .parquet) for a model. Formats: text, "
-            "prompt/completion, Alpaca (instruction/input/output), ShareGPT (conversations with from/value), "
-            "chat messages (role/content). Exit 0 when the file is usable, 2 when it has broken rows."
+            "Lint a training data file (.jsonl, .json, .csv, .parquet, .arrow, gzipped .jsonl/.json/.csv, or a "
+            "datasets save_to_disk / cache folder) for a model. Formats: text, prompt/completion, Alpaca "
+            "(instruction/input/output), ShareGPT (conversations with from/value), chat messages (role/content); "
+            "other column names are mapped with --columns. Exit 0 when the file is usable, 2 when it has broken "
+            "rows."
         ),
     )
     check.add_argument("file", help="the data file, or `demo` for the bundled sample")
@@ -48,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set data.max_length=1024 (repeatable)")
     check.add_argument("--format", choices=choices("data.format"), help="row format (default: detect it)")
+    check.add_argument("--columns", metavar="ROLE=COLUMN,...",
+                       help="which column fills which role, e.g. prompt=question,completion=answer (data.columns)")
     check.add_argument("--max-length", type=int, help="longest sequence in tokens (data.max_length)")
     check.add_argument("--skip-bad-rows", action="store_true",
                        help="broken rows are reported but do not fail the check (as training would skip them)")
@@ -62,6 +66,8 @@ def _config(args):
         overrides.append(f"model.name={args.model}")
     if args.format:
         overrides.append(f"data.format={args.format}")
+    if args.columns is not None:
+        overrides.append(f"data.columns={args.columns}")
     if args.max_length is not None:
         overrides.append(f"data.max_length={args.max_length}")
     if args.skip_bad_rows:
@@ -176,6 +182,10 @@ def _locations(report, items, count: int) -> str:
 def format_report(report, model: str, skip_bad_rows: bool, colour: bool = False, all_samples: bool = False) -> str:
     """The human-readable report."""
     lines = [f"{report.path}: {report.format} format, {report.rows} rows, {report.usable_rows} usable"]
+    if report.columns_note:
+        lines.append(f"columns: {report.columns_note}")
+    if report.error and report.columns:
+        lines.append("columns found: " + ", ".join(f"{c['name']!r} (e.g. {c['sample']!r})" for c in report.columns))
     if report.rendering:
         if report.format == "text":
             rendering, target = "raw text + EOS", "every token"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from ft_desk.trainer.columns import columns_setting
 from ft_desk.trainer.config import choices
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.evaluate.report import terminal
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out examples in any supported format [default: RUN_DIR/data/val.jsonl]")
     parser.add_argument("--format", choices=choices("data.format"), default="auto",
                         help="row format of the held-out file [default: auto]")
+    parser.add_argument("--columns", metavar="ROLE=COLUMN,...", default="",
+                        help="which column of --data fills which role, e.g. prompt=question,completion=answer")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a step number")
     parser.add_argument("--metrics", metavar="LIST",
                         help="comma-separated: loss,exact,rouge,chrf,bleu,json,regex,stop,length,semantic,retention "
@@ -98,6 +101,7 @@ class ProgressLines:
 
 def options_from(args: argparse.Namespace):
     return EvalOptions(checkpoint=str(args.checkpoint), data=args.data, format=args.format,
+                       columns=columns_setting(args.columns),
                        metrics=parse_metrics(args.metrics), json_schema=args.json_schema, regex=args.regex,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sample=args.sample,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, limit=args.limit,

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
     parser.add_argument("--model", help="shortcut for --set model.name=...: a Hub id, a model folder, a .gguf file "
                                         "or an Ollama model (name:tag; imported once on first use)")
     parser.add_argument("--data", help="shortcut for --set data.train_file=...")
+    parser.add_argument("--columns", metavar="ROLE=COLUMN,...",
+                        help="which data column fills which role, e.g. prompt=question,completion=answer "
+                             "(shortcut for --set data.columns=...)")
     parser.add_argument("--skip-bad-rows", action="store_true", help="skip unreadable data rows and report counts")
     parser.add_argument("--events", choices=["pretty", "jsonl", "none"], default=None,
                         help="jsonl: machine-readable events on stdout (the app uses this); "
@@ -71,6 +74,8 @@ def resolve_config(args: argparse.Namespace):
         overrides.append(f"model.name={args.model}")
     if args.data:
         overrides.append(f"data.train_file={args.data}")
+    if getattr(args, "columns", None) is not None:
+        overrides.append(f"data.columns={args.columns}")
     if args.skip_bad_rows:
         overrides.append("data.skip_bad_rows=true")
     presets = args.preset
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(cfg.to_json())
             return 0
-    elif args.preset or args.overrides or args.model or args.data:
+    elif args.preset or args.overrides or args.model or args.data or getattr(args, "columns", None):
         raise UserError("--resume continues a run with its saved config; it takes no --preset/--set/--model/--data",
                         hint="start a new run instead to change settings")
     mode = args.events or ("pretty" if sys.stderr.isatty() else "pretty")

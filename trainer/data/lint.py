@@ -5,7 +5,10 @@ then renders every usable row exactly as training would and reports: the detecte
 lengths (statistics and a histogram against data.max_length), truncated rows, duplicates, empty turns, rows with
 nothing to learn within max_length, and a few rendered samples (the first row, the longest, the shortest, a
 truncated one, one with nothing to learn) split into (text, trained) pieces so a CLI can bracket or colour the
-tokens that carry loss. Problems with the whole file (missing, empty, not UTF-8) raise
+tokens that carry loss. It also lists the file's columns with a sample value each, the column mapping applied
+(data.columns, or what was assumed from the names, with a note saying so) and, when the columns fill no format
+(or are preference pairs), an `error` with the `--columns` value that would map them (`suggested_columns`): what
+the TUI's mapping dialog starts from. Problems with the whole file (missing, empty, not UTF-8) raise
 `DataError`. `tokenizer=None` gives the parts that need no tokenizer. `LintReport.to_dict()` is the --json form.
 """
 
@@ -16,8 +19,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ft_desk.trainer.columns import columns_line
 from ft_desk.trainer.config import DataConfig
-from ft_desk.trainer.data.formats import MAX_PROBLEMS_KEPT, Example, RowError, scan_file
+from ft_desk.trainer.data.formats import MAX_PROBLEMS_KEPT, ColumnsMismatch, Example, RowError, scan_file
 from ft_desk.trainer.data.render import IGNORE, example_renderer
 from ft_desk.trainer.errors import DataError
 from ft_desk.trainer.recipe_sizing import auto_max_length, is_auto, token_limit
@@ -58,6 +62,10 @@ class LintReport:
     error_hint: str = ""
     auto_max_length: bool = False  # data.max_length was auto: max_length is what the data sized it to
     lengths: list = field(default_factory=list, repr=False)  # tokens per usable example as trained (not in to_dict)
+    columns: list = field(default_factory=list)  # the first row's columns: [{"name", "sample", "kind"}]
+    column_mapping: str = ""  # the mapping applied, as a --columns value ("" for none)
+    columns_note: str = ""  # what was assumed about the columns ("" when nothing was)
+    suggested_columns: str = ""  # when the columns fit no format: the --columns value that would map them
 
     @property
     def usable(self) -> bool:
@@ -195,7 +203,12 @@ def _samples(picks: dict[str, tuple[int, Example]], renderer, max_length: int) -
 def lint_file(path: Path | str, tokenizer, cfg: DataConfig) -> LintReport:
     """The lint report of one data file for a tokenizer (None: skip token findings) and a DataConfig."""
     path = Path(path)
-    scan = scan_file(path, cfg.format)
+    try:
+        scan = scan_file(path, cfg.format, cfg.columns)
+    except ColumnsMismatch as err:
+        return LintReport(path=str(path), format="unknown", rows=0, usable_rows=0, max_length=cfg.max_length,
+                          train_on=cfg.train_on, dedupe=cfg.dedupe, error=str(err), error_hint=err.hint,
+                          columns=err.columns, suggested_columns=columns_line(err.suggestion))
     report = LintReport(
         path=str(path),
         format=scan.format,
@@ -205,6 +218,9 @@ def lint_file(path: Path | str, tokenizer, cfg: DataConfig) -> LintReport:
         train_on=cfg.train_on,
         dedupe=cfg.dedupe,
         auto_max_length=is_auto(cfg.max_length),
+        columns=scan.columns,
+        column_mapping=columns_line(scan.mapping),
+        columns_note=scan.note,
     )
     for err in scan.problems:
         report.broken_rows.append({"where": err.where, "reason": err.reason, "kind": err.kind})

@@ -1,6 +1,8 @@
 """The training-data pipeline: files -> examples -> deduplicated, split, tokenized and masked training rows.
 
-`prepare_data(cfg, tokenizer)` is what a run calls: it reads data.train_file (and data.valid_file), drops exact
+`prepare_data(cfg, tokenizer)` is what a run calls: it reads data.train_file (and data.valid_file, a dataset
+folder's validation split), both with the data.columns mapping (or the column names assumed, said in the stats'
+columns_note), drops exact
 duplicates, holds out a deterministic validation split (from data.seed) when there is no validation file,
 renders every example (chat template or plain, see data_render), masks the loss (data.train_on), truncates to
 data.max_length and counts what it changed. Bad rows stop it with a `DataError` naming file:line, or with
@@ -11,6 +13,7 @@ No heavy imports: the tokenizer is passed in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from ft_desk.trainer.config import DataConfig
 from ft_desk.trainer.data.formats import FORMATS, Example, Message, RowError, load_examples, resolve_data_path
 from ft_desk.trainer.data.render import IGNORE, Renderer, TokenizedExample, example_renderer
 from ft_desk.trainer.errors import DataError
+from ft_desk.trainer.recipe_sizing import token_limit
 
 __all__ = [
     "FORMATS", "IGNORE", "Example", "Message", "PreparedData", "RowError", "TokenizedExample", "dedupe_examples",
@@ -38,7 +42,8 @@ class PreparedData:
     format: str  # detected format of the training file
     stats: dict = field(default_factory=dict)
     # train_rows, val_rows, train_tokens, val_tokens, train_target_tokens, truncated, duplicates_dropped,
-    # skipped_rows, skipped_by_reason, dropped_no_target, rendering, train_file, valid_file
+    # skipped_rows, skipped_by_reason, dropped_no_target, rendering, columns (the mapping applied, as a
+    # --columns value), columns_note (what was assumed about the columns), train_file, valid_file
 
 
 def dedupe_examples(examples: list[Example]) -> tuple[list[Example], int]:
@@ -97,9 +102,11 @@ def _tokenize_all(
 
 
 def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
-    """Read, check, deduplicate, split, render, mask and truncate the run's data (see the module docstring)."""
+    """Read, check, deduplicate, split, render, mask and truncate the run's data (see the module docstring).
+    data.max_length auto truncates at the cap; the run then sizes its rows from these lengths."""
+    cfg = dataclasses.replace(cfg, max_length=token_limit(cfg.max_length))
     train_path = resolve_data_path(cfg.train_file)
-    train_examples, fmt, read = load_examples(train_path, cfg.format, cfg.skip_bad_rows)
+    train_examples, fmt, read = load_examples(train_path, cfg.format, cfg.skip_bad_rows, cfg.columns)
     counts = {
         "skipped_rows": read["skipped_rows"],
         "skipped_by_reason": dict(read["skipped_by_reason"]),
@@ -112,8 +119,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
         counts["duplicates_dropped"] += dropped
     valid_path = None
     if cfg.valid_file:
-        valid_path = resolve_data_path(cfg.valid_file)
-        val_examples, _, vread = load_examples(valid_path, cfg.format, cfg.skip_bad_rows)
+        valid_path = resolve_data_path(cfg.valid_file, split="validation")
+        val_examples, _, vread = load_examples(valid_path, cfg.format, cfg.skip_bad_rows, cfg.columns)
         counts["skipped_rows"] += vread["skipped_rows"]
         for kind, n in vread["skipped_by_reason"].items():
             counts["skipped_by_reason"][kind] = counts["skipped_by_reason"].get(kind, 0) + n
@@ -144,6 +151,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
         "train_target_tokens": sum(sum(1 for x in t.labels[1:] if x != IGNORE) for t in train),
         **counts,
         "rendering": "chat_template" if renderer.use_template else "plain",
+        "columns": read["columns"],
+        "columns_note": read["columns_note"],
         "train_file": str(train_path),
         "valid_file": str(valid_path) if valid_path else None,
     }
@@ -153,6 +162,7 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
 def generation_prompt(example: Example, tokenizer, cfg: DataConfig) -> tuple[list[int], str]:
     """Token ids of everything before the example's last reply, rendered as in training with the generation
     prompt added (text rows: the first half of the text), and the reference text that follows."""
+    cfg = dataclasses.replace(cfg, max_length=token_limit(cfg.max_length))
     renderer = example_renderer(tokenizer, cfg, [example], example.where)
     return renderer.generation_prompt(example, cfg.max_length)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ft_desk.trainer.data.formats import Example, Message, RowError
 from ft_desk.trainer.errors import DataError
+from ft_desk.trainer.recipe_sizing import token_limit
 
 IGNORE = -100
 
@@ -219,21 +220,24 @@ class Renderer:
             labels = _mask(ids, offsets, rendering.spans)
         return Encoded(ids, labels, offsets, rendering.text)
 
-    def tokenize(self, example: Example, max_length: int) -> TokenizedExample:
+    def tokenize(self, example: Example, max_length: int | str) -> TokenizedExample:
+        max_length = token_limit(max_length)  # auto (not sized yet): the cap
         enc = self.encode(example)
         truncated = len(enc.input_ids) > max_length
         return TokenizedExample(enc.input_ids[:max_length], enc.labels[:max_length], example.where, truncated)
 
-    def generation_prompt(self, example: Example, max_length: int) -> tuple[list[int], str]:
+    def generation_prompt(self, example: Example, max_length: int | str) -> tuple[list[int], str]:
         """Token ids of everything before the last reply (as rendered in training) and the reply itself."""
+        max_length = token_limit(max_length)
         rendering = self.render(example)
         # With a prefix-stable template this is exactly messages[:last reply] rendered with the generation prompt.
         prompt = rendering.text[: rendering.prompt_end]
         ids, _ = self._tokenize(prompt, rendering.add_special_tokens)
         return ids[-max_length:], rendering.reference
 
-    def segments(self, example: Example, max_length: int) -> list[tuple[str, bool]]:
+    def segments(self, example: Example, max_length: int | str) -> list[tuple[str, bool]]:
         """The rendered example cut to max_length tokens as (text, trained) pieces, for showing what is learned."""
+        max_length = token_limit(max_length)
         enc = self.encode(example)
         out: list[tuple[str, bool]] = []
         cursor = 0

@@ -76,6 +76,7 @@ class EvalOptions:
     checkpoint: str = "best"
     data: str | None = None  # None: RUN_DIR/data/val.jsonl
     format: str = "auto"
+    columns: tuple[str, ...] = ()  # data.columns for the --data file: role=column pairs
     metrics: tuple[str, ...] | None = None  # None: every metric that applies
     json_schema: str | None = None
     regex: str | None = None
@@ -156,7 +157,7 @@ def _held_out(run_dir: Path, options: EvalOptions):
         if not path.is_file() or not path.read_text(encoding="utf-8").strip():
             raise UserError(f"{run_dir} has no validation examples (data/val.jsonl is missing or empty)",
                             hint="pass a test file with --data FILE")
-    examples, _fmt, _counts = load_examples(path, options.format, False)
+    examples, _fmt, _counts = load_examples(path, options.format, False, options.columns if options.data else ())
     if options.limit:
         examples = examples[: options.limit]
     return examples, path

@@ -300,7 +300,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
                          train_tokens=sum(len(e.input_ids) for e in data.train), format=data.format,
                          truncated=data.stats.get("truncated", 0),
                          duplicates_dropped=data.stats.get("duplicates_dropped", 0),
-                         skipped_rows=data.stats.get("skipped_rows", 0)))
+                         skipped_rows=data.stats.get("skipped_rows", 0),
+                         columns_note=data.stats.get("columns_note", "")))
     for note in notes:
         sink.emit(note)
     sink.emit(make_event("model_loaded", params=info.params, trainable_params=trainable, dtype=info.dtype,

@@ -2,7 +2,9 @@
 tokenizer with `ft-desk data check --json`, and see what training will see: the format, row counts, a token-length
 histogram against max_length, truncated rows, duplicates, broken rows with file:line, samples rendered with their
 trained tokens highlighted ([ and ] browse the first row, the longest, the shortest and a truncated one), and the
-validation split settings."""
+validation split settings. When the file's columns fill no format (or are preference pairs), the column-mapping
+dialog opens (ctrl+e opens it any time): each change there is written into the draft as data.columns and checked
+at once, the result and the masked sample shown in the dialog while it is open."""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
+from ft_desk.trainer.columns import ColumnsError, columns_line, parse_columns
 from ft_desk.trainer.config import choices
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_data
 from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.screens.base import DeskScreen
+from ft_desk.tui.widgets.column_map import ColumnMapDialog
 from ft_desk.tui.widgets.file_picker import FilePicker, PathSuggester
 from ft_desk.tui.widgets.histogram import TokenHistogram
 
@@ -36,6 +40,17 @@ def sample_text(segments: list) -> Text:
     return text
 
 
+def mapping_result(report: dict[str, Any]) -> str:
+    """One markup line: what the file gives with the mapping being tried."""
+    if report.get("error"):
+        return f"[b red]not usable:[/] {escape(str(report.get('error')))}"
+    broken = int(report.get("broken_count") or 0)
+    tail = f", [red]{broken} broken row(s)[/] (first: {escape(str(report['broken_rows'][0]['reason']))})" if (
+        broken and report.get("broken_rows")) else ""
+    return (f"[green]{report.get('format')}[/] format: {report.get('usable_rows')} of {report.get('rows')} rows "
+            f"usable{tail}")
+
+
 def findings(report: dict[str, Any]) -> list[str]:
     """The lint report as markup lines, problems first."""
     lines = []
@@ -44,6 +59,8 @@ def findings(report: dict[str, Any]) -> list[str]:
         lines.append(f"[b red]not usable:[/] {escape(where + str(report['error']))}")
         if report.get("hint"):
             lines.append(f"[b]fix:[/] {escape(str(report['hint']))}")
+        if report.get("columns"):
+            lines.append("[b]ctrl+e[/] maps the columns to a format's roles")
         return lines
     broken = int(report.get("broken_count") or 0)
     if broken:
@@ -71,6 +88,8 @@ def findings(report: dict[str, Any]) -> list[str]:
         lines.append(f"[yellow]{report['empty_turns']} empty turn(s)[/]")
     if not lines:
         lines.append("[green]no problems found[/]")
+    if report.get("columns_note"):
+        lines.append(f"[cyan]columns:[/] {escape(str(report['columns_note']))} · ctrl+e to change")
     return lines
 
 
@@ -83,6 +102,7 @@ class DataScreen(DeskScreen):
         Binding("ctrl+k", "check", "Check file"),
         Binding("ctrl+o", "browse", "Browse"),
         Binding("ctrl+d", "use_demo", "Demo data"),
+        Binding("ctrl+e", "map_columns", "Map columns"),
         Binding("left_square_bracket", "sample(-1)", "Prev sample"),
         Binding("right_square_bracket", "sample(1)", "Next sample"),
         Binding("ctrl+n", "next", "Next: Recipe"),
@@ -93,14 +113,18 @@ class DataScreen(DeskScreen):
         self.report: dict[str, Any] | None = None
         self._checked_for: tuple | None = None
         self._sample_index = 0
+        self._column_dialog: ColumnMapDialog | None = None
+        self._offered_mapping_for: str | None = None  # the file the mapping dialog opened by itself for
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="file-row"):
-            yield Input(placeholder="path to a .jsonl / .json / .csv / .parquet file, or demo", id="data-path",
+            yield Input(placeholder="a .jsonl / .json / .csv / .parquet / .arrow file, a dataset folder, or demo",
+                        id="data-path",
                         suggester=PathSuggester(), compact=True)
             yield Button("Check", variant="primary", id="check", compact=True)
             yield Button("Browse…", id="browse", compact=True)
             yield Button("Demo data", id="demo", compact=True)
+            yield Button("Columns…", id="map-columns", compact=True)
         yield Static("/ types a path (→ completes it, enter checks it) · enter on Browse… picks a file · "
                      "ctrl+d uses the demo data", id="data-summary")
         with Horizontal(id="data-main"):
@@ -171,6 +195,8 @@ class DataScreen(DeskScreen):
             self.action_browse()
         elif event.button.id == "demo":
             self.action_use_demo()
+        elif event.button.id == "map-columns":
+            self.action_map_columns()
 
     def action_type_path(self) -> None:
         self.query_one("#data-path", Input).focus()
@@ -193,6 +219,49 @@ class DataScreen(DeskScreen):
     def action_next(self) -> None:
         self.desk.switch_mode("recipe")
 
+    # Column mapping.
+    def action_map_columns(self) -> None:
+        report = self.report or {}
+        columns = list(report.get("columns") or [])
+        if self._column_dialog is not None:
+            return
+        if not columns:
+            self.notify("Check a data file first: the mapping lists its columns.", severity="warning")
+            return
+        draft = self.desk.draft
+        before = draft.value("data.columns")
+        start = draft.columns()
+        for source in (report.get("column_mapping"), report.get("suggested_columns")):
+            if not start and source:
+                try:
+                    start = parse_columns(source)
+                except ColumnsError:
+                    start = {}
+        reason = str(report.get("error") or report.get("columns_note") or "")
+        path = str(report.get("path") or draft.train_file)
+        for prefix in (str(report.get("where") or ""), path):
+            if prefix and reason.startswith(prefix):  # the dialog names the file; drop "PATH:LINE: "
+                reason = reason[len(prefix):].split(": ", 1)[-1]
+                break
+        dialog = ColumnMapDialog(Path(path).name, columns, start, reason, on_change=self._try_columns)
+        self._column_dialog = dialog
+
+        def closed(mapping: dict[str, str] | None) -> None:
+            self._column_dialog = None
+            if mapping is None:
+                self._set("data.columns", before)  # cancelled: the mapping the draft had
+                return
+            self._set("data.columns", columns_line(mapping))
+            self.notify(f"data.columns = {columns_line(mapping)}", title="Columns mapped")
+
+        self.app.push_screen(dialog, closed)
+
+    def _try_columns(self, mapping: dict[str, str]) -> None:
+        """A complete mapping picked in the dialog: into the draft, and check the file with it now."""
+        self._set("data.columns", columns_line(mapping))
+        if self._check_key() != self._checked_for:
+            self.action_check()
+
     # Split settings are recipe overrides.
     @on(Select.Changed, "#data-format")
     def _format(self, event: Select.Changed) -> None:
@@ -211,7 +280,10 @@ class DataScreen(DeskScreen):
         draft = self.desk.draft
         if draft.value(key) == value:
             return
-        draft.set_override(key, value)
+        if key == "data.columns":
+            draft.set_columns(parse_columns(value))
+        else:
+            draft.set_override(key, value)
         error = draft.error()
         if error:
             self.notify(error, severity="error")
@@ -267,6 +339,16 @@ class DataScreen(DeskScreen):
         self.query_one("#findings", Static).update("\n".join(findings(report)))
         self._sample_index = 0
         self._show_sample()
+        if self._column_dialog is not None:
+            self._column_dialog.show_result(mapping_result(report), self._first_sample(report))
+        elif report.get("error") and report.get("columns") and self._offered_mapping_for != draft.train_file:
+            self._offered_mapping_for = draft.train_file  # opens by itself once per file; ctrl+e any time
+            self.action_map_columns()
+
+    @staticmethod
+    def _first_sample(report: dict[str, Any]) -> Text | None:
+        samples = report.get("samples") or []
+        return sample_text(samples[0].get("segments") or []) if samples else None
 
     def _samples(self) -> list[dict[str, Any]]:
         return list((self.report or {}).get("samples") or [])

@@ -15,7 +15,14 @@ from textual.widgets import DirectoryTree, Label, Static
 
 from ft_desk.trainer.demo import is_demo_data
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".jsonl.gz", ".json.gz", ".csv.gz")
+# A Hugging Face `save_to_disk` folder is chosen by choosing one of these files in it (the folder is the data).
+DATASET_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+def is_data_name(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(DATA_SUFFIXES)
 
 
 class PathSuggester(Suggester):
@@ -46,7 +53,7 @@ class DataTree(DirectoryTree):
 
     def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
         return [p for p in paths if not p.name.startswith(".")
-                and (p.is_dir() or p.suffix.lower() in DATA_SUFFIXES)]
+                and (p.is_dir() or is_data_name(p.name))]
 
 
 class FilePicker(ModalScreen["Path | None"]):
@@ -58,7 +65,8 @@ class FilePicker(ModalScreen["Path | None"]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog picker-dialog"):
-            yield Label("Choose a training file (.jsonl, .json, .csv, .parquet)", classes="dialog-title")
+            yield Label("Choose a training file (.jsonl, .json, .csv, .parquet, .arrow, also .gz; state.json picks "
+                        "a save_to_disk folder)", classes="dialog-title")
             yield Static(str(self.start), id="picker-path")
             yield DataTree(self.start, id="picker-tree")
             yield Static("[dim]enter opens / chooses · backspace goes up · escape cancels[/]")
@@ -73,4 +81,5 @@ class FilePicker(ModalScreen["Path | None"]):
         self.query_one("#picker-path", Static).update(str(parent))
 
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
-        self.dismiss(event.path)
+        path = Path(event.path)
+        self.dismiss(path.parent if path.name in DATASET_MARKERS else path)
