@@ -25,6 +25,7 @@ from ft_desk.trainer.data.prepare import generation_prompt
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, make_event, stdout_sink
 from ft_desk.trainer.generation import generate
+from ft_desk.trainer.limits import MAX_NEW_TOKENS, int_arg
 from ft_desk.trainer.run_folder import checkpoint_folder
 from ft_desk.trainer.training.model import load_trained
 
@@ -32,7 +33,8 @@ from ft_desk.trainer.training.model import load_trained
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run folder (see: ft-desk runs)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a step number")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    parser.add_argument("--max-new-tokens", type=int_arg(1, MAX_NEW_TOKENS), default=256,
+                        help=f"longest reply in tokens, 1 to {MAX_NEW_TOKENS} (default 256)")
     parser.add_argument("--base", action="store_true", help="start by answering with the base model (adapter off)")
     parser.add_argument("--events", choices=["jsonl"], default=None,
                         help="jsonl: read JSON requests on stdin, write events on stdout (the app uses this)")
@@ -121,18 +123,51 @@ def _serve(run_dir: Path, args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
-            request = json.loads(line)
-            result = chat.reply(list(request.get("messages") or []), bool(request.get("base")),
-                                int(request.get("max_new_tokens") or args.max_new_tokens),
+            messages, base, max_new_tokens = parse_request(line, args.max_new_tokens)
+            result = chat.reply(messages, base, max_new_tokens,
                                 lambda text: sink.emit(make_event("chat_token", text=text)))
         except UserError as err:
-            sink.emit(make_event("chat_error", error=err.message, hint=err.hint))
-            continue
-        except (ValueError, TypeError) as exc:
-            sink.emit(make_event("chat_error", error=f"bad request: {exc}", hint=""))
+            sink.emit(make_event("chat_error", error=err.message, hint=err.hint or None))
             continue
         sink.emit(make_event("chat_done", **result))
     return 0
+
+
+REQUEST_HINT = ('send one JSON object a line: {"messages": [{"role": "user", "content": "..."}], '
+                '"base": false, "max_new_tokens": 256}')
+MAX_REQUEST_CHARS = 4 * 1024 * 1024
+"""Longest request line (a whole conversation); a longer one is refused before it is parsed."""
+
+
+def parse_request(line: str, default_max_new_tokens: int) -> tuple[list[dict[str, str]], bool, int]:
+    """(messages, base, max_new_tokens) of one stdin request line, or a UserError saying what is wrong with it."""
+    if len(line) > MAX_REQUEST_CHARS:
+        raise UserError(f"bad request: the line is {len(line)} characters long (at most {MAX_REQUEST_CHARS})",
+                        hint=REQUEST_HINT)
+    try:
+        request = json.loads(line)
+    except ValueError as exc:
+        raise UserError(f"bad request: not JSON ({exc})", hint=REQUEST_HINT) from None
+    if not isinstance(request, dict):
+        raise UserError(f"bad request: expected a JSON object, got {type(request).__name__}", hint=REQUEST_HINT)
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UserError("bad request: \"messages\" must be a non-empty list", hint=REQUEST_HINT)
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content", ""), str)):
+            raise UserError(f"bad request: messages[{i}] must be an object with a string role and content",
+                            hint=REQUEST_HINT)
+    base = request.get("base", False)
+    if not isinstance(base, bool):
+        raise UserError("bad request: \"base\" must be true or false", hint=REQUEST_HINT)
+    limit = request.get("max_new_tokens")
+    if limit is None:
+        limit = default_max_new_tokens
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_NEW_TOKENS:
+        raise UserError(f"bad request: \"max_new_tokens\" must be an int from 1 to {MAX_NEW_TOKENS}, "
+                        f"got {limit!r}", hint=REQUEST_HINT)
+    return [{"role": m["role"], "content": m.get("content", "")} for m in messages], base, limit
 
 
 def _interactive(run_dir: Path, args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 from ft_desk.trainer.config import choices
 from ft_desk.trainer.demo import demo_data_path, is_demo_data
 from ft_desk.trainer.errors import DataError
+from ft_desk.trainer.limits import check_data_file
 
 # The row formats are the config's `data.format` values (one list: the config checks --set against it).
 FORMATS = tuple(f for f in choices("data.format") if f != "auto")
@@ -115,7 +116,7 @@ def resolve_data_path(name: str) -> Path:
         raise DataError(str(path), "no such file", "check the path (data.train_file / data.valid_file)")
     if path.is_dir():
         raise DataError(str(path), "is a folder, not a data file", f"name one {'/'.join(EXTENSIONS)} file in it")
-    return path
+    return check_data_file(path)  # a regular file of bounded size and line length (trainer/limits.py)
 
 
 # ---------------------------------------------------------------- reading files: (where, row | RowError)

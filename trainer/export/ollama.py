@@ -207,7 +207,7 @@ def write_modelfile(folder: Path, gguf_facts: dict[str, Any], tokenizer, source,
     # capped by what the model supports.
     num_ctx = min(4096, int(getattr(text_config, "max_position_embeddings", 4096) or 4096))
     (folder / MODELFILE).write_text(modelfile_text(gguf_facts["file"], family, stops, num_ctx), encoding="utf-8")
-    model_name = slug(name or source.run_name)
+    model_name = name or slug(source.run_name)  # --name was checked as an Ollama name (limits.check_ollama_name)
     notes = template_notes(tokenizer, family) if family is not None else []
     if family is None:
         notes.append("the chat template matches none of ChatML, Llama 3, Gemma, Mistral, Phi-3: the Modelfile has no "

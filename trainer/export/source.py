@@ -74,9 +74,10 @@ def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
         raise UserError(f"{run_dir} is not a folder", hint="give a run folder; list them with: ft-desk runs")
     cfg = load_run_config(run_dir)
     state = run_folder.read_state(run_dir)
-    if run_folder.judged_status(state) == run_folder.RUNNING:
-        raise UserError(f"run {run_dir.name} is still training",
-                        hint="export a finished run, or one checkpoint of it with --checkpoint N once it stops")
+    if run_folder.judged_status(state, run_dir) == run_folder.RUNNING:
+        raise UserError(f"run {run_dir.name} is still training (pid {state.get('pid')})",
+                        hint="export it when it finishes, or stop it first (a stopped run exports its best "
+                             "checkpoint, or any one with --checkpoint last / N)")
     weights_dir = None
     final = run_folder.final_weights_dir(run_dir, cfg.train.method)
     if cfg.train.method == "full" and checkpoint == "best" and (final / FULL_WEIGHTS).is_file():

@@ -99,15 +99,27 @@ class StopFlag:
     def install(self) -> None:
         def handler(signum, _frame):
             if self.requested:  # a second Ctrl-C: stop right now
+                _say_now("ft-desk: stopping now, without a checkpoint; resume from the last one with "
+                         "ft-desk train --resume RUN_DIR\n")
                 raise KeyboardInterrupt
             self.requested = True
             self.signal_name = signal.Signals(signum).name
+            _say_now(f"ft-desk: {self.signal_name} received: stopping after the current step and saving a "
+                     "checkpoint (Ctrl-C again stops at once, without one)\n")
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
         if hasattr(signal, "SIGHUP"):
             # A closed terminal must not kill a detached run.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _say_now(text: str) -> None:
+    """Write to stderr from a signal handler: os.write, never print (the handler may interrupt a print)."""
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------ failures
@@ -165,13 +177,15 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
         run_dir = Path(resume_dir).expanduser().resolve()
         cfg = load_run_config(run_dir)
         previous = run_folder.read_state(run_dir)
-        if run_folder.judged_status(previous) == run_folder.RUNNING:
+        if run_folder.judged_status(previous, run_dir) == run_folder.RUNNING:
             raise UserError(f"{run_dir} is still running (pid {previous.get('pid')})",
                             hint="attach to it in the app, or stop it first")
+        lock = run_folder.lock_run(run_dir)
     else:
         assert cfg is not None
         run_dir = new_run_dir(cfg)
-        write_text(run_folder.config_path(run_dir), cfg.to_json())
+        lock = run_folder.lock_run(run_dir)
+        write_text(run_folder.config_path(run_dir), redact(cfg.to_json()))
         now = run_folder.now_iso()
         run_folder.write_state(run_dir, {
             "status": "running", "pid": os.getpid(), "step": 0, "total_steps": None, "best_step": None,
@@ -207,6 +221,7 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
     file_sink.close()
     logging.getLogger().removeHandler(handler)
     handler.close()
+    lock.release()
     return outcome["exit_code"], run_dir
 
 
