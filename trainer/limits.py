@@ -30,6 +30,8 @@ MAX_TEXT_CHARS = 4096
 """Longest path or model id typed on a command line or in a preset."""
 MAX_NEW_TOKENS = 32768
 """Longest generation anywhere (eval samples, `ft-desk eval`, chat)."""
+MAX_MICRO_BATCHES = 2_000_000
+"""Longest training schedule (micro-batches of one run): it is planned up front, a few hundred bytes each."""
 MAX_DATA_FILE_BYTES = 8 * 1024**3
 """Largest data file (.jsonl, .csv, .parquet); a bigger one is split or sampled first."""
 MAX_JSON_FILE_BYTES = 512 * 1024**2

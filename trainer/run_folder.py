@@ -298,11 +298,13 @@ def checkpoint_folder(run_dir: Path, checkpoint: str | int = "best") -> Path:
     try:
         step = int(checkpoint)
     except (TypeError, ValueError):
-        raise UserError(f"--checkpoint must be best, last or a step number, got {checkpoint!r}") from None
+        raise UserError(f"--checkpoint must be best, last or a step number, got {checkpoint!r}",
+                        hint="e.g. --checkpoint last; the steps saved are the checkpoints/step-N folders") from None
     folder = step_folder(run_dir, step)
     if not folder.is_dir():
         have = ", ".join(str(step_of(p)) for p in folders) or "none"
-        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {have}")
+        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {have}",
+                        hint="pass one of those steps, or --checkpoint best / last")
     return folder
 
 

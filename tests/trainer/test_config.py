@@ -110,7 +110,8 @@ def test_choices_lists_the_allowed_values_of_a_fixed_set_setting():
 def test_a_bad_value_comes_with_the_fix_naming_the_setting_and_its_default():
     with pytest.raises(ConfigError) as info:
         load_config(["demo"], ["train.grad_accum=0"])
-    assert info.value.hint == "change train.grad_accum in the preset or with --set train.grad_accum=VALUE (the default is 4)"
+    assert info.value.hint == ("change train.grad_accum in the preset or with --set train.grad_accum=VALUE "
+                               "(the default is 4)")
     with pytest.raises(ConfigError) as info:
         load_config(["demo"], ["lora.rank=8"])
     assert "--print-config" in info.value.hint  # an unknown key: where every setting is listed

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _prompt_ids(messages: list[dict[str, str]], tokenizer, cfg) -> list[int]:
     """Token ids of the conversation followed by the assistant's turn, rendered as training renders it."""
     if not messages or messages[-1].get("role") != "user":
-        raise UserError("a chat request must end with a user message")
+        raise UserError("a chat request must end with a user message",
+                        hint="put the user's new message last in \"messages\"")
     turns = tuple(Message(str(m.get("role")), str(m.get("content", ""))) for m in messages)
     # The placeholder reply only marks where generation starts; it is never rendered.
     example = Example(messages=turns + (Message("assistant", "."),), text=None, where="chat")
@@ -86,7 +87,8 @@ class ChatModel:
     def reply(self, messages: list[dict[str, str]], base: bool, max_new_tokens: int,
               emit: Callable[[str], None]) -> dict[str, Any]:
         if base and not self.base_available:
-            raise UserError("this run trained every weight (method full): there is no adapter to turn off")
+            raise UserError("this run trained every weight (method full): there is no adapter to turn off",
+                            hint="chat with the tuned model, or train a LoRA run to compare with the base")
         ids = _prompt_ids(messages, self.tokenizer, self.cfg)
         streamer = _Streamer(self.tokenizer, emit)
         started = time.time()

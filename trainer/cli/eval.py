@@ -89,8 +89,7 @@ class ProgressLines:
             text = (f"  {event['model']:5} {event['phase']:9} {event['done']}/{event['total']}  "
                     f"{event['elapsed_s']:.0f}s")
             self._write(text, transient=event["done"] < event["total"])
-        elif kind == "eval_finished" and event.get("status") == "failed":
-            self._write(f"evaluation failed: {event.get('error')}")
+        # A failure is not written here: cli/main.py prints its one sentence and fix.
 
     def close(self) -> None:
         if self._open:

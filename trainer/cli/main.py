@@ -113,6 +113,8 @@ def _main(argv: list[str] | None, stdout: TextIO) -> int:
     except BrokenPipeError:
         raise
     except UserError as err:
+        if not err.hint:  # every failure says what to do; where a raise site has no better fix, the options do
+            err.hint = f"`ft-desk {args.command} --help` explains what it accepts"
         # a token must never reach the screen or a pasted bug report
         _say(redact(err.full()))
         _report_failure(args, err, stdout, "failed", redact(err.message), redact(err.hint) or None, EXIT_BAD_INPUT)

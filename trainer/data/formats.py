@@ -239,7 +239,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
-        raise DataError(str(path), f"is not a readable Parquet file ({exc})") from None
+        raise DataError(str(path), f"is not a readable Parquet file ({str(exc).splitlines()[0][:200]})",
+                        "check that the file was written completely, or save the rows as .jsonl") from None
     if table.num_rows == 0:
         raise DataError(str(path), "the file is empty", "add rows to it")
     for index, row in enumerate(table.to_pylist()):

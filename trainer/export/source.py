@@ -86,9 +86,11 @@ def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
         weights_dir = run_folder.checkpoint_folder(run_dir, checkpoint)
     if cfg.train.method == "full":
         if not (weights_dir / FULL_WEIGHTS).is_file():
-            raise UserError(f"{weights_dir} has no {FULL_WEIGHTS}; the checkpoint is incomplete")
+            raise UserError(f"{weights_dir} has no {FULL_WEIGHTS}; the checkpoint is incomplete",
+                            hint="export another checkpoint (--checkpoint last or a step number)")
     elif not ((weights_dir / ADAPTER_WEIGHTS).is_file() and (weights_dir / ADAPTER_CONFIG).is_file()):
-        raise UserError(f"{weights_dir} has no {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}; the checkpoint is incomplete")
+        raise UserError(f"{weights_dir} has no {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}; the checkpoint is incomplete",
+                        hint="export another checkpoint (--checkpoint last or a step number)")
 
     base_dir = None
     recorded = state.get("model_dir")
@@ -97,7 +99,8 @@ def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
     if base_dir is None:
         base_dir = resolve_model_dir(cfg.model)
     if not any(base_dir.glob("*.safetensors")):
-        raise ModelError(f"{base_dir} has no safetensors weights; ft-desk exports only from safetensors models")
+        raise ModelError(f"{base_dir} has no safetensors weights; ft-desk exports only from safetensors models",
+                         hint="download the base model again (ft-desk models download) or convert it to safetensors")
 
     tokenizer_dir = base_dir
     for candidate in (weights_dir, *run_folder.final_weight_dirs(run_dir)):

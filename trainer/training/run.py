@@ -43,6 +43,7 @@ from ft_desk.trainer.events import (
 )
 from ft_desk.trainer.generation import generate
 from ft_desk.trainer.hub.credentials import redact
+from ft_desk.trainer.limits import MAX_MICRO_BATCHES
 from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.training import checkpoint as ckpt
 from ft_desk.trainer.training.loop import FitContext, LoopState, fit, memory_in_use
@@ -308,16 +309,29 @@ def train_schedule(cfg: RunConfig, examples: Sequence) -> list[MicroBatch]:
     def epochs_of(epochs: float) -> list[MicroBatch]:
         return epoch_schedule(cfg, examples, epochs)
 
-    plan = epochs_of(cfg.train.epochs)
+    per_epoch = max(1, len(epochs_of(1.0)))
     if cfg.train.max_steps:
-        # Repeat the epoch schedule as needed to reach exactly max_steps optimizer steps.
+        # Repeat the epoch schedule as needed to reach exactly max_steps optimizer steps: the number of epochs is
+        # computed up front (a loop adding one epoch at a time was quadratic in max_steps).
         need = cfg.train.max_steps * cfg.train.grad_accum
-        epochs = 1.0
+        _check_run_length(need, cfg)
+        epochs = float(max(1, -(-need // per_epoch)))
+        plan = epochs_of(epochs)
         while len(plan) < need:
             epochs += 1
             plan = epochs_of(epochs)
-        plan = plan[:need]
-    return plan
+        return plan[:need]
+    _check_run_length(int(per_epoch * cfg.train.epochs), cfg)
+    return epochs_of(cfg.train.epochs)
+
+
+def _check_run_length(micro_batches: int, cfg: RunConfig) -> None:
+    """Refuse a run whose schedule alone would not fit in memory, before it is built."""
+    if micro_batches > MAX_MICRO_BATCHES:
+        raise UserError(f"the run would take {micro_batches:,} micro-batches; ft-desk plans at most "
+                        f"{MAX_MICRO_BATCHES:,} in one run (train.epochs {cfg.train.epochs:g}, train.max_steps "
+                        f"{cfg.train.max_steps}, train.grad_accum {cfg.train.grad_accum})",
+                        hint="lower train.epochs or train.max_steps, or raise train.micro_batch_size")
 
 
 def sample_outputs(run: RunSetup, prompts: Sequence[tuple[list[int], str]]) -> list[str]:
