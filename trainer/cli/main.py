@@ -93,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # while the commands were being loaded
+        _say("ft-desk: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as err:  # before any command ran: a broken install (an import failing), say it the same way
+        log_file = write_traceback(argparse.Namespace(command="ft-desk"), err)
+        error, hint = describe_failure(err, log_file)
+        if isinstance(err, ImportError):
+            hint = f"reinstall ft-desk and its dependencies (pip install -U ft-desk); {hint.split('; ')[-1]}"
+        _say(redact(f"{error}\n  fix: {hint}"))
+        return EXIT_FAILED
 
 
 def _main(argv: list[str] | None, stdout: TextIO) -> int:
