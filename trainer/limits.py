@@ -50,7 +50,7 @@ def _shown(value: str) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
-def check_plain_name(value: object, what: str, hint: str = "") -> str:
+def check_plain_name(value: object, what: str, hint: str = "", kind: str = "file or folder name") -> str:
     """`value` if it is a plain file/folder name, else a UserError naming `what` and the rule."""
     name = str(value)
     why = None
@@ -73,13 +73,14 @@ def check_plain_name(value: object, what: str, hint: str = "") -> str:
     elif has_token(name):
         why = "looks like an access token"
     if why:
-        raise UserError(f"{what} must be a plain name (letters, digits, '-', '_', '.'), and {_shown(name)} {why}",
+        raise UserError(f"{what} must be a plain {kind}, but {_shown(name)} {why}",
                         hint=hint or f"choose a name like my-run-1 for {what}")
     return name
 
 
 def check_run_name(value: object) -> str:
-    return check_plain_name(value, "output.run_name", hint="set a plain name, e.g. --set output.run_name=support-v2")
+    return check_plain_name(value, "output.run_name", hint="set a plain name, e.g. --set output.run_name=support-v2",
+                            kind="folder name")
 
 
 def check_ollama_name(value: object) -> str:
@@ -186,8 +187,9 @@ def folder_problem(exc: OSError, folder: Path, what: str, setting: str) -> UserE
     """One sentence for an OSError met while making or writing `folder` (a file in the way, read-only...)."""
     code = exc.errno
     where = Path(exc.filename) if getattr(exc, "filename", None) else folder
-    if code in (errno.ENOTDIR, errno.EEXIST) or (where.exists() and not where.is_dir()):
-        reason = f"{where} is a file, not a folder"
+    blocker = _file_in_the_way(where)
+    if blocker is not None and code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT, None):
+        reason = f"{blocker} is a file, not a folder"
     elif code == errno.EROFS:
         reason = f"{where} is on a read-only file system"
     elif code in (errno.EACCES, errno.EPERM):
@@ -198,6 +200,14 @@ def folder_problem(exc: OSError, folder: Path, what: str, setting: str) -> UserE
         reason = f"{where} cannot be written ({exc.strerror or exc})"
     return UserError(f"cannot use {folder} as {what}: {reason}",
                      hint=f"point {setting} at a writable folder")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest part of `path` (itself or a parent) that exists and is not a folder, if any."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def ensure_folder(folder: Path, what: str, setting: str) -> Path:

@@ -61,7 +61,7 @@ def test_dotted_overrides_win_and_are_typed():
     ("data.max_length=1e30", "data.max_length must be an int from 16 to 131072 (tokens)"),
     ("eval.max_new_tokens=1e12", "eval.max_new_tokens must be an int from 1 to 32768"),
     ("train.micro_batch_size=100000", "train.micro_batch_size must be an int from 1 to 4096"),
-    ("output.run_name=../escape", "output.run_name must be a plain name"),
+    ("output.run_name=../escape", "output.run_name must be a plain folder name"),
     ("output.run_name=a/b", "contains a path separator"),
     ("model.name=hf_abcdefghijklmnopqrstuvwxyz0123", "model.name 'hf_***' looks like an access token"),
     ("data.train_file=/data/x\n.jsonl", "data.train_file '/data/x\\n.jsonl' contains a control character"),

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         log_file = write_traceback(argparse.Namespace(command="ft-desk"), err)
         error, hint = describe_failure(err, log_file)
         if isinstance(err, ImportError):
-            hint = f"reinstall ft-desk and its dependencies (pip install -U ft-desk); {hint.split('; ')[-1]}"
+            hint = f"reinstall ft-desk and its dependencies in this Python environment; {hint.split('; ')[-1]}"
         _say(redact(f"{error}\n  fix: {hint}"))
         return EXIT_FAILED
 
@@ -111,7 +111,7 @@ def _main(argv: list[str] | None, stdout: TextIO) -> int:
     try:
         args = parser.parse_args(raw)
     except CommandLineError as err:
-        _say(err.full())
+        _say(redact(err.full()))
         _report_failure(_guess_args(raw), err, stdout, "failed", err.message, err.hint, EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     if not getattr(args, "command", None):
