@@ -95,6 +95,19 @@ SETUPS = {"fifo": _fifo, "long_line": _long_line, "a_file": _a_file, "model_empt
           "list_config_run": _list_config_run, "no_weights_run": _no_weights_run, "nonempty_out": _nonempty_out}
 
 
+def _raiser(kind: str):
+    import errno
+
+    errors = {"disk_full": OSError(errno.ENOSPC, "No space left on device", "/data/ft-desk/state.json"),
+              "read_only": OSError(errno.EROFS, "Read-only file system", "/data/ft-desk/cache"),
+              "bug": RuntimeError("an ft-desk bug, injected by the corpus")}
+
+    def fail(*args, **kwargs):
+        raise errors[kind]
+
+    return fail
+
+
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -141,7 +154,7 @@ def assert_no_traceback(*streams: str) -> None:
 def test_the_corpus_is_big_and_every_case_is_well_formed():
     ids = [case["id"] for case in CASES]
     assert len(ids) >= 40 and len(set(ids)) == len(ids)
-    assert {case["exit"] for case in CASES} <= {1, 2}
+    assert {case["exit"] for case in CASES} == {1, 2}
     for case in CASES:
         assert case.get("setup") is None or case["setup"] in SETUPS, case["id"]
         assert case["message"], case["id"]
@@ -156,6 +169,9 @@ def test_bad_input_gets_one_sentence_and_its_exit_code(case, tmp_path, capsys, m
     for key, value in (case.get("env") or {}).items():
         monkeypatch.setenv(key, _fill(value, ctx))
     argv = [_fill(str(a), ctx) for a in case["argv"]]
+    if case.get("fault"):
+        target, kind = case["fault"]
+        monkeypatch.setattr(target, _raiser(kind))
 
     code, out, err = run_in_process(argv, capsys)
 
@@ -172,8 +188,9 @@ def test_bad_input_gets_one_sentence_and_its_exit_code(case, tmp_path, capsys, m
         elif not any(line.startswith("not usable") for line in text.splitlines()):
             assert "\n  fix: " in err, text
     elif case.get("json"):
-        final = [e for e in map(parse_line, out.splitlines()) if e][-1]
-        assert final["exit_code"] == case["exit"], final
+        # the last line: a final event (streaming commands), or the one-object answer {"ok": false, ...}
+        final = json.loads(out.strip().splitlines()[-1])
+        assert final.get("ok", False) is False and final["exit_code"] == case["exit"], final
         assert message in final["error"], final
         assert final.get("hint"), f"no fix in {final}"  # every failure says what to do
         if case.get("hint"):
