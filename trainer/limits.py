@@ -84,20 +84,31 @@ def check_run_name(value: object) -> str:
 
 
 def check_ollama_name(value: object) -> str:
-    """An Ollama model name: `[namespace/]name[:tag]`, each part letters, digits, '_', '-', '.'."""
+    """An export's model name as Ollama takes it, `[namespace/]name[:tag]`, or a UserError. Anything that could
+    make a path - a control character, a backslash, '..', more than one '/', an empty part - is refused; within
+    the parts, other characters are folded the friendly way (`Support Desk` -> `support-desk`)."""
     name = str(value)
     rule = ("an Ollama model name is [namespace/]name[:tag] made of letters, digits, '_', '-' and '.' "
             f"(at most {MAX_NAME_CHARS} characters)")
     base, _, tag = name.partition(":")
-    parts = base.split("/")
-    ok = (0 < len(name) <= MAX_NAME_CHARS and not _CONTROL.search(name) and len(parts) <= 2
-          and all(_OLLAMA_PART.match(p) and ".." not in p for p in parts)
-          and (not tag or (_OLLAMA_PART.match(tag) and ".." not in tag)) and name.count(":") <= 1
-          and not has_token(name))
-    if not ok:
-        raise UserError(f"--name {_shown(name)} is not a usable model name: {rule}",
+    parts = base.split("/") + ([tag] if ":" in name else [])
+    folded = [re.sub(r"[^A-Za-z0-9_.-]+", "-", p.strip()).strip("-.").lower() for p in parts]
+    why = None
+    if _CONTROL.search(name):
+        why = "it contains a control character (a newline or tab)"
+    elif "\\" in name or ".." in name or name.count(":") > 1 or base.count("/") > 1:
+        why = "it has a path in it"
+    elif not name.strip() or not all(folded):
+        why = "a part of it is empty"
+    elif len(name) > MAX_NAME_CHARS:
+        why = f"it is {len(name)} characters long"
+    elif has_token(name):
+        why = "it looks like an access token"
+    if why:
+        raise UserError(f"--name {_shown(name)} is not a usable model name ({why}): {rule}",
                         hint="pass e.g. --name support-desk or --name me/support-desk:v2")
-    return name
+    namespaced = "/".join(folded[: len(base.split("/"))])
+    return f"{namespaced}:{folded[-1]}" if ":" in name else namespaced
 
 
 def export_file_stem(name: str) -> str:

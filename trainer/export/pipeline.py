@@ -6,6 +6,7 @@ are declared in trainer/events.py) on the sink passed in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     started = time.time()
     if request.format not in FORMAT_NAMES:
         raise UserError(f"--format must be one of {', '.join(FORMAT_NAMES)}, got {request.format!r}")
-    check_request(request)
+    request = check_request(request)
     if request.format in GGUF_FORMATS:
         require(gguf_type_of(request))
     source = open_run(request.run_dir, request.checkpoint)
@@ -125,15 +126,16 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
         return _export(request, source, target, sink, started)
 
 
-def check_request(request: ExportRequest) -> None:
+def check_request(request: ExportRequest) -> ExportRequest:
     """The names and paths of an export, checked once before anything is read or written (trainer/limits.py):
-    --name is an Ollama-style model name (so the GGUF file name has no separator and nothing lands outside
+    --name becomes an Ollama-style model name (so the GGUF file name has no separator and nothing lands outside
     --out), --out and the run folder are paths without control characters or pasted tokens."""
     check_text(str(request.run_dir), "RUN_DIR", "a run folder")
     if request.out is not None:
         check_text(str(request.out), "--out", "a folder")
-    if request.name is not None:
-        check_ollama_name(request.name)
+    if request.name is None:
+        return request
+    return dataclasses.replace(request, name=check_ollama_name(request.name))
 
 
 def _export(request: ExportRequest, source, target, sink: EventSink, started: float) -> dict[str, Any]:

@@ -27,8 +27,8 @@ def _tree(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b/victim", "bad\nname", "a\\b", "x:y:z", ".hidden",
-                                  "", "a" * 101, "me/..", "hf_" + "Q1w" * 12])
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b/victim", "bad\nname", "a\\b", "x:y:z", "./.",
+                                  "", "a" * 101, "me/..", "hf_" + "Q1w" * 12, "ok/", "name:"])
 def test_a_name_that_is_not_an_ollama_name_is_refused_before_anything_is_written(qlora_run, tmp_path, name):
     (tmp_path / "victim-f16.gguf").write_bytes(b"the user's own file")
     before = _tree(tmp_path)
@@ -38,9 +38,11 @@ def test_a_name_that_is_not_an_ollama_name_is_refused_before_anything_is_written
     assert (tmp_path / "victim-f16.gguf").read_bytes() == b"the user's own file"
 
 
-@pytest.mark.parametrize("name", ["support-desk", "me/support-desk:v2", "Qwen2.5-tuned", "a_b.c"])
-def test_ollama_style_names_are_accepted(name):
-    assert check_ollama_name(name) == name
+@pytest.mark.parametrize("name, model", [("support-desk", "support-desk"), ("me/support-desk:v2", "me/support-desk:v2"),
+                                         ("Support Desk", "support-desk"), ("Qwen2.5 tuned!", "qwen2.5-tuned"),
+                                         (".hidden", "hidden"), ("Team A/Bot:Best Yet", "team-a/bot:best-yet")])
+def test_ollama_style_names_are_accepted_and_folded_the_friendly_way(name, model):
+    assert check_ollama_name(name) == model
 
 
 def test_a_namespaced_name_becomes_one_file_inside_out_and_the_modelfile_names_it(qlora_run, tmp_path):
