@@ -131,6 +131,11 @@ def _serve(run_dir: Path, args: argparse.Namespace) -> int:
         except UserError as err:
             sink.emit(make_event("chat_error", error=err.message, hint=err.hint or None))
             continue
+        except Exception as exc:  # noqa: BLE001 - one failed reply must not end the playground; the log has why
+            log = _log_traceback(run_dir, exc)
+            sink.emit(make_event("chat_error", error=f"internal error: {type(exc).__name__}: {str(exc)[:200]}",
+                                 hint=f"this is a bug in ft-desk; the traceback is in {log}"))
+            continue
         sink.emit(make_event("chat_done", **result))
     return 0
 
@@ -170,6 +175,18 @@ def parse_request(line: str, default_max_new_tokens: int) -> tuple[list[dict[str
         raise UserError(f"bad request: \"max_new_tokens\" must be an int from 1 to {MAX_NEW_TOKENS}, "
                         f"got {limit!r}", hint=REQUEST_HINT)
     return [{"role": m["role"], "content": m.get("content", "")} for m in messages], base, limit
+
+
+def _log_traceback(run_dir: Path, exc: BaseException) -> Path:
+    """Append a failed reply's traceback to the run's run.log (redacted, as every log line is)."""
+    import traceback
+
+    from ft_desk.trainer.hub.credentials import redact
+
+    path = run_folder.log_path(run_dir)
+    with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+        f.write(redact(f"{run_folder.now_iso()} chat reply failed:\n" + "".join(traceback.format_exception(exc))))
+    return path
 
 
 def _interactive(run_dir: Path, args: argparse.Namespace) -> int:

@@ -269,3 +269,30 @@ def test_ctrl_c_during_training_says_at_once_that_it_stops_after_the_step(tmp_pa
     assert proc.returncode == 3  # stopped, resumable
     finished = [e for e in map(parse_line, out.splitlines()) if e][-1]
     assert finished["type"] == "run_finished" and finished["status"] == "stopped"
+
+
+def test_a_reply_that_fails_inside_is_one_error_event_and_the_chat_goes_on(tmp_path, monkeypatch, capsys, good_run):
+    """In-process `chat --events jsonl`: a bug in one reply is a chat_error naming run.log, then the next request."""
+    import io
+
+    from ft_desk.trainer.cli import chat
+
+    calls = []
+
+    def reply(self, messages, base, max_new_tokens, emit):
+        calls.append(messages)
+        if len(calls) == 1:
+            raise RuntimeError("injected generation failure")
+        return {"text": "ok", "tokens": 1, "seconds": 0.0, "stopped": True}
+
+    monkeypatch.setattr(chat.ChatModel, "reply", reply)
+    line = '{"messages": [{"role": "user", "content": "hi"}]}\n'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(line * 2))
+    code, out, err = run_in_process(["chat", str(good_run), "--events", "jsonl"], capsys)
+    assert_no_traceback(out, err)
+    events = [e for e in map(parse_line, out.splitlines()) if e]
+    assert [e["type"] for e in events] == ["chat_ready", "chat_error", "chat_done"]
+    assert events[1]["error"] == "internal error: RuntimeError: injected generation failure"
+    assert str(good_run / "run.log") in events[1]["hint"]
+    assert "injected generation failure" in (good_run / "run.log").read_text(encoding="utf-8")
+    assert code == 0
