@@ -19,6 +19,31 @@ PROBE_SYSTEM = "Probe system 5120."
 KNOWN_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
 
 
+def unsafe_template_error(exc: BaseException):
+    """A UserError when `exc` is the Jinja sandbox refusing a chat template that reaches for Python internals
+    (`''.__class__`, `cycler.__init__`...), else None. transformers renders templates in a sandbox; ft-desk says
+    what happened instead of showing the sandbox's traceback."""
+    if type(exc).__name__ != "SecurityError" or "jinja2" not in type(exc).__module__:
+        return None
+    from ft_desk.trainer.errors import ModelError
+
+    return ModelError(f"the model's chat template tries to reach Python internals ({str(exc)[:120]}); the template "
+                      "sandbox refused to run it",
+                      hint="use a model whose chat template is plain Jinja, or set data.chat_template=none; "
+                           "do not trust this model's files")
+
+
+def apply_template(tokenizer, messages, **kwargs):
+    """tokenizer.apply_chat_template, with a sandbox refusal as one sentence (unsafe_template_error)."""
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - only the sandbox's refusal is translated; anything else propagates
+        error = unsafe_template_error(exc)
+        if error is not None:
+            raise error from None
+        raise
+
+
 def render_probe(tokenizer, system: bool = False) -> str | None:
     """The chat template applied to a fixed user/assistant exchange, or None without a usable template."""
     if not getattr(tokenizer, "chat_template", None):
@@ -28,7 +53,10 @@ def render_probe(tokenizer, system: bool = False) -> str | None:
         messages.insert(0, {"role": "system", "content": PROBE_SYSTEM})
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # noqa: BLE001 - a template may reject a role order (any error type); the caller falls back
+    except Exception as exc:  # noqa: BLE001 - a template may reject a role order (any error type); the caller falls back
+        error = unsafe_template_error(exc)
+        if error is not None:
+            raise error from None
         return None
 
 

@@ -9,7 +9,9 @@ Errors are `ConfigError`s whose message names the dotted key and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,13 +20,19 @@ from typing import Any, Literal, get_args, get_origin
 from ft_desk.trainer.columns import ColumnsError, columns_setting
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME, is_demo_model
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.limits import MAX_NEW_TOKENS, check_run_name, check_text
 
 AUTO = "auto"
 """The value of a batching setting that ft-desk sizes from the data (trainer/recipe_sizing.py)."""
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration value or key is wrong; the message is one sentence meant for the user."""
+    """A configuration value or key is wrong; the message is one sentence meant for the user, the hint the fix
+    (by default: where settings are changed, and where each one is explained)."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message, hint or "change it in the preset or with --set section.key=value; "
+                                          "`ft-desk train --print-config` shows every setting")
 
 
 @dataclass(frozen=True)
@@ -196,41 +204,56 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
-# Checks beyond the type, by dotted key: (predicate, description of what is allowed).
+# Checks beyond the type, by dotted key: (predicate, description of what is allowed). Every number has an upper
+# bound too, so a typo like 1e12 is refused here instead of running for hours (the bound is in the message).
+_SEED_MAX = 2**32 - 1
+
+
+def _between(low: float, high: float) -> typing.Callable[[Any], bool]:
+    return lambda v: low <= v <= high
+
+
 _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "lora.r": (lambda v: v > 0, "a positive int"),
-    "lora.alpha": (lambda v: v > 0, "a positive int"),
+    "lora.r": (_between(1, 4096), "an int from 1 to 4096"),
+    "lora.alpha": (_between(1, 65536), "an int from 1 to 65536"),
     "lora.dropout": (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
-    "lora.target_modules": (lambda v: len(v) > 0, "a non-empty list of module names"),
-    "data.max_length": (lambda v: v >= 16, "an int of at least 16"),
+    "lora.target_modules": (lambda v: 0 < len(v) <= 256, "a non-empty list of at most 256 module names"),
+    "quant.skip_modules": (lambda v: len(v) <= 256, "a list of at most 256 module names"),
+    "data.max_length": (_between(16, 131072), "an int from 16 to 131072 (tokens)"),
     "data.val_fraction": (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
-    "data.max_val_rows": (lambda v: v >= 1, "a positive int"),
+    "data.max_val_rows": (_between(1, 1_000_000), "an int from 1 to 1000000"),
+    "data.seed": (_between(0, _SEED_MAX), f"an int from 0 to {_SEED_MAX}"),
     "optim.lr": (lambda v: 0.0 < v < 1.0, "a float in (0, 1)"),
-    "optim.weight_decay": (lambda v: v >= 0.0, "a non-negative float"),
-    "optim.eps": (lambda v: v > 0.0, "a positive float"),
+    "optim.weight_decay": (_between(0.0, 10.0), "a float from 0 to 10"),
+    "optim.eps": (lambda v: 0.0 < v <= 1.0, "a float in (0, 1]"),
     "optim.warmup_ratio": (lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"),
-    "optim.max_grad_norm": (lambda v: v >= 0.0, "a non-negative float"),
+    "optim.max_grad_norm": (_between(0.0, 1e6), "a float from 0 to 1000000"),
     "optim.betas": (lambda v: all(0.0 <= b < 1.0 for b in v), "two floats in [0, 1)"),
-    "train.epochs": (lambda v: v > 0, "a positive number"),
-    "train.max_steps": (lambda v: v >= 0, "a non-negative int"),
-    "train.micro_batch_size": (lambda v: v >= 1, "a positive int"),
-    "train.grad_accum": (lambda v: v >= 1, "a positive int"),
-    "train.micro_batch_tokens": (lambda v: v >= 16, "an int of at least 16"),
-    "train.loss_chunk_tokens": (lambda v: v >= 16, "an int of at least 16"),
-    "train.log_every": (lambda v: v >= 1, "a positive int"),
-    "train.max_bad_steps": (lambda v: v >= 1, "a positive int"),
-    "train.threads": (lambda v: v >= 0, "a non-negative int"),
-    "eval.every_steps": (lambda v: v >= 0, "a non-negative int"),
-    "eval.max_batches": (lambda v: v >= 0, "a non-negative int"),
-    "eval.sample_prompts": (lambda v: v >= 0, "a non-negative int"),
-    "eval.max_new_tokens": (lambda v: v >= 1, "a positive int"),
-    "eval.early_stop_patience": (lambda v: v >= 0, "a non-negative int"),
-    "output.save_every": (lambda v: v >= 0, "a non-negative int"),
-    "output.keep_last": (lambda v: v >= 1, "a positive int"),
+    "train.epochs": (lambda v: 0 < v <= 1000, "a number above 0 and at most 1000"),
+    "train.max_steps": (_between(0, 1_000_000), "an int from 0 to 1000000"),
+    "train.micro_batch_size": (_between(1, 4096), "an int from 1 to 4096"),
+    "train.grad_accum": (_between(1, 4096), "an int from 1 to 4096"),
+    "train.micro_batch_tokens": (_between(16, 1_048_576), "an int from 16 to 1048576"),
+    "train.loss_chunk_tokens": (_between(16, 1_048_576), "an int from 16 to 1048576"),
+    "train.seed": (_between(0, _SEED_MAX), f"an int from 0 to {_SEED_MAX}"),
+    "train.log_every": (_between(1, 1_000_000), "an int from 1 to 1000000"),
+    "train.max_bad_steps": (_between(1, 1_000_000), "an int from 1 to 1000000"),
+    "train.threads": (_between(0, 1024), "an int from 0 to 1024"),
+    "eval.every_steps": (_between(0, 1_000_000), "an int from 0 to 1000000"),
+    "eval.max_batches": (_between(0, 1_000_000), "an int from 0 to 1000000"),
+    "eval.sample_prompts": (_between(0, 100), "an int from 0 to 100"),
+    "eval.max_new_tokens": (_between(1, MAX_NEW_TOKENS), f"an int from 1 to {MAX_NEW_TOKENS}"),
+    "eval.early_stop_patience": (_between(0, 1_000_000), "an int from 0 to 1000000"),
+    "output.save_every": (_between(0, 1_000_000), "an int from 0 to 1000000"),
+    "output.keep_last": (_between(1, 1000), "an int from 1 to 1000"),
     "model.name": (lambda v: v.strip() != "", "a model id, a folder, a .gguf file, an Ollama model or `demo`"),
     "data.train_file": (lambda v: v.strip() != "", "a data file or `demo`"),
 }
 
+# Free text that becomes a path or an id: no control characters, bounded, no pasted token (trainer/limits.py).
+_TEXT_KEYS = {"model.name": "a model id or folder", "model.revision": "a branch, tag or commit",
+              "data.train_file": "a data file", "data.valid_file": "a data file",
+              "output.runs_dir": "a folder"}
 
 
 def _columns(value: Any) -> tuple[str, ...]:
@@ -269,7 +292,8 @@ def _describe(tp: Any) -> str:
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     """Turn `value` (from YAML or a command line string) into type `tp`, or raise ConfigError naming `key`."""
-    bad = ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+    shown = value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "..."
+    bad = ConfigError(f"{key} must be {_describe(tp)}, got {shown!r}", hint=_hint(key))
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
@@ -337,12 +361,17 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise bad
         if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise bad
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 raise bad from None
+            if not math.isfinite(number):
+                raise bad
+            return number
         raise bad
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -370,10 +399,37 @@ def choices(key: str) -> tuple[str, ...]:
     return get_args(tp)
 
 
+@functools.lru_cache(maxsize=None)
+def _hint(key: str) -> str:
+    """The fix for a bad value of `key`: the setting with its default as an example."""
+    section, _, name = key.partition(".")
+    try:
+        default = getattr(_section_types()[section](), name)
+    except (KeyError, AttributeError, TypeError):
+        return ""
+    if isinstance(default, tuple):
+        default = ",".join(str(v) for v in default)
+    elif isinstance(default, bool):
+        default = str(default).lower()
+    if default is None:
+        return f"change {key} in the preset or with --set {key}=VALUE, or leave it unset"
+    return f"change {key} in the preset or with --set {key}=VALUE (the default is {default})"
+
+
 def _check(key: str, value: Any) -> None:
     rule = _RULES.get(key)
     if rule is not None and value is not None and value != AUTO and not rule[0](value):
-        raise ConfigError(f"{key} must be {rule[1]}, got {value!r}")
+        raise ConfigError(f"{key} must be {rule[1]}, got {value!r}", hint=_hint(key))
+    if key in _TEXT_KEYS and value is not None:
+        try:
+            check_text(value, key, _TEXT_KEYS[key])
+        except UserError as err:
+            raise ConfigError(err.message, err.hint) from None
+    if key == "output.run_name" and value is not None:
+        try:
+            check_run_name(value)
+        except UserError as err:
+            raise ConfigError(err.message, err.hint) from None
 
 
 def merge_layer(base: dict[str, dict[str, Any]], layer: dict[str, Any], source: str) -> None:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol, TextIO, TypedDict
 
+from ft_desk.trainer.redaction import dumps_redacted
+
 try:
     from typing import NotRequired
 except ImportError:  # Python 3.10: the same class, from the typing backport
@@ -372,7 +374,7 @@ class JsonlSink:
 
     def emit(self, event: dict[str, Any]) -> None:
         try:
-            self.stream.write(json.dumps(event, ensure_ascii=False) + "\n")
+            self.stream.write(dumps_redacted(event, ensure_ascii=False) + "\n")
             self.stream.flush()
         except (BrokenPipeError, ValueError):
             # The reader went away (TUI closed): the run goes on; events.jsonl still has everything.
@@ -398,7 +400,7 @@ class FileSink:
         self._file = open(path, "a", encoding="utf-8")
 
     def emit(self, event: dict[str, Any]) -> None:
-        self._file.write(json.dumps(event, ensure_ascii=False) + "\n")
+        self._file.write(dumps_redacted(event, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

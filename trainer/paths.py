@@ -34,6 +34,16 @@ def config_home() -> Path:
     return user_config_path("ft-desk")
 
 
+def log_home() -> Path:
+    """Log files of commands that have no run folder to log into (a traceback, when something breaks)."""
+    override = os.environ.get("FT_DESK_HOME")
+    if override:
+        return Path(override).expanduser() / "logs"
+    from platformdirs import user_log_path
+
+    return user_log_path("ft-desk")
+
+
 def runs_home(configured: str | None = None) -> Path:
     """The folder holding one sub-folder per run."""
     return Path(configured).expanduser() if configured else data_home() / "runs"

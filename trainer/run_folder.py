@@ -27,8 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ft_desk.trainer import limits
 from ft_desk.trainer.atomic import write_json
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.redaction import redact_data
 
 CONFIG = "config.json"
 STATE = "state.json"
@@ -107,9 +109,8 @@ def default_run_name(model_name: str, method: str, now: datetime | None = None) 
 
 
 def check_run_name(name: str) -> str:
-    if not name or "/" in name or name.startswith("."):
-        raise UserError(f"output.run_name must be a plain folder name, got {name!r}")
-    return name
+    """A run name is a plain folder name (limits.check_plain_name): a run never lands outside its runs folder."""
+    return limits.check_run_name(name)
 
 
 def unused_run_dir(home: Path, name: str) -> Path:
@@ -124,7 +125,7 @@ def unused_run_dir(home: Path, name: str) -> Path:
 def create_run_dir(home: Path, name: str) -> Path:
     """Make a new, empty run folder named after `name` (see unused_run_dir)."""
     check_run_name(name)
-    Path(home).mkdir(parents=True, exist_ok=True)
+    limits.ensure_folder(Path(home), "the runs folder", "output.runs_dir (or FT_DESK_HOME)")
     while True:
         path = unused_run_dir(home, name)
         try:
@@ -132,6 +133,9 @@ def create_run_dir(home: Path, name: str) -> Path:
             return path
         except FileExistsError:  # another run took the name in between
             continue
+        except OSError as exc:
+            raise limits.folder_problem(exc, Path(home), "the runs folder",
+                                        "output.runs_dir (or FT_DESK_HOME)") from None
 
 
 # ------------------------------------------------------------------ state.json
@@ -150,7 +154,8 @@ def read_state(run_dir: Path) -> dict[str, Any]:
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    write_json(state_path(run_dir), state, indent=1, default=str)
+    """Write state.json atomically; token-shaped strings (a token pasted as a model name) are masked."""
+    write_json(state_path(run_dir), redact_data(state), indent=1, default=str)
 
 
 def update_state(run_dir: Path, **changes: Any) -> dict[str, Any]:
@@ -159,6 +164,46 @@ def update_state(run_dir: Path, **changes: Any) -> dict[str, Any]:
     state.update(changes, updated=now_iso())
     write_state(run_dir, state)
     return state
+
+
+# ------------------------------------------------------------------ one writer at a time
+
+LOCK = ".lock"
+
+
+def lock_run(run_dir: Path):
+    """Hold RUN_DIR/.lock for as long as this process writes the run (train, resume); a second writer is refused
+    with a UserError instead of both writing one folder. The operating system drops the lock when the process
+    dies, SIGKILL included, so a crashed run is never locked. Returns the lock; call `.release()` when done."""
+    from filelock import FileLock, Timeout  # a dependency already (hub/download.py); flock/msvcrt underneath
+
+    lock = FileLock(str(Path(run_dir) / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another ft-desk process is writing to {run_dir} right now",
+                        hint="wait for it to finish, or stop it first (attach to it in the app)") from None
+    except OSError as exc:
+        raise limits.folder_problem(exc, Path(run_dir), "a run folder", "output.runs_dir") from None
+    return lock
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run's lock (is training or resuming it)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return False
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
 
 
 # ------------------------------------------------------------------ liveness and status
@@ -187,17 +232,24 @@ def pid_alive(pid: Any) -> bool:
     return "ft_desk" in command or "ft-desk" in command
 
 
-def judged_status(state: dict[str, Any]) -> str:
-    """The status to show and act on: "running" only while its process lives, else "crashed"."""
+def judged_status(state: dict[str, Any], run_dir: Path | None = None) -> str:
+    """The status to show and act on: "running" only while its process lives, else "crashed". With `run_dir`,
+    the run's lock is asked too: a trainer holds it while it writes, and the kernel drops it the moment the
+    process dies (SIGKILL included, even while the dead process waits to be reaped), so a lock nobody holds
+    means crashed whatever the pid says. Every reader (runs, resume, eval, export, the app) judges this way."""
     status = str(state.get("status") or "unknown")
-    if status == RUNNING and not pid_alive(state.get("pid")):
+    if status != RUNNING:
+        return status
+    if not pid_alive(state.get("pid")):
         return CRASHED  # the process is gone without saying goodbye
+    if run_dir is not None and (Path(run_dir) / LOCK).exists() and not is_locked(run_dir):
+        return CRASHED  # the pid is alive but it is not our trainer any more (reused, or a zombie)
     return status
 
 
 def is_live(run_dir: Path) -> bool:
     """The run's trainer is training right now."""
-    return judged_status(read_state(run_dir)) == RUNNING
+    return judged_status(read_state(run_dir), run_dir) == RUNNING
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -247,11 +299,13 @@ def checkpoint_folder(run_dir: Path, checkpoint: str | int = "best") -> Path:
     try:
         step = int(checkpoint)
     except (TypeError, ValueError):
-        raise UserError(f"--checkpoint must be best, last or a step number, got {checkpoint!r}") from None
+        raise UserError(f"--checkpoint must be best, last or a step number, got {checkpoint!r}",
+                        hint="e.g. --checkpoint last; the steps saved are the checkpoints/step-N folders") from None
     folder = step_folder(run_dir, step)
     if not folder.is_dir():
         have = ", ".join(str(step_of(p)) for p in folders) or "none"
-        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {have}")
+        raise UserError(f"{run_dir} has no checkpoint at step {step}; available: {have}",
+                        hint="pass one of those steps, or --checkpoint best / last")
     return folder
 
 
@@ -282,7 +336,7 @@ def list_runs(home: Path) -> list[dict[str, Any]]:
         if not state:
             continue
         out.append({
-            "run_dir": str(folder), "run_name": folder.name, "status": judged_status(state),
+            "run_dir": str(folder), "run_name": folder.name, "status": judged_status(state, folder),
             "model_name": state.get("model_name"), "method": state.get("method"),
             "best_val_loss": state.get("best_val_loss"), "best_step": state.get("best_step"),
             "step": state.get("step"), "total_steps": state.get("total_steps"),

@@ -60,7 +60,7 @@ class RunWatcher:
         state = run_folder.read_state(self.run_dir)
         if not state:
             return True, None  # nothing to follow: not a run folder
-        status = run_folder.judged_status(state)
+        status = run_folder.judged_status(state, self.run_dir)
         if status != LIVE:
             # A crashed trainer never wrote its exit code; a finished one did.
             return True, state.get("exit_code") if status != run_folder.CRASHED else None

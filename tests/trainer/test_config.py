@@ -52,7 +52,19 @@ def test_dotted_overrides_win_and_are_typed():
 
 @pytest.mark.parametrize("override, message", [
     ("lora.r=x", "lora.r must be an int, got 'x'"),
-    ("lora.r=0", "lora.r must be a positive int, got 0"),
+    ("lora.r=0", "lora.r must be an int from 1 to 4096, got 0"),
+    ("lora.r=1e30", "lora.r must be an int from 1 to 4096, got 1000000000000000019884624838656"),
+    ("train.epochs=1e12", "train.epochs must be a number above 0 and at most 1000, got 1000000000000.0"),
+    ("train.epochs=inf", "train.epochs must be a number, got 'inf'"),
+    ("optim.lr=nan", "optim.lr must be a number, got 'nan'"),
+    ("train.max_steps=1e12", "train.max_steps must be an int from 0 to 1000000"),
+    ("data.max_length=1e30", "data.max_length must be an int from 16 to 131072 (tokens)"),
+    ("eval.max_new_tokens=1e12", "eval.max_new_tokens must be an int from 1 to 32768"),
+    ("train.micro_batch_size=100000", "train.micro_batch_size must be an int from 1 to 4096"),
+    ("output.run_name=../escape", "output.run_name must be a plain folder name"),
+    ("output.run_name=a/b", "contains a path separator"),
+    ("model.name=hf_abcdefghijklmnopqrstuvwxyz0123", "model.name 'hf_***' looks like an access token"),
+    ("data.train_file=/data/x\n.jsonl", "data.train_file '/data/x\\n.jsonl' contains a control character"),
     ("train.method=dpo", "train.method must be one of 'qlora', 'lora', 'full', got 'dpo'"),
     ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
     ("lora.rank=8", "unknown key lora.rank; allowed in lora: r, alpha, dropout, target_modules, use_dora"),
@@ -93,3 +105,21 @@ def test_choices_lists_the_allowed_values_of_a_fixed_set_setting():
     assert choices("data.train_on") == ("assistant", "all")
     with pytest.raises(ValueError, match="data.max_length"):
         choices("data.max_length")
+
+
+def test_a_bad_value_comes_with_the_fix_naming_the_setting_and_its_default():
+    with pytest.raises(ConfigError) as info:
+        load_config(["demo"], ["train.grad_accum=0"])
+    assert info.value.hint == ("change train.grad_accum in the preset or with --set train.grad_accum=VALUE "
+                               "(the default is auto)")
+    with pytest.raises(ConfigError) as info:
+        load_config(["demo"], ["lora.rank=8"])
+    assert "--print-config" in info.value.hint  # an unknown key: where every setting is listed
+
+
+def test_a_pasted_token_never_reaches_the_message_verbatim():
+    token = "hf_" + "Q" * 34
+    with pytest.raises(ConfigError) as info:
+        load_config(["demo"], [f"data.train_file=/home/me/{token}/rows.jsonl"])
+    assert token not in info.value.full()
+    assert "looks like an access token" in info.value.message

@@ -32,7 +32,7 @@ def test_auto_is_the_preset_default_and_numbers_still_work():
     assert again.train.micro_batch_size == "auto" and again.data.max_length == "auto"
     with pytest.raises(ConfigError, match="train.micro_batch_size must be an int or one of 'auto', got 'lots'"):
         load_config(["qlora"], ["train.micro_batch_size=lots"])
-    with pytest.raises(ConfigError, match="train.grad_accum must be a positive int, got 0"):
+    with pytest.raises(ConfigError, match="train.grad_accum must be an int from 1 to 4096, got 0"):
         load_config(["qlora"], ["train.grad_accum=0"])
 
 

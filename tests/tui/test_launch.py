@@ -86,12 +86,13 @@ async def test_a_bad_setting_is_shown_with_the_trainers_own_sentence(make_app, r
         app.draft = demo_draft()
         app.start_training()
         messages = await run_until_notice(pilot, app, "Training did not start")
-        assert messages == ["lora.r must be a positive int, got 0"]  # no hint, so no "fix:" line
+        assert messages == ["lora.r must be an int from 1 to 4096, got 0\n"
+                            "fix: change lora.r in the preset or with --set lora.r=VALUE (the default is 16)"]
         assert app.session.ended and app.session.status == "crashed"
         assert not app.session.run_dir.exists()  # it failed before its run folder: only stdout said why
     assert stderr_parsed == []
     started = launches[0]
-    assert "lora.r must be a positive int" in started.stderr_path.read_text(encoding="utf-8")  # the log keeps it
+    assert "lora.r must be an int from 1 to 4096" in started.stderr_path.read_text(encoding="utf-8")  # the log keeps it
     assert not (launch.launch_dir() / f"{started.run_dir.name}.stdout.jsonl").exists()  # read, then removed
 
 
@@ -196,4 +197,4 @@ def test_old_and_redundant_launch_files_are_pruned_when_a_run_starts(runs_dir):
     # The new launch's own copy holds its final event, as the app reads it.
     final = started.final_event()
     assert final is not None and final["type"] == "command_failed" and final["exit_code"] == 2
-    assert final["error"] == "lora.r must be a positive int, got 0"
+    assert final["error"] == "lora.r must be an int from 1 to 4096, got 0"

@@ -25,6 +25,7 @@ from ft_desk.trainer.data.prepare import generation_prompt
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, make_event, stdout_sink
 from ft_desk.trainer.generation import generate
+from ft_desk.trainer.limits import MAX_NEW_TOKENS, int_arg
 from ft_desk.trainer.run_folder import checkpoint_folder
 from ft_desk.trainer.training.model import load_trained
 
@@ -32,7 +33,8 @@ from ft_desk.trainer.training.model import load_trained
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run folder (see: ft-desk runs)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a step number")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    parser.add_argument("--max-new-tokens", type=int_arg(1, MAX_NEW_TOKENS), default=256,
+                        help=f"longest reply in tokens, 1 to {MAX_NEW_TOKENS} (default 256)")
     parser.add_argument("--base", action="store_true", help="start by answering with the base model (adapter off)")
     parser.add_argument("--events", choices=["jsonl"], default=None,
                         help="jsonl: read JSON requests on stdin, write events on stdout (the app uses this)")
@@ -41,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _prompt_ids(messages: list[dict[str, str]], tokenizer, cfg) -> list[int]:
     """Token ids of the conversation followed by the assistant's turn, rendered as training renders it."""
     if not messages or messages[-1].get("role") != "user":
-        raise UserError("a chat request must end with a user message")
+        raise UserError("a chat request must end with a user message",
+                        hint="put the user's new message last in \"messages\"")
     turns = tuple(Message(str(m.get("role")), str(m.get("content", ""))) for m in messages)
     # The placeholder reply only marks where generation starts; it is never rendered.
     example = Example(messages=turns + (Message("assistant", "."),), text=None, where="chat")
@@ -84,7 +87,8 @@ class ChatModel:
     def reply(self, messages: list[dict[str, str]], base: bool, max_new_tokens: int,
               emit: Callable[[str], None]) -> dict[str, Any]:
         if base and not self.base_available:
-            raise UserError("this run trained every weight (method full): there is no adapter to turn off")
+            raise UserError("this run trained every weight (method full): there is no adapter to turn off",
+                            hint="chat with the tuned model, or train a LoRA run to compare with the base")
         ids = _prompt_ids(messages, self.tokenizer, self.cfg)
         streamer = _Streamer(self.tokenizer, emit)
         started = time.time()
@@ -121,18 +125,68 @@ def _serve(run_dir: Path, args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         try:
-            request = json.loads(line)
-            result = chat.reply(list(request.get("messages") or []), bool(request.get("base")),
-                                int(request.get("max_new_tokens") or args.max_new_tokens),
+            messages, base, max_new_tokens = parse_request(line, args.max_new_tokens)
+            result = chat.reply(messages, base, max_new_tokens,
                                 lambda text: sink.emit(make_event("chat_token", text=text)))
         except UserError as err:
-            sink.emit(make_event("chat_error", error=err.message, hint=err.hint))
+            sink.emit(make_event("chat_error", error=err.message, hint=err.hint or None))
             continue
-        except (ValueError, TypeError) as exc:
-            sink.emit(make_event("chat_error", error=f"bad request: {exc}", hint=""))
+        except Exception as exc:  # noqa: BLE001 - one failed reply must not end the playground; the log has why
+            log = _log_traceback(run_dir, exc)
+            sink.emit(make_event("chat_error", error=f"internal error: {type(exc).__name__}: {str(exc)[:200]}",
+                                 hint=f"this is a bug in ft-desk; the traceback is in {log}"))
             continue
         sink.emit(make_event("chat_done", **result))
     return 0
+
+
+REQUEST_HINT = ('send one JSON object a line: {"messages": [{"role": "user", "content": "..."}], '
+                '"base": false, "max_new_tokens": 256}')
+MAX_REQUEST_CHARS = 4 * 1024 * 1024
+"""Longest request line (a whole conversation); a longer one is refused before it is parsed."""
+
+
+def parse_request(line: str, default_max_new_tokens: int) -> tuple[list[dict[str, str]], bool, int]:
+    """(messages, base, max_new_tokens) of one stdin request line, or a UserError saying what is wrong with it."""
+    if len(line) > MAX_REQUEST_CHARS:
+        raise UserError(f"bad request: the line is {len(line)} characters long (at most {MAX_REQUEST_CHARS})",
+                        hint=REQUEST_HINT)
+    try:
+        request = json.loads(line)
+    except ValueError as exc:
+        raise UserError(f"bad request: not JSON ({exc})", hint=REQUEST_HINT) from None
+    if not isinstance(request, dict):
+        raise UserError(f"bad request: expected a JSON object, got {type(request).__name__}", hint=REQUEST_HINT)
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UserError("bad request: \"messages\" must be a non-empty list", hint=REQUEST_HINT)
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content", ""), str)):
+            raise UserError(f"bad request: messages[{i}] must be an object with a string role and content",
+                            hint=REQUEST_HINT)
+    base = request.get("base", False)
+    if not isinstance(base, bool):
+        raise UserError("bad request: \"base\" must be true or false", hint=REQUEST_HINT)
+    limit = request.get("max_new_tokens")
+    if limit is None:
+        limit = default_max_new_tokens
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_NEW_TOKENS:
+        raise UserError(f"bad request: \"max_new_tokens\" must be an int from 1 to {MAX_NEW_TOKENS}, "
+                        f"got {limit!r}", hint=REQUEST_HINT)
+    return [{"role": m["role"], "content": m.get("content", "")} for m in messages], base, limit
+
+
+def _log_traceback(run_dir: Path, exc: BaseException) -> Path:
+    """Append a failed reply's traceback to the run's run.log (redacted, as every log line is)."""
+    import traceback
+
+    from ft_desk.trainer.hub.credentials import redact
+
+    path = run_folder.log_path(run_dir)
+    with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+        f.write(redact(f"{run_folder.now_iso()} chat reply failed:\n" + "".join(traceback.format_exception(exc))))
+    return path
 
 
 def _interactive(run_dir: Path, args: argparse.Namespace) -> int:

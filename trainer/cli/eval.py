@@ -20,6 +20,7 @@ from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.evaluate.report import terminal
 from ft_desk.trainer.evaluate.run import EvalOptions, evaluate_run, parse_metrics, result_summary
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, make_event, stdout_sink
+from ft_desk.trainer.limits import MAX_NEW_TOKENS, float_arg, int_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,17 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[default: all that apply]")
     parser.add_argument("--json-schema", metavar="FILE", help="JSON Schema the outputs should match (adds json)")
     parser.add_argument("--regex", metavar="PATTERN", help="pattern the outputs should match (Python re.search)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int_arg(1, MAX_NEW_TOKENS), metavar="N",
                         help="generation limit [default: room for the longest reference]")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per batch [default: 8]")
+    parser.add_argument("--batch-size", type=int_arg(1, 4096), default=8, metavar="N",
+                        help="prompts per batch, 1 to 4096 [default: 8]")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.7, help="with --sample [default: 0.7]")
-    parser.add_argument("--top-p", type=float, default=0.95, help="with --sample [default: 0.95]")
-    parser.add_argument("--seed", type=int, default=0, help="with --sample: base and tuned use the same seed")
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N examples")
+    parser.add_argument("--temperature", type=float_arg(0.0, 100.0), default=0.7, help="with --sample [default: 0.7]")
+    parser.add_argument("--top-p", type=float_arg(0.0, 1.0), default=0.95, help="with --sample [default: 0.95]")
+    parser.add_argument("--seed", type=int_arg(0, 2**32 - 1), default=0,
+                        help="with --sample: base and tuned use the same seed")
+    parser.add_argument("--limit", type=int_arg(1, 10_000_000), metavar="N", help="evaluate only the first N examples")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default=None,
                         help="where to run [default: the run's train.device]")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--threads", type=int_arg(0, 1024), metavar="N",
                         help="CPU threads for torch [default: the run's train.threads; 0: torch's default]")
     parser.add_argument("--probe", metavar="FILE",
                         help="plain-text retention probe, one passage a line [default: the shipped English probe]")
@@ -89,8 +92,7 @@ class ProgressLines:
             text = (f"  {event['model']:5} {event['phase']:9} {event['done']}/{event['total']}  "
                     f"{event['elapsed_s']:.0f}s")
             self._write(text, transient=event["done"] < event["total"])
-        elif kind == "eval_finished" and event.get("status") == "failed":
-            self._write(f"evaluation failed: {event.get('error')}")
+        # A failure is not written here: cli/main.py prints its one sentence and fix.
 
     def close(self) -> None:
         if self._open:

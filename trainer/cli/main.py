@@ -1,8 +1,16 @@
 """The headless command line: `ft-desk <command> ...`. The TUI launches these same commands as child processes.
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules keep
-heavy imports (torch, transformers) inside functions so `ft-desk --help` stays fast. A `UserError` becomes one
-readable message on stderr (exit 2); any other exception is a bug and is printed with its traceback.
+heavy imports (torch, transformers) inside functions so `ft-desk --help` stays fast.
+
+One rule for every command, enforced here: a user never sees a traceback. Every failure is one sentence naming
+the problem and a `fix:` line, and the exit code says which kind:
+  2  bad input - a `UserError` (config, data, model, names), or a command line argparse refuses
+  1  failed - anything else (a bug, the environment); its traceback goes to the run's run.log when the command
+     names a run folder, else to a log file in ft-desk's log folder (`paths.log_home()`), and the sentence says where
+  130  interrupted (Ctrl-C)
+A reader that went away (`ft-desk runs | head -1`) ends the command quietly with 141, as a Unix tool killed by
+SIGPIPE does. Everything printed is redacted (hub/credentials.redact): a token never reaches the screen.
 
 A machine reader gets every failure as data too, so it never parses stderr: a command that streams events
 (`--events jsonl`, or `--json` for eval, export and models download) ends with a `command_failed` event unless
@@ -13,14 +21,35 @@ command prints `{"ok": false, "error": ..., "hint": ..., "exit_code": ...}` inst
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import sys
-from typing import Any, TextIO
+import tempfile
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
+from ft_desk.trainer import paths, run_folder
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, make_event
 from ft_desk.trainer.hub.credentials import redact
+
+EXIT_BROKEN_PIPE = 141
+"""The reader of stdout went away (128 + SIGPIPE, what a shell shows for a tool killed by the signal)."""
+
+
+class CommandLineError(UserError):
+    """argparse refused the command line (an unknown flag, a bad choice, a value out of bounds)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused command line is one sentence (and a fix), not the usage block and an exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(f"{self.prog}: {message}", hint=f"`{self.prog} --help` lists the arguments")
 
 # command -> (module in this package, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,7 +67,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ft-desk",
         description="Fine-tune an open LLM on this machine. Run without arguments for the terminal app.",
     )
@@ -58,28 +87,140 @@ def _takes_name(module) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout  # commands in jsonl mode point sys.stdout at stderr; the failure report goes to the real one
+    try:
+        return _main(argv, stdout)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # while the commands were being loaded
+        _say("ft-desk: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as err:  # before any command ran: a broken install (an import failing), say it the same way
+        log_file = write_traceback(argparse.Namespace(command="ft-desk"), err)
+        error, hint = describe_failure(err, log_file)
+        if isinstance(err, ImportError):
+            hint = f"reinstall ft-desk and its dependencies in this Python environment; {hint.split('; ')[-1]}"
+        _say(redact(f"{error}\n  fix: {hint}"))
+        return EXIT_FAILED
+
+
+def _main(argv: list[str] | None, stdout: TextIO) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(raw)
+    except CommandLineError as err:
+        _say(redact(err.full()))
+        _report_failure(_guess_args(raw), err, stdout, "failed", err.message, err.hint, EXIT_BAD_INPUT)
+        return EXIT_BAD_INPUT
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
     module = importlib.import_module(args._module)
-    stdout = sys.stdout  # commands in jsonl mode point sys.stdout at stderr; the failure report goes to the real one
     try:
         return int(module.run(args) or 0)
+    except BrokenPipeError:
+        raise
     except UserError as err:
+        if not err.hint:  # every failure says what to do; where a raise site has no better fix, the options do
+            err.hint = f"`ft-desk {args.command} --help` explains what it accepts"
         # a token must never reach the screen or a pasted bug report
-        print(f"ft-desk: {redact(err.full())}", file=sys.stderr)
+        _say(redact(err.full()))
         _report_failure(args, err, stdout, "failed", redact(err.message), redact(err.hint) or None, EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as err:
-        print("ft-desk: interrupted", file=sys.stderr)
+        _say("ft-desk: interrupted")
         _report_failure(args, err, stdout, "cancelled", "interrupted", None, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
-    except Exception as err:  # a bug: the traceback still goes to stderr, the reader gets the failure as data
-        _report_failure(args, err, stdout, "failed", redact(f"internal error: {type(err).__name__}: {err}"),
-                        "this is a bug in ft-desk; the traceback is on stderr", EXIT_FAILED)
-        raise
+    except Exception as err:  # a bug or the environment: one sentence here, the traceback in a log file
+        log_file = write_traceback(args, err)
+        error, hint = describe_failure(err, log_file)
+        _say(redact(f"{error}\n  fix: {hint}"))
+        _report_failure(args, err, stdout, "failed", redact(error), redact(hint), EXIT_FAILED)
+        return EXIT_FAILED
+
+
+def _say(text: str) -> None:
+    """One message on stderr, prefixed `ft-desk: ` (a closed stderr is not worth a traceback either)."""
+    try:
+        print(text if text.startswith("ft-desk") else f"ft-desk: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush cannot complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _guess_args(raw: list[str]) -> argparse.Namespace:
+    """What a refused command line said about its output mode, for the machine-readable failure."""
+    command = next((a for a in raw if not a.startswith("-")), "ft-desk")
+    pairs = zip(raw, raw[1:] + [""])
+    events = "jsonl" if "--events=jsonl" in raw or ("--events", "jsonl") in pairs else None
+    return argparse.Namespace(command=command, events=events, json="--json" in raw,
+                              models_command="download" if command == "models" and "download" in raw else None)
+
+
+def log_folder() -> Path:
+    """Where tracebacks of commands without a run folder go: ft-desk's log folder, else the temp folder."""
+    for folder in (paths.log_home(), Path(tempfile.gettempdir()) / "ft-desk-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    return Path(tempfile.gettempdir())
+
+
+def write_traceback(args: argparse.Namespace, err: BaseException) -> Path | None:
+    """Append the traceback to the run's run.log (when the command names a run folder), else to a new file in
+    the log folder; returns the file, or None when nothing could be written."""
+    trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+    text = redact(f"{stamp} ft-desk {getattr(args, 'command', '?')} failed:\n{trace}\n")
+    candidates: list[Path] = []
+    run_dir = getattr(args, "run_dir", None) or getattr(args, "resume", None)
+    if run_dir is not None and run_folder.is_run_folder(Path(run_dir)):
+        candidates.append(run_folder.log_path(Path(run_dir)))
+    candidates.append(log_folder() / f"{datetime.now():%Y%m%d-%H%M%S}-{getattr(args, 'command', 'ft-desk')}-"
+                                     f"{os.getpid()}.log")
+    for path in candidates:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def describe_failure(err: BaseException, log_file: Path | None) -> tuple[str, str]:
+    """(sentence, fix) for an exception that is not a UserError."""
+    where = f"the traceback is in {log_file}" if log_file else "no log file could be written"
+    if isinstance(err, OSError) and err.errno is not None:
+        target = f" {err.filename}" if getattr(err, "filename", None) else ""
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return f"the disk is full (writing{target})", f"free some space and run the command again; {where}"
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason = "read-only file system" if err.errno == errno.EROFS else "permission denied"
+            return f"cannot write{target}: {reason}", f"choose a folder you can write to; {where}"
+        if err.errno == errno.ENOTDIR:
+            return f"a file is in the way of a folder ({target.strip() or 'a path'})", \
+                f"move the file or choose another folder; {where}"
+        return f"{err.strerror or type(err).__name__}{target}", f"{where}"
+    if isinstance(err, MemoryError):
+        return "ran out of memory", f"close other programs or use smaller inputs; {where}"
+    text = str(err).splitlines()[0] if str(err) else ""
+    return (f"internal error: {type(err).__name__}: {text}".rstrip(": "),
+            f"this is a bug in ft-desk; {where}")
 
 
 def streams_events(args: argparse.Namespace) -> bool:

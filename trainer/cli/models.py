@@ -37,6 +37,7 @@ from ft_desk.trainer.hub.cache import (
 from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.download import download_model
 from ft_desk.trainer.hub.search import FitCheck, model_details, search_models
+from ft_desk.trainer.limits import int_arg
 from ft_desk.trainer.model_sources import describe_model, import_model, ollama_listing
 
 SUBCOMMANDS = ("search", "list", "info", "download", "rm", "ollama", "import")
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = add("search", "search the Hub for text-generation models (curated list first without a query)")
     p.add_argument("query", nargs="?", default=None, help="words in the model id; omit for the curated list")
     p.add_argument("--sort", choices=("downloads", "likes", "updated"), default="downloads")
-    p.add_argument("--limit", type=int, default=20, help="Hub results to show (default 20)")
+    p.add_argument("--limit", type=int_arg(1, 1000), default=20, help="Hub results to show, 1 to 1000 (default 20)")
     fit_args(p)
 
     add("list", "list models in the local Hugging Face cache with their sizes")

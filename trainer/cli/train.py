@@ -111,9 +111,19 @@ def run(args: argparse.Namespace) -> int:
         sink.emit(make_event("log", level="info", message=GET_REAL_DEMO))
     code, run_dir = train(cfg, sink, resume_dir=resume, stop=stop)
     sink.close()
+    if isinstance(sink, ListSink):  # --events none still says, in one sentence, why a run did not complete
+        _print_failure(sink)
     if mode == "pretty" and run_dir is not None:
         _print_summary(run_dir)
     return code
+
+
+def _print_failure(sink: ListSink) -> None:
+    finished = sink.of_type("run_finished")
+    if finished and finished[-1].get("error"):
+        event = finished[-1]
+        hint = f"\n  fix: {event['hint']}" if event.get("hint") else ""
+        print(f"ft-desk: {event['error']}{hint}", file=sys.stderr)
 
 
 def _print_summary(run_dir: Path) -> None:

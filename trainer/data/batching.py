@@ -57,14 +57,17 @@ def schedule(
     fraction = epochs - whole
     out: list[MicroBatch] = []
     n_epochs = whole + (1 if fraction > 1e-9 else 0)
+    # Counted once per example, not once per epoch: a long max_steps run repeats the epochs many times.
+    lengths = _lengths(examples)
+    target_counts = [_target_count(e) for e in examples] if n_epochs else []
     for epoch in range(n_epochs):
         rows = epoch_rows(examples, max_length, packing, seed, epoch)
         batches = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
         if epoch == whole:  # the fractional tail
             batches = batches[: max(1, round(len(batches) * fraction))]
         for b in batches:
-            tokens = sum(len(examples[i].input_ids) for row in b for i in row)
-            targets = sum(_target_count(examples[i]) for row in b for i in row)
+            tokens = sum(lengths[i] for row in b for i in row)
+            targets = sum(target_counts[i] for row in b for i in row)
             out.append(MicroBatch(rows=tuple(b), tokens=tokens, target_tokens=targets))
     return out
 

@@ -42,6 +42,7 @@ from ft_desk.trainer.columns import ROLES as COLUMN_ROLES
 from ft_desk.trainer.config import choices
 from ft_desk.trainer.demo import demo_data_path, is_demo_data
 from ft_desk.trainer.errors import DataError
+from ft_desk.trainer.limits import check_data_file
 
 # The row formats are the config's `data.format` values (one list: the config checks --set against it).
 FORMATS = tuple(f for f in choices("data.format") if f != "auto")
@@ -247,7 +248,8 @@ def resolve_data_path(name: str, split: str = "train") -> Path:
         files = dataset_files(path, split)  # raises when the folder holds no dataset
         if (path / "dataset_dict.json").is_file():
             return files[0].parent
-    return path
+        return path
+    return check_data_file(path)  # a regular file of bounded size and line length (trainer/limits.py)
 
 
 # ---------------------------------------------------------------- reading files: (where, row | RowError)
@@ -384,7 +386,8 @@ def _parquet_rows(path: Path, empty_ok: bool = False) -> Iterator[tuple[str, Any
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a damaged or foreign file
-        raise DataError(str(path), f"is not a readable Parquet file ({exc})") from None
+        raise DataError(str(path), f"is not a readable Parquet file ({str(exc).splitlines()[0][:200]})",
+                        "check that the file was written completely, or save the rows as .jsonl") from None
     if table.num_rows == 0 and not empty_ok:
         raise DataError(str(path), "the file is empty", "add rows to it")
     yield from _table_rows(path, table.to_batches())

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ft_desk.trainer.chat_format import unsafe_template_error
 from ft_desk.trainer.data.formats import Example, Message, RowError
 from ft_desk.trainer.errors import DataError
 from ft_desk.trainer.recipe_sizing import token_limit
@@ -131,6 +132,9 @@ class Renderer:
         try:
             full = self._apply(messages, False)
         except Exception as exc:  # jinja raise_exception / TemplateError: the template refuses this conversation
+            unsafe = unsafe_template_error(exc)
+            if unsafe is not None:  # not this row's fault: the template itself is refused
+                raise unsafe from None
             raise RowError(
                 example.where, f"the model's chat template rejected this conversation ({exc})", "template",
                 "check the order of roles (many templates need user and assistant to alternate)",

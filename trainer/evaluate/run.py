@@ -112,7 +112,8 @@ def parse_metrics(text: str | None) -> tuple[str, ...] | None:
     names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise UserError(f"--metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+        raise UserError(f"--metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}",
+                        hint="pass a comma-separated list of those names, or leave --metrics out for all that apply")
     return names
 
 

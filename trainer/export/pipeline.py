@@ -6,6 +6,7 @@ are declared in trainer/events.py) on the sink passed in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from ft_desk.trainer.export.llamacpp import require
 from ft_desk.trainer.export.merged import export_merged, training_dtypes
 from ft_desk.trainer.export.ollama import write_modelfile
 from ft_desk.trainer.export.safetensors_io import read_header
-from ft_desk.trainer.export.safety import Staging, check_target
+from ft_desk.trainer.export.safety import Staging, check_target, export_lock
 from ft_desk.trainer.export.source import ADAPTER_WEIGHTS, base_shards, load_run_tokenizer, open_run
 from ft_desk.trainer.export.verify import VERIFY_LOGPROB_BYTES
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_FORMATS, default_gguf_type
+from ft_desk.trainer.limits import check_ollama_name, check_text, export_file_stem
 from ft_desk.trainer.run_folder import slug
 
 FIDELITY_FILE = "fidelity.json"
@@ -114,11 +116,29 @@ def export_run(request: ExportRequest, sink: EventSink) -> dict[str, Any]:
     started = time.time()
     if request.format not in FORMAT_NAMES:
         raise UserError(f"--format must be one of {', '.join(FORMAT_NAMES)}, got {request.format!r}")
+    request = check_request(request)
     if request.format in GGUF_FORMATS:
         require(gguf_type_of(request))
     source = open_run(request.run_dir, request.checkpoint)
     out = Path(request.out).expanduser() if request.out else default_out(request)
     target = check_target(out, request.force)
+    with export_lock(target.folder):
+        return _export(request, source, target, sink, started)
+
+
+def check_request(request: ExportRequest) -> ExportRequest:
+    """The names and paths of an export, checked once before anything is read or written (trainer/limits.py):
+    --name becomes an Ollama-style model name (so the GGUF file name has no separator and nothing lands outside
+    --out), --out and the run folder are paths without control characters or pasted tokens."""
+    check_text(str(request.run_dir), "RUN_DIR", "a run folder")
+    if request.out is not None:
+        check_text(str(request.out), "--out", "a folder")
+    if request.name is None:
+        return request
+    return dataclasses.replace(request, name=check_ollama_name(request.name))
+
+
+def _export(request: ExportRequest, source, target, sink: EventSink, started: float) -> dict[str, Any]:
     sink.emit(make_event("export_started", run_dir=str(source.run_dir), format=request.format,
                          out_dir=str(target.folder), checkpoint=request.checkpoint, step=source.step))
     tokenizer = load_run_tokenizer(source)
@@ -212,8 +232,8 @@ def _write_and_verify(request: ExportRequest, source, tokenizer, stage: Staging,
 
 
 def _model_name(source, request: ExportRequest) -> str:
-    # The GGUF's file name: an Ollama name's `:tag` is not safe in a file name everywhere.
-    return request.name.replace(":", "-") if request.name else slug(f"{source.run_name}")
+    """The GGUF's name (in its metadata and file name): --name with '/' and ':' as '-', else the run's slug."""
+    return export_file_stem(request.name) if request.name else slug(f"{source.run_name}")
 
 
 def _hf_args(folder: Path, reference, save_dir: Path | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ Stdlib only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -21,10 +22,12 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ft_desk.trainer.atomic import write_text
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import format_bytes
+from ft_desk.trainer.limits import folder_problem
 
 MANIFEST = ".ft-desk-export.json"
 # Note: headroom asked for on top of the estimated size (file system metadata, the manifest, fidelity.json).
@@ -106,6 +109,34 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def export_lock(folder: Path) -> Iterator[None]:
+    """One export at a time into `folder`: a second one is refused with a UserError, not left to crash on the
+    first one's files. The lock is a hidden file beside the folder, removed when the export ends."""
+    from filelock import FileLock, Timeout  # a dependency already (hub/download.py); flock/msvcrt underneath
+
+    folder = Path(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise folder_problem(exc, folder.parent, "the export's parent folder", "--out") from None
+    path = folder.parent / f".{folder.name}.ft-desk-export.lock"
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another export is writing into {folder} right now",
+                        hint="wait for it to finish, or choose another --out folder") from None
+    except OSError as exc:
+        raise folder_problem(exc, folder.parent, "the export's parent folder", "--out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 class Staging:
     """A hidden temporary sibling of the target; `commit()` moves what was written into place.
 
@@ -157,9 +188,15 @@ class Staging:
         manifest = {**provenance, "files": files}
         if not self.target.exists or not any(folder.iterdir()):
             write_text(self.path / MANIFEST, json.dumps(manifest, indent=2))
-            if self.target.exists:
-                folder.rmdir()  # empty: nothing of the user's is lost
-            os.rename(self.path, folder)
+            try:
+                if self.target.exists:
+                    folder.rmdir()  # empty: nothing of the user's is lost
+                os.rename(self.path, folder)
+            except OSError as exc:  # the folder was made, or filled, by someone else meanwhile
+                if not folder.exists():
+                    raise
+                raise UserError(f"{folder} was created or filled by another program while exporting; "
+                                "nothing in it was changed", hint="export again into a new --out folder") from exc
         else:
             clashes = [f for f in files if (folder / f).exists() and f not in self.target.ours]
             if clashes:

@@ -74,9 +74,10 @@ def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
         raise UserError(f"{run_dir} is not a folder", hint="give a run folder; list them with: ft-desk runs")
     cfg = load_run_config(run_dir)
     state = run_folder.read_state(run_dir)
-    if run_folder.judged_status(state) == run_folder.RUNNING:
-        raise UserError(f"run {run_dir.name} is still training",
-                        hint="export a finished run, or one checkpoint of it with --checkpoint N once it stops")
+    if run_folder.judged_status(state, run_dir) == run_folder.RUNNING:
+        raise UserError(f"run {run_dir.name} is still training (pid {state.get('pid')})",
+                        hint="export it when it finishes, or stop it first (a stopped run exports its best "
+                             "checkpoint, or any one with --checkpoint last / N)")
     weights_dir = None
     final = run_folder.final_weights_dir(run_dir, cfg.train.method)
     if cfg.train.method == "full" and checkpoint == "best" and (final / FULL_WEIGHTS).is_file():
@@ -85,9 +86,11 @@ def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
         weights_dir = run_folder.checkpoint_folder(run_dir, checkpoint)
     if cfg.train.method == "full":
         if not (weights_dir / FULL_WEIGHTS).is_file():
-            raise UserError(f"{weights_dir} has no {FULL_WEIGHTS}; the checkpoint is incomplete")
+            raise UserError(f"{weights_dir} has no {FULL_WEIGHTS}; the checkpoint is incomplete",
+                            hint="export another checkpoint (--checkpoint last or a step number)")
     elif not ((weights_dir / ADAPTER_WEIGHTS).is_file() and (weights_dir / ADAPTER_CONFIG).is_file()):
-        raise UserError(f"{weights_dir} has no {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}; the checkpoint is incomplete")
+        raise UserError(f"{weights_dir} has no {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}; the checkpoint is incomplete",
+                        hint="export another checkpoint (--checkpoint last or a step number)")
 
     base_dir = None
     recorded = state.get("model_dir")
@@ -96,7 +99,8 @@ def open_run(run_dir: Path, checkpoint: str = "best") -> RunSource:
     if base_dir is None:
         base_dir = resolve_model_dir(cfg.model)
     if not any(base_dir.glob("*.safetensors")):
-        raise ModelError(f"{base_dir} has no safetensors weights; ft-desk exports only from safetensors models")
+        raise ModelError(f"{base_dir} has no safetensors weights; ft-desk exports only from safetensors models",
+                         hint="download the base model again (ft-desk models download) or convert it to safetensors")
 
     tokenizer_dir = base_dir
     for candidate in (weights_dir, *run_folder.final_weight_dirs(run_dir)):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ft_desk.quant.device import resolve_device
-from ft_desk.trainer.chat_format import stop_token_ids, turn_end_tokens
+from ft_desk.trainer.chat_format import apply_template, stop_token_ids, turn_end_tokens
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.export.source import RunSource, load_run_tokenizer, read_val_rows
 from ft_desk.trainer.generation import generate
@@ -141,11 +141,11 @@ def row_text(row: dict[str, Any], tokenizer) -> tuple[str, str | None]:
     """(full text, generation prompt or None) for one validation row."""
     messages = _messages(row)
     if messages is not None and getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        full = apply_template(tokenizer, messages, tokenize=False)
         prompt = None
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last:
-            prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+            prompt = apply_template(tokenizer, messages[:last], tokenize=False, add_generation_prompt=True)
         return full, prompt
     if messages is not None:
         return "\n".join(m["content"] for m in messages), None

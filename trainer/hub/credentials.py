@@ -5,11 +5,11 @@ never stores it. Stdlib only at import time.
 
 from __future__ import annotations
 
-import re
+# The token shapes (hf_ and the other common ones) live in the stdlib-only trainer/redaction.py, which the
+# event sinks and the run folder use too.
+from ft_desk.trainer.redaction import REDACTED, TOKEN_RE, redact_tokens
 
-# Note: user access tokens are `hf_` + 34 letters/digits; 16+ avoids matching identifiers like `hf_hub_download`.
-TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{16,}")
-REDACTED = "hf_***"
+__all__ = ["REDACTED", "TOKEN_RE", "active_token", "redact"]
 
 
 def redact(text: object) -> str:
@@ -18,7 +18,7 @@ def redact(text: object) -> str:
     token = active_token()
     if token and len(token) >= 8:
         out = out.replace(token, REDACTED)
-    return TOKEN_RE.sub(REDACTED, out)
+    return redact_tokens(out)
 
 
 def active_token() -> str | None:

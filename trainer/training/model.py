@@ -284,7 +284,14 @@ def load_run_config(run_dir: Path) -> RunConfig:
     path = config_path(run_dir)
     if not path.is_file():
         raise UserError(f"{run_dir} is not an ft-desk run folder (no {path.name})", hint="list runs with: ft-desk runs")
-    return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return config_from_dict(raw)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # garbage, truncated, or no longer a valid config
+        reason = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        raise UserError(f"{path} is not a readable ft-desk config ({reason.splitlines()[0][:200]})",
+                        hint="restore config.json from a copy, or start a new run (nothing in the folder was "
+                             "changed)") from None
 
 
 def load_trained(run_dir: Path, checkpoint: str | int = "best", device: str | None = None):

@@ -47,6 +47,7 @@ from ft_desk.trainer.events import (
 from ft_desk.trainer.generation import generate
 from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.resolve import resolve_model_dir
+from ft_desk.trainer.limits import MAX_MICRO_BATCHES
 from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.planning import SAME_RESULT_KEYS, four_bit_likely, plan_run
 from ft_desk.trainer.recipe_sizing import size_batches, token_limit
@@ -108,15 +109,27 @@ class StopFlag:
     def install(self) -> None:
         def handler(signum, _frame):
             if self.requested:  # a second Ctrl-C: stop right now
+                _say_now("ft-desk: stopping now, without a checkpoint; resume from the last one with "
+                         "ft-desk train --resume RUN_DIR\n")
                 raise KeyboardInterrupt
             self.requested = True
             self.signal_name = signal.Signals(signum).name
+            _say_now(f"ft-desk: {self.signal_name} received: stopping after the current step and saving a "
+                     "checkpoint (Ctrl-C again stops at once, without one)\n")
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
         if hasattr(signal, "SIGHUP"):
             # A closed terminal must not kill a detached run.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _say_now(text: str) -> None:
+    """Write to stderr from a signal handler: os.write, never print (the handler may interrupt a print)."""
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------ failures
@@ -180,13 +193,15 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
         run_dir = Path(resume_dir).expanduser().resolve()
         cfg = load_run_config(run_dir)
         previous = run_folder.read_state(run_dir)
-        if run_folder.judged_status(previous) == run_folder.RUNNING:
+        if run_folder.judged_status(previous, run_dir) == run_folder.RUNNING:
             raise UserError(f"{run_dir} is still running (pid {previous.get('pid')})",
                             hint="attach to it in the app, or stop it first")
+        lock = run_folder.lock_run(run_dir)
     else:
         assert cfg is not None
         run_dir = new_run_dir(cfg)
-        write_text(run_folder.config_path(run_dir), cfg.to_json())
+        lock = run_folder.lock_run(run_dir)
+        write_text(run_folder.config_path(run_dir), redact(cfg.to_json()))
         now = run_folder.now_iso()
         run_folder.write_state(run_dir, {
             "status": "running", "pid": os.getpid(), "step": 0, "total_steps": None, "best_step": None,
@@ -226,6 +241,7 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
     file_sink.close()
     logging.getLogger().removeHandler(handler)
     handler.close()
+    lock.release()
     return outcome["exit_code"], run_dir
 
 
@@ -374,16 +390,29 @@ def train_schedule(cfg: RunConfig, examples: Sequence) -> list[MicroBatch]:
     def epochs_of(epochs: float) -> list[MicroBatch]:
         return epoch_schedule(cfg, examples, epochs)
 
-    plan = epochs_of(cfg.train.epochs)
+    per_epoch = max(1, len(epochs_of(1.0)))
     if cfg.train.max_steps:
-        # Repeat the epoch schedule as needed to reach exactly max_steps optimizer steps.
+        # Repeat the epoch schedule as needed to reach exactly max_steps optimizer steps: the number of epochs is
+        # computed up front (a loop adding one epoch at a time was quadratic in max_steps).
         need = cfg.train.max_steps * cfg.train.grad_accum
-        epochs = 1.0
+        _check_run_length(need, cfg)
+        epochs = float(max(1, -(-need // per_epoch)))
+        plan = epochs_of(epochs)
         while len(plan) < need:
             epochs += 1
             plan = epochs_of(epochs)
-        plan = plan[:need]
-    return plan
+        return plan[:need]
+    _check_run_length(int(per_epoch * cfg.train.epochs), cfg)
+    return epochs_of(cfg.train.epochs)
+
+
+def _check_run_length(micro_batches: int, cfg: RunConfig) -> None:
+    """Refuse a run whose schedule alone would not fit in memory, before it is built."""
+    if micro_batches > MAX_MICRO_BATCHES:
+        raise UserError(f"the run would take {micro_batches:,} micro-batches; ft-desk plans at most "
+                        f"{MAX_MICRO_BATCHES:,} in one run (train.epochs {cfg.train.epochs:g}, train.max_steps "
+                        f"{cfg.train.max_steps}, train.grad_accum {cfg.train.grad_accum})",
+                        hint="lower train.epochs or train.max_steps, or raise train.micro_batch_size")
 
 
 def sample_outputs(run: RunSetup, prompts: Sequence[tuple[list[int], str]]) -> list[str]:

@@ -134,5 +134,6 @@ def test_bad_data_fails_with_one_readable_line_and_no_traceback(tmp_path, tiny_m
 def test_bad_config_is_refused_before_any_run_folder_exists(tmp_path):
     proc = _run(["train", "--set", "lora.r=-3"], tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "ft-desk: lora.r must be a positive int, got -3"
+    assert proc.stderr.strip() == ("ft-desk: lora.r must be an int from 1 to 4096, got -3\n"
+                                   "  fix: change lora.r in the preset or with --set lora.r=VALUE (the default is 16)")
     assert not (tmp_path / "runs").exists()
