@@ -207,7 +207,15 @@ def load_run_config(run_dir: Path) -> RunConfig:
     path = config_path(run_dir)
     if not path.is_file():
         raise UserError(f"{run_dir} is not an ft-desk run folder (no {path.name})", hint="list runs with: ft-desk runs")
-    return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path} is damaged: it is not readable JSON ({str(exc).splitlines()[0][:80]})",
+                        hint="restore it from a backup, or start a new run with the same settings") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is damaged: it does not hold a run's settings",
+                        hint="restore it from a backup, or start a new run with the same settings")
+    return config_from_dict(raw)
 
 
 def load_trained(run_dir: Path, checkpoint: str | int = "best", device: str | None = None):
