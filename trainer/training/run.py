@@ -206,14 +206,7 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
         cfg = load_run_config(run_dir)
     else:
         assert cfg is not None
-        run_dir = new_run_dir(cfg)
-        write_text(run_folder.config_path(run_dir), cfg.to_json())
-        now = run_folder.now_iso()
-        run_folder.write_state(run_dir, {
-            "status": "running", "pid": os.getpid(), "step": 0, "total_steps": None, "best_step": None,
-            "best_val_loss": None, "model_name": cfg.model.name, "method": cfg.train.method,
-            "created": now, "updated": now, "run_name": run_dir.name,
-        })
+        run_dir = start_run_folder(cfg)
     run_folder.reserve_space(run_dir)
     file_sink = FileSink(run_folder.events_path(run_dir))
     sinks = FanOut(file_sink, sink)
@@ -259,6 +252,30 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
     logging.getLogger().removeHandler(handler)
     handler.close()
     return outcome["exit_code"], run_dir
+
+
+def start_run_folder(cfg: RunConfig) -> Path:
+    """A new run folder with its config.json and first state.json; on a full disk, nothing is left behind."""
+    run_dir: Path | None = None
+    try:
+        run_dir = new_run_dir(cfg)
+        write_text(run_folder.config_path(run_dir), cfg.to_json())
+        now = run_folder.now_iso()
+        run_folder.write_state(run_dir, {
+            "status": "running", "pid": os.getpid(), "step": 0, "total_steps": None, "best_step": None,
+            "best_val_loss": None, "model_name": cfg.model.name, "method": cfg.train.method,
+            "created": now, "updated": now, "run_name": run_dir.name,
+        })
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        home = runs_home(cfg.output.runs_dir)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise DiskFull(f"the disk holding {home} is full: a new run cannot even write its settings",
+                       hint="free some space (a run needs room for a few checkpoints), or set output.runs_dir "
+                            "to a folder on a larger disk") from None
+    return run_dir
 
 
 def already_complete(run_dir: Path, state: dict[str, Any]) -> bool:

@@ -311,3 +311,15 @@ def test_the_last_state_write_gives_up_the_reserve_or_rewrites_in_place_and_neve
     assert run_folder.read_state(tmp_path)["status"] == "stopped"
     assert not run_folder.settle_state(tmp_path, status="failed", note="y" * 5000)  # cannot fit: says so, no raise
     assert run_folder.read_state(tmp_path)["status"] == "stopped"
+
+
+def test_a_disk_too_full_to_start_a_run_says_so_and_leaves_no_folder(tiny_model_dir, tmp_path, monkeypatch):
+    from ft_desk.trainer.errors import DiskFull
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_mod, "write_text", full)
+    with pytest.raises(DiskFull, match=r"is full: a new run cannot even write its settings"):
+        run_mod.train(_cfg(tiny_model_dir, tmp_path / "runs", "never"), ListSink())
+    assert list((tmp_path / "runs").iterdir()) == []
