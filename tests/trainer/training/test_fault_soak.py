@@ -4,6 +4,7 @@ moments, each run resumed (or exported again) to the end, compared with an unint
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[3] / "bench" / "fault_soak.py"
 def _bench():
     spec = importlib.util.spec_from_file_location("fault_soak", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_soak"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
