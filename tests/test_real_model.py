@@ -58,7 +58,7 @@ def test_the_run_sizes_itself_and_learns(tuned):
 
 def test_tuned_exact_match_is_clearly_above_the_base_and_it_stops(tuned):
     run_dir, home, _ = tuned
-    result = ft_desk("eval", str(run_dir), "--json", "--metrics", "exact_match,stop_rate", "--max-new-tokens", "24",
+    result = ft_desk("eval", str(run_dir), "--json", "--metrics", "exact,stop", "--max-new-tokens", "24",
                      "--threads", "2", home=home)[-1]
     assert result["type"] == "eval_finished" and result["status"] == "completed", result
     exact = metric(result, "normalized_exact_match")

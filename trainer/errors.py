@@ -6,6 +6,8 @@ exception is a bug or an environment failure and goes, with its traceback, to th
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A problem the user can fix. `str(err)` is the sentence; `hint` says what to do."""
@@ -107,3 +109,23 @@ def device_failure(text: str) -> tuple[str, str] | None:
     """(sentence, hint) for a known device failure that is not out of memory: the GPU watchdog or an
     unsupported op on the Apple GPU; None otherwise."""
     return gpu_watchdog(text) or mps_unsupported_op(text)
+
+
+class DiskFull(UserError):
+    """A write ran out of disk space (ENOSPC / EDQUOT); the message names the space needed and what is intact."""
+
+
+_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "not enough space on the disk")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk is full: an OSError with ENOSPC/EDQUOT, or a library error that wraps one and
+    only keeps the words (safetensors raises `SafetensorError: ... No space left on device (os error 28)`)."""
+    if isinstance(exc, DiskFull):
+        return True
+    if isinstance(exc, UserError):
+        return False
+    if isinstance(exc, OSError) and exc.errno in {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}:
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in _DISK_FULL_WORDS)

@@ -120,6 +120,30 @@ class Log(TypedDict):
     message: str
 
 
+class CheckpointRejected(TypedDict):
+    """A resume passed over a damaged checkpoint (and moved it aside) for an older good one."""
+
+    step: int
+    path: str
+    reason: str
+    moved_to: str | None
+    message: str
+
+
+class BatchReplanned(TypedDict):
+    """A step ran out of memory: micro-batch halved, accumulation doubled (same effective batch), training goes on
+    from `resumed_from_step` (the last checkpoint, or the start of the failed step)."""
+
+    step: int  # the step that ran out of memory
+    resumed_from_step: int
+    micro_batch_size: int
+    grad_accum: int
+    previous_micro_batch_size: int
+    previous_grad_accum: int
+    error: str  # the allocator's words
+    message: str
+
+
 class RunFinished(TypedDict):
     status: str  # completed | stopped | failed
     exit_code: int
@@ -324,6 +348,7 @@ class FailedCommand(TypedDict):
 EVENT_TYPES: dict[str, type] = {
     "run_started": RunStarted, "data_ready": DataReady, "model_loaded": ModelLoaded, "step": Step, "eval": Eval,
     "sample": Sample, "checkpoint": Checkpoint, "log": Log, "run_finished": RunFinished,
+    "checkpoint_rejected": CheckpointRejected, "batch_replanned": BatchReplanned,
     "eval_started": EvalStarted, "eval_progress": EvalProgress, "eval_report": EvalReport,
     "eval_finished": EvalFinished,
     "export_started": ExportStarted, "export_progress": ExportProgress, "export_finished": ExportFinished,
@@ -397,7 +422,10 @@ class FileSink:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
         self._file = open(path, "a", encoding="utf-8")
+        if torn:  # a write cut short (killed, disk full): end that line so the next event is not glued to it
+            self._file.write("\n")
 
     def emit(self, event: dict[str, Any]) -> None:
         self._file.write(dumps_redacted(event, ensure_ascii=False) + "\n")
@@ -410,6 +438,12 @@ class FileSink:
         except (OSError, ValueError):
             pass
         self._file.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 class FanOut:

@@ -12,6 +12,8 @@ One folder per run, under paths.runs_home():
   adapter/                     the final weights (the best checkpoint) in peft format, with the tokenizer
   model/                       the same for a full fine-tune (model.safetensors instead of an adapter)
   eval/                        evaluation reports (evaluate/)
+  .space-reserve               1 MiB held while the trainer runs and given up when the disk fills, so the final
+                               state.json write (failed, with the reason) still fits; removed when the run ends
 
 Status as users see it is `judged_status`: a state that says "running" whose process is gone (killed, machine
 rebooted) is "crashed", and can be resumed from its last checkpoint. These names are on users' disks: never
@@ -21,6 +23,7 @@ rename one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from datetime import datetime, timezone
@@ -29,7 +32,7 @@ from typing import Any
 
 from ft_desk.trainer import limits
 from ft_desk.trainer.atomic import write_json
-from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.errors import UserError, is_disk_full
 from ft_desk.trainer.redaction import redact_data
 
 CONFIG = "config.json"
@@ -44,6 +47,9 @@ MODEL = "model"
 EVAL = "eval"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "model.safetensors"
+RESERVE = ".space-reserve"
+# Note: room kept for the last state.json (about 1 KB) and the final event and log lines of a run on a full disk.
+RESERVE_BYTES = 1 << 20
 
 RUNNING = "running"
 CRASHED = "crashed"
@@ -204,6 +210,68 @@ def is_locked(run_dir: Path) -> bool:
         return False
     lock.release()
     return False
+
+
+def reserve_space(run_dir: Path) -> None:
+    """Hold RESERVE_BYTES of real disk blocks in the run folder (best effort: a disk already full holds none)."""
+    path = Path(run_dir) / RESERVE
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * RESERVE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)
+
+
+def release_space(run_dir: Path) -> bool:
+    """Give the reserve back to the file system; whether there was one."""
+    try:
+        (Path(run_dir) / RESERVE).unlink()
+    except OSError:
+        return False
+    return True
+
+
+def settle_state(run_dir: Path, **changes: Any) -> bool:
+    """The last state.json write of a process, which must not fail: merged and written atomically; on a full disk
+    the space reserve is given up and the write tried again, and as a last resort state.json is rewritten in place
+    when the new text fits in the old file's blocks. Returns whether the state was recorded; never raises."""
+    state = read_state(run_dir)
+    state.update(changes, updated=now_iso())
+    try:
+        write_state(run_dir, state)
+        return True
+    except OSError as exc:
+        if not is_disk_full(exc):
+            logging.getLogger("ft_desk").error("cannot write %s: %s", state_path(run_dir), exc)
+            return False
+    if release_space(run_dir):
+        try:
+            write_state(run_dir, state)
+            return True
+        except OSError:
+            pass
+    return _rewrite_in_place(state_path(run_dir), json.dumps(state, indent=1, default=str))
+
+
+def _rewrite_in_place(path: Path, text: str) -> bool:
+    """Overwrite the file's existing bytes (padded with spaces, which JSON ignores): no new block is needed."""
+    data = text.encode("utf-8")
+    try:
+        old = path.stat().st_size
+        if len(data) > old:
+            data = json.dumps(json.loads(text), separators=(",", ":")).encode("utf-8")
+        if len(data) > old:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data + b" " * (old - len(data)))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError as exc:
+        logging.getLogger("ft_desk").error("cannot write %s even in place: %s", path, exc)
+        return False
 
 
 # ------------------------------------------------------------------ liveness and status

@@ -26,6 +26,7 @@ from typing import Iterator
 
 from ft_desk.trainer.atomic import write_text
 from ft_desk.trainer.errors import UserError
+from ft_desk.trainer.errors import is_disk_full as _is_disk_full
 from ft_desk.trainer.events import format_bytes
 from ft_desk.trainer.limits import folder_problem
 
@@ -99,7 +100,8 @@ def disk_full_error(folder: Path, needed: int) -> UserError:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+    """ENOSPC / EDQUOT as an OSError, or wrapped by a library that keeps only the words (safetensors, a child)."""
+    return (isinstance(exc, OSError) and exc.errno in _DISK_FULL) or _is_disk_full(exc)
 
 
 def _existing_parent(path: Path) -> Path:
@@ -206,12 +208,14 @@ class Staging:
                     + " that ft-desk did not write; it will not overwrite them, even with --force",
                     hint="choose a new --out folder",
                 )
+            # The manifest first: it is the one write here that needs space, so a full disk stops the export
+            # before any file is moved, and every file moved in is already listed as ft-desk's.
+            manifest["files"] = sorted(set(files) | (self.target.ours & {f for f in self.target.ours
+                                                                           if (folder / f).exists()}))
+            write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
             for rel in files:
                 dest = folder / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(self.path / rel, dest)
-            manifest["files"] = sorted(set(files) | (self.target.ours & {f for f in self.target.ours
-                                                                           if (folder / f).exists()}))
-            write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
         self.committed = files
         return files

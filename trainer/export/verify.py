@@ -17,6 +17,7 @@ Only one model is in memory at a time in each process; the log-probs on disk are
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -241,6 +242,8 @@ def run_reload_check(args: dict[str, Any], workdir: Path, label: str) -> dict[st
     proc = subprocess.run([sys.executable, str(script), str(args_path)], env=env, capture_output=True, text=True)
     if proc.returncode != 0 or not Path(args["result"]).is_file():
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
+        if "No space left on device" in tail or "Disk quota exceeded" in tail:
+            raise OSError(errno.ENOSPC, f"the {label} reload check ran out of disk space")
         raise UserError(f"reloading the {label} export with plain transformers failed:\n{tail}",
                         hint="the export files are not loadable as they are; pass --no-verify to keep them anyway")
     return json.loads(Path(args["result"]).read_text(encoding="utf-8"))

@@ -92,6 +92,8 @@ def evaluate_loss(model, examples: Sequence, batches: Sequence[MicroBatch], *, p
     count = 0
     with torch.no_grad():
         for mb in batches:
+            if not mb.rows:  # an empty piece of a micro-batch cut after running out of memory (replan.py)
+                continue
             batch = collate(examples, mb, pad_id, device, packing)
             with autocast() if autocast else _null():
                 total += loss_fn(model, batch, chunk_tokens).double()
@@ -184,6 +186,8 @@ def fit(ctx: FitContext, state: LoopState) -> tuple[LoopState, str]:
         denom = sum(mb.target_tokens for mb in window) or 1
         step_loss = torch.zeros((), dtype=torch.float32, device=ctx.device)
         for mb in window:
+            if not mb.rows:  # an empty piece of a micro-batch cut after running out of memory (replan.py)
+                continue
             batch = collate(ctx.train_examples, mb, ctx.pad_id, ctx.device, cfg.train.packing)
             with ctx.autocast() if ctx.autocast else _null():
                 loss_sum = ctx.loss_fn(model, batch, cfg.train.loss_chunk_tokens)

@@ -33,7 +33,15 @@ from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.data.batching import MicroBatch, schedule
 from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, prepare_data, write_examples_jsonl
-from ft_desk.trainer.errors import MPS_OOM_LEVER, OutOfMemory, UserError, device_failure, mps_out_of_memory
+from ft_desk.trainer.errors import (
+    MPS_OOM_LEVER,
+    DiskFull,
+    OutOfMemory,
+    UserError,
+    device_failure,
+    is_disk_full,
+    mps_out_of_memory,
+)
 from ft_desk.trainer.events import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -42,6 +50,7 @@ from ft_desk.trainer.events import (
     EventSink,
     FanOut,
     FileSink,
+    format_bytes,
     make_event,
 )
 from ft_desk.trainer.generation import generate
@@ -52,6 +61,7 @@ from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.planning import SAME_RESULT_KEYS, four_bit_likely, plan_run
 from ft_desk.trainer.recipe_sizing import size_batches, token_limit
 from ft_desk.trainer.training import checkpoint as ckpt
+from ft_desk.trainer.training import replan
 from ft_desk.trainer.training.awake import keep_awake
 from ft_desk.trainer.training.loop import FitContext, LoopState, fit, memory_in_use
 from ft_desk.trainer.training.model import (
@@ -69,8 +79,6 @@ log = logging.getLogger("ft_desk")
 
 OOM_HINT = ("lower train.micro_batch_size (raise train.grad_accum to keep the batch), lower data.max_length, "
             "or turn on train.gradient_checkpointing; `ft-desk plan` shows what fits")
-OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
-"""How allocators say it: CUDA and MPS "out of memory", torch's CPU allocator "can't allocate memory"."""
 PROGRESS_EVERY_S = 5.0
 """Note: how often state.json's step is rewritten between checkpoints (an fsynced write each time)."""
 
@@ -88,9 +96,23 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class _RunLogHandler(logging.FileHandler):
+    """RUN_DIR/run.log. A line that cannot be written (the disk is full) is dropped: logging's default would print
+    a traceback on the user's terminal."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            pass
+
+
 def setup_logging(run_dir: Path) -> logging.Handler:
     """Diagnostics (ours and the libraries') go to RUN_DIR/run.log."""
-    handler = logging.FileHandler(run_folder.log_path(run_dir), encoding="utf-8")
+    handler = _RunLogHandler(run_folder.log_path(run_dir), encoding="utf-8")
     handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -135,19 +157,35 @@ def _say_now(text: str) -> None:
 # ------------------------------------------------------------------ failures
 
 def as_out_of_memory(exc: BaseException) -> OutOfMemory | None:
-    """An OutOfMemory for an allocator failure (torch's OutOfMemoryError, or a CUDA / MPS / CPU allocator error
-    that says "out of memory"), None for anything else."""
+    """An OutOfMemory for an allocator failure (torch's OutOfMemoryError, MemoryError, or a CUDA / MPS / CPU
+    allocator error that says so, see replan.is_out_of_memory), None for anything else."""
     if isinstance(exc, OutOfMemory):
         return exc
-    if isinstance(exc, UserError):
-        return None  # our own sentence already; it may quote a setting that mentions memory
-    text = str(exc).lower()
     mac = mps_out_of_memory(str(exc))  # an Apple GPU's own numbers and levers
     if mac is not None:
         return OutOfMemory(mac, hint=f"{OOM_HINT}; {MPS_OOM_LEVER}")
-    if type(exc).__name__ == "OutOfMemoryError" or any(words in text for words in OOM_WORDS):
+    if replan.is_out_of_memory(exc):
         return OutOfMemory("the device ran out of memory", hint=OOM_HINT)
     return None
+
+
+def as_disk_full(exc: BaseException, run_dir: Path | None = None, needed: int | None = None) -> DiskFull | None:
+    """A DiskFull for a write that ran out of space (the checkpoint writer says how much it needed; anything else
+    is told the run folder's free space and what a checkpoint of this run takes), None for anything else."""
+    if isinstance(exc, DiskFull):
+        return exc
+    if not is_disk_full(exc):
+        return None
+    free = ""
+    if run_dir is not None:
+        try:
+            free = f" ({format_bytes(shutil.disk_usage(run_dir).free)} free in {run_dir})"
+        except OSError:
+            pass
+    need = f"; a checkpoint of this run needs about {format_bytes(needed)}" if needed else ""
+    resume = f", then resume with: ft-desk train --resume {run_dir}" if run_dir is not None else ""
+    return DiskFull(f"the disk is full{free}{need}; the checkpoints already written are intact",
+                    hint=f"free some space or move the run folder to a larger disk{resume}")
 
 
 def _explain_failure(exc: BaseException) -> tuple[str, str]:
@@ -157,14 +195,13 @@ def _explain_failure(exc: BaseException) -> tuple[str, str]:
         return known
     name = type(exc).__name__
     text = str(exc)
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
-        return ("the disk is full", "free some space or set output.runs_dir to a folder on a larger disk")
     return (f"internal error: {name}: {text.splitlines()[0] if text else ''}".rstrip(": "),
             "see run.log in the run folder for the traceback")
 
 
-def failure_outcome(exc: BaseException) -> dict[str, Any]:
-    """How a run that raised ends: status, exit code and the sentence + hint the user sees."""
+def failure_outcome(exc: BaseException, run_dir: Path | None = None, needed: int | None = None) -> dict[str, Any]:
+    """How a run that raised ends: status, exit code and the sentence + hint the user sees. Out of memory and a
+    full disk are failures of the environment (exit 1), not bad input: the same settings fit elsewhere."""
     if isinstance(exc, KeyboardInterrupt):
         return {"status": "stopped", "exit_code": EXIT_STOPPED, "error": "interrupted twice: stopped without "
                 "a final checkpoint", "hint": "resume from the last checkpoint with ft-desk train --resume"}
@@ -174,6 +211,10 @@ def failure_outcome(exc: BaseException) -> dict[str, Any]:
         # Not bad input: the same settings may fit another device, so it exits as a failure, trace in run.log.
         log.error("run ran out of memory:\n%s", trace)
         return {"status": "failed", "exit_code": EXIT_FAILED, "error": oom.message, "hint": oom.hint}
+    full = as_disk_full(exc, run_dir, needed)
+    if full is not None:
+        log.error("run stopped on a full disk:\n%s", trace)
+        return {"status": "failed", "exit_code": EXIT_FAILED, "error": full.message, "hint": full.hint}
     if isinstance(exc, UserError):
         log.info("run failed: %s", exc.full())
         return {"status": "failed", "exit_code": EXIT_BAD_INPUT, "error": exc.message, "hint": exc.hint or None}
@@ -191,14 +232,75 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
     stop = stop or StopFlag()
     if resume_dir is not None:
         run_dir = Path(resume_dir).expanduser().resolve()
-        cfg = load_run_config(run_dir)
         previous = run_folder.read_state(run_dir)
         if run_folder.judged_status(previous, run_dir) == run_folder.RUNNING:
             raise UserError(f"{run_dir} is still running (pid {previous.get('pid')})",
                             hint="attach to it in the app, or stop it first")
+        if already_complete(run_dir, previous):
+            return report_complete(run_dir, previous, sink), run_dir
+        cfg = load_run_config(run_dir)
         lock = run_folder.lock_run(run_dir)
     else:
         assert cfg is not None
+        run_dir, lock = start_run_folder(cfg)
+    run_folder.reserve_space(run_dir)
+    file_sink = FileSink(run_folder.events_path(run_dir))
+    sinks = FanOut(file_sink, sink)
+    handler = setup_logging(run_dir)
+    awake = keep_awake()  # macOS: no idle sleep while this process trains (caffeinate -i -w PID)
+    if awake.message:
+        sinks.emit(make_event("log", level="info" if awake.active else "warning", message=awake.message))
+    checkpoint_bytes: list[int] = []  # known once the model is loaded, for a disk-full message
+    try:
+        run_folder.update_state(run_dir, status="running", pid=os.getpid())
+        run = setup(cfg, run_dir, sinks, resumed=resume_dir is not None)
+        checkpoint_bytes.append(ckpt.estimate_bytes(run.model, run.optimizer))
+        if run.start.step == 0:  # a resumed run showed its before-samples the first time
+            emit_samples(run, sinks, "before")
+        state, status = fit_run(run, sinks, stop)
+        finish(run, sinks, state, status, stop)
+        outcome = {"status": "stopped" if status == "stopped" else "completed",
+                   "exit_code": EXIT_STOPPED if status == "stopped" else EXIT_OK, "error": None, "hint": None}
+    except BaseException as exc:  # noqa: BLE001 - every failure must end as an event, and the log gets the trace
+        outcome = failure_outcome(exc, run_dir, checkpoint_bytes[-1] if checkpoint_bytes else None)
+        if as_disk_full(exc) is not None:
+            run_folder.release_space(run_dir)  # room for the last event, log lines and state.json
+    for key in ("error", "hint"):
+        if outcome[key]:
+            outcome[key] = redact(outcome[key])
+    state_now = run_folder.read_state(run_dir)
+    finished = make_event(
+        "run_finished", status=outcome["status"], exit_code=outcome["exit_code"], error=outcome["error"],
+        hint=outcome["hint"], best_val_loss=state_now.get("best_val_loss"), best_step=state_now.get("best_step"),
+        final_step=state_now.get("step"), adapter_path=state_now.get("final_adapter"), run_dir=str(run_dir),
+        elapsed_s=time.time() - started,
+    )
+    # Written to the run folder and told to the caller separately: a full disk must not keep it from the caller.
+    try:
+        file_sink.emit(finished)
+    except OSError as exc:
+        log.error("cannot append the final event to %s: %s", run_folder.events_path(run_dir), exc)
+    sink.emit(finished)
+    run_folder.settle_state(run_dir, status=outcome["status"], error=outcome["error"], hint=outcome["hint"],
+                            exit_code=outcome["exit_code"])
+    run_folder.release_space(run_dir)
+    awake.stop()
+    try:
+        file_sink.close()
+    except OSError:
+        pass
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+    lock.release()
+    return outcome["exit_code"], run_dir
+
+
+def start_run_folder(cfg: RunConfig):
+    """(run folder, its lock): a new run folder with its config.json and first state.json, held by this process;
+    on a full disk, nothing is left behind."""
+    run_dir: Path | None = None
+    lock = None
+    try:
         run_dir = new_run_dir(cfg)
         lock = run_folder.lock_run(run_dir)
         write_text(run_folder.config_path(run_dir), redact(cfg.to_json()))
@@ -208,41 +310,42 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
             "best_val_loss": None, "model_name": cfg.model.name, "method": cfg.train.method,
             "created": now, "updated": now, "run_name": run_dir.name,
         })
-    file_sink = FileSink(run_folder.events_path(run_dir))
-    sinks = FanOut(file_sink, sink)
-    handler = setup_logging(run_dir)
-    run_folder.update_state(run_dir, status="running", pid=os.getpid())
-    awake = keep_awake()  # macOS: no idle sleep while this process trains (caffeinate -i -w PID)
-    if awake.message:
-        sinks.emit(make_event("log", level="info" if awake.active else "warning", message=awake.message))
-    try:
-        run = setup(cfg, run_dir, sinks, resumed=resume_dir is not None)
-        if run.start.step == 0:  # a resumed run showed its before-samples the first time
-            emit_samples(run, sinks, "before")
-        state, status = fit_run(run, sinks, stop)
-        finish(run, sinks, state, status, stop)
-        outcome = {"status": "stopped" if status == "stopped" else "completed",
-                   "exit_code": EXIT_STOPPED if status == "stopped" else EXIT_OK, "error": None, "hint": None}
-    except BaseException as exc:  # noqa: BLE001 - every failure must end as an event, and the log gets the trace
-        outcome = failure_outcome(exc)
-    for key in ("error", "hint"):
-        if outcome[key]:
-            outcome[key] = redact(outcome[key])
-    state_now = run_folder.read_state(run_dir)
-    sinks.emit(make_event(
-        "run_finished", status=outcome["status"], exit_code=outcome["exit_code"], error=outcome["error"],
-        hint=outcome["hint"], best_val_loss=state_now.get("best_val_loss"), best_step=state_now.get("best_step"),
-        final_step=state_now.get("step"), adapter_path=state_now.get("final_adapter"), run_dir=str(run_dir),
-        elapsed_s=time.time() - started,
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        home = runs_home(cfg.output.runs_dir)
+        if lock is not None:
+            lock.release()
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise DiskFull(f"the disk holding {home} is full: a new run cannot even write its settings",
+                       hint="free some space (a run needs room for a few checkpoints), or set output.runs_dir "
+                            "to a folder on a larger disk") from None
+    return run_dir, lock
+
+
+def already_complete(run_dir: Path, state: dict[str, Any]) -> bool:
+    """A run that finished and still has its final weights: resuming it has nothing to do."""
+    if state.get("status") != "completed":
+        return False
+    return any((folder / run_folder.ADAPTER_WEIGHTS).is_file() or (folder / run_folder.FULL_WEIGHTS).is_file()
+               for folder in run_folder.final_weight_dirs(run_dir))
+
+
+def report_complete(run_dir: Path, state: dict[str, Any], sink: EventSink) -> int:
+    """`--resume` on a completed run: say so, to the caller only - the run folder is not touched at all."""
+    weights = state.get("final_adapter") or next(
+        (str(f) for f in run_folder.final_weight_dirs(run_dir) if f.is_dir()), "")
+    sink.emit(make_event("log", level="info",
+                         message=f"{run_dir.name} is already complete ({state.get('step')} steps, final weights in "
+                                 f"{weights}); nothing to resume. Evaluate or export it, or start a new run to "
+                                 f"train further"))
+    sink.emit(make_event(
+        "run_finished", status="completed", exit_code=EXIT_OK, error=None, hint=None,
+        best_val_loss=state.get("best_val_loss"), best_step=state.get("best_step"), final_step=state.get("step"),
+        adapter_path=state.get("final_adapter"), run_dir=str(run_dir), elapsed_s=0.0,
     ))
-    run_folder.update_state(run_dir, status=outcome["status"], error=outcome["error"], hint=outcome["hint"],
-                            exit_code=outcome["exit_code"])
-    awake.stop()
-    file_sink.close()
-    logging.getLogger().removeHandler(handler)
-    handler.close()
-    lock.release()
-    return outcome["exit_code"], run_dir
+    return EXIT_OK
 
 
 @dataclass(frozen=True)
@@ -263,6 +366,15 @@ class RunSetup:
     """The loop state to continue from: step 0, or the resumed checkpoint's."""
     prompts: Sequence[tuple[list[int], str]]
     """(prompt ids, reference) of the validation examples sampled before and after training."""
+    identity: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What the checkpoints record about the run (config, data hash, base model) and a resume compares."""
+    batch_split: int = 1
+    """Pieces each scheduled micro-batch is cut into after running out of memory (replan.py); 1 normally."""
+    fit_cfg: RunConfig | None = None
+    """The config the loop trains with: `cfg` with the split's micro-batch and accumulation."""
+    full_schedule: Sequence[MicroBatch] = ()
+    full_val_batches: Sequence[MicroBatch] = ()
+    """The schedules before any split, which every split is cut from."""
 
 
 def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunSetup:
@@ -286,28 +398,34 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
     if not data.train:
         raise UserError("no training examples are left after reading and cleaning the data",
                         hint="check the file with: ft-desk data check FILE")
-    cfg, notes = size_to_data(cfg, data, device, model_config, run_dir)
+    cfg, notes = size_to_data(cfg, data, device, model_config, run_dir, resumed)
     write_examples_jsonl(data.val_examples, run_folder.val_path(run_dir))
 
     model, tokenizer, info = load_base(cfg, device, model_dir=model_dir, tokenizer=tokenizer)
     model = prepare_for_training(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    plan = train_schedule(cfg, data.train)
-    val_plan = schedule(data.val, max_length=cfg.data.max_length, micro_batch_size=cfg.train.micro_batch_size,
+    full_plan = train_schedule(cfg, data.train)
+    full_val = schedule(data.val, max_length=cfg.data.max_length, micro_batch_size=cfg.train.micro_batch_size,
                         packing=cfg.train.packing, seed=cfg.train.seed, epochs=1.0)
     if cfg.eval.max_batches:
-        val_plan = val_plan[: cfg.eval.max_batches]
+        full_val = full_val[: cfg.eval.max_batches]
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
+    identity = ckpt.run_identity(cfg, data.train, data.val, info.model_dir)
     start = LoopState()
+    split = 1
+    point = None
     if resumed:
-        folder = ckpt.latest(run_dir)
-        if folder is not None:
-            start = ckpt.load_checkpoint(folder, model, optimizer, cfg)
-    total_steps = -(-len(plan) // cfg.train.grad_accum)
+        point = ckpt.resume_point(run_dir, model, optimizer, cfg, identity)
+        split = max(replan.recorded_split(run_dir), point.batch_split)
+        start = point.state
+        start.micro_index = start.micro_index * split // point.batch_split
+    plan = replan.split_batches(data.train, full_plan, split)
+    val_plan = replan.split_batches(data.val, full_val, split)
+    total_steps = -(-len(full_plan) // cfg.train.grad_accum)
 
     sink.emit(make_event("run_started", run_dir=str(run_dir), run_name=run_dir.name, model=cfg.model.name,
                          method=cfg.train.method, device=device, total_steps=total_steps,
@@ -323,30 +441,58 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
     sink.emit(make_event("model_loaded", params=info.params, trainable_params=trainable, dtype=info.dtype,
                          quantized=info.quantized, load_seconds=info.load_seconds,
                          memory_bytes=memory_in_use(device), model_dir=info.model_dir))
+    if point is not None:
+        emit_resume_report(sink, run_dir, point, cfg, split)
     run_folder.update_state(run_dir, total_steps=total_steps, model_dir=info.model_dir, device=device)
 
     prompts = [generation_prompt(ex, tokenizer, cfg.data) for ex in data.val_examples[: cfg.eval.sample_prompts]]
     return RunSetup(cfg=cfg, run_dir=run_dir, device=device, model=model, tokenizer=tokenizer, info=info, data=data,
-                    schedule=plan, val_batches=val_plan, optimizer=optimizer, start=start, prompts=prompts)
+                    schedule=plan, val_batches=val_plan, optimizer=optimizer, start=start, prompts=prompts,
+                    identity=identity, batch_split=split, fit_cfg=replan.effective_config(cfg, split),
+                    full_schedule=full_plan, full_val_batches=full_val)
 
 
-def size_to_data(cfg: RunConfig, data: PreparedData, device: str, model_config: dict,
-                 run_dir: Path) -> tuple[RunConfig, list[dict]]:
+def emit_resume_report(sink: EventSink, run_dir: Path, point: ckpt.ResumePoint, cfg: RunConfig, split: int) -> None:
+    """Where a resumed run continues from, said as events: each damaged checkpoint passed over, a start from
+    step 0 when none was written, and a micro-batch still cut after running out of memory."""
+    where = f"step {point.state.step}" if point.folder is not None else "step 0"
+    for folder, reason, moved in point.rejected:
+        aside = f"; moved aside to {moved} (deleted at the next checkpoint)" if moved else ""
+        message = f"checkpoint {folder.name} cannot be used: {reason}{aside}; resuming from {where} instead"
+        sink.emit(make_event("checkpoint_rejected", step=run_folder.step_of(folder) or 0, path=str(folder),
+                             reason=reason, moved_to=str(moved) if moved else None, message=message))
+        sink.emit(make_event("log", level="warning", message=message))
+    if point.folder is None:
+        sink.emit(make_event("log", level="warning", message=f"{run_dir.name} has no checkpoint yet (it stopped "
+                             "before its first one): training starts again from step 0"))
+    else:
+        sink.emit(make_event("log", level="info", message=f"resuming from checkpoint {point.folder.name}"))
+    if split > 1:
+        eff = replan.effective_config(cfg, split)
+        sink.emit(make_event("log", level="info", message=(
+            f"training with micro-batches of {eff.train.micro_batch_size} and accumulation {eff.train.grad_accum} "
+            f"(re-planned after running out of memory; the effective batch is unchanged)")))
+
+
+def size_to_data(cfg: RunConfig, data: PreparedData, device: str, model_config: dict, run_dir: Path,
+                 resumed: bool = False) -> tuple[RunConfig, list[dict]]:
     """(the run's config as it trains, log events that say so): `auto` batching sized from the data
     (recipe_sizing.py), then the memory plan's first fitting suggestion that keeps the result, when the plan does
-    not fit. Saved as the run's config.json so a resume trains exactly the same batches."""
+    not fit. Saved as the run's config.json so a resume trains exactly the same batches; a resumed run's config
+    is that saved one, sized already, and is only described (a resume never changes what the run computes)."""
     context = model_config.get("max_position_embeddings")
     cfg, sizing = size_batches(cfg, [len(e.input_ids) for e in data.train], device,
                                context if isinstance(context, int) else None)
-    cfg, memory_note = fit_memory(cfg, model_config, device)
+    cfg, memory_note = (cfg, "") if resumed else fit_memory(cfg, model_config, device)
     notes = [make_event("log", level="info", message=f"recipe: {sizing.summary()}")]
     if sizing.warning:
         notes.append(make_event("log", level="warning", message=sizing.warning))
     if memory_note:
         notes.append(make_event("log", level="warning" if "does not fit" in memory_note else "info",
                                 message=memory_note))
-    write_text(run_folder.config_path(run_dir), cfg.to_json())
-    run_folder.update_state(run_dir, recipe=sizing.to_dict())
+    if not resumed:
+        write_text(run_folder.config_path(run_dir), redact(cfg.to_json()))
+        run_folder.update_state(run_dir, recipe=sizing.to_dict())
     return cfg, notes
 
 
@@ -435,7 +581,8 @@ def emit_samples(run: RunSetup, sink: EventSink, phase: str) -> None:
 
 def save_checkpoint(run: RunSetup, sink: EventSink, loop_state: LoopState, is_best: bool) -> str:
     """The loop's save hook: write the checkpoint, prune old ones, and record it in events and state.json."""
-    folder = ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, loop_state)
+    folder = ckpt.save_checkpoint(run.run_dir, run.model, run.optimizer, run.cfg, loop_state,
+                                  identity=run.identity, batch_split=run.batch_split)
     ckpt.prune(run.run_dir, run.cfg.output.keep_last, loop_state.best_step)
     sink.emit(make_event("checkpoint", step=loop_state.step, path=str(folder), is_best=is_best))
     run_folder.update_state(run.run_dir, step=loop_state.step, best_step=loop_state.best_step,
@@ -466,16 +613,69 @@ def autocast_for(run: RunSetup) -> Callable | None:
     return functools.partial(torch.autocast, device_type=run.device, dtype=torch_dtype(run.info.dtype))
 
 
+def fit_context(run: RunSetup, sink: EventSink, stop: StopFlag) -> FitContext:
+    return FitContext(model=run.model, optimizer=run.optimizer, cfg=run.fit_cfg or run.cfg,
+                      train_examples=run.data.train, val_examples=run.data.val, schedule=run.schedule,
+                      val_batches=run.val_batches, pad_id=run.tokenizer.pad_token_id, device=run.device, sink=sink,
+                      save_checkpoint=functools.partial(save_checkpoint, run, sink),
+                      should_stop=lambda: stop.requested, autocast=autocast_for(run),
+                      on_progress=ProgressRecorder(run.run_dir),
+                      batches_per_epoch=len(epoch_schedule(run.cfg, run.data.train, 1.0)) * run.batch_split)
+
+
 def fit_run(run: RunSetup, sink: EventSink, stop: StopFlag) -> tuple[LoopState, str]:
-    """Train with loop.fit from `run.start`; returns (final loop state, "completed" | "stopped" | ...)."""
-    ctx = FitContext(model=run.model, optimizer=run.optimizer, cfg=run.cfg, train_examples=run.data.train,
-                     val_examples=run.data.val, schedule=run.schedule, val_batches=run.val_batches,
-                     pad_id=run.tokenizer.pad_token_id, device=run.device, sink=sink,
-                     save_checkpoint=functools.partial(save_checkpoint, run, sink),
-                     should_stop=lambda: stop.requested, autocast=autocast_for(run),
-                     on_progress=ProgressRecorder(run.run_dir),
-                     batches_per_epoch=len(epoch_schedule(run.cfg, run.data.train, 1.0)))
-    return fit(ctx, run.start)
+    """Train with loop.fit from `run.start`; returns (final loop state, "completed" | "stopped" | ...). A step
+    that runs out of memory is re-planned (`replan_after_oom`) and training goes on, until a micro-batch is one row."""
+    state = run.start
+    while True:
+        try:
+            return fit(fit_context(run, sink, stop), state)
+        except Exception as exc:  # noqa: BLE001 - only an allocator failure is handled; anything else re-raises
+            if not replan.is_out_of_memory(exc):
+                raise
+            words = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            log.warning("step %d ran out of memory:\n%s", state.step + 1,
+                        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        # Outside the except block: the failed step's frames (and the activations they hold) are freed now.
+        run, state = replan_after_oom(run, sink, state, redact(words))
+
+
+def replan_after_oom(run: RunSetup, sink: EventSink, state: LoopState, words: str) -> tuple[RunSetup, LoopState]:
+    """Halve the micro-batch and double the accumulation, record it in state.json, and continue from the last
+    checkpoint (or from the start of the failed step when there is none). Raises OutOfMemory, naming the next
+    setting to change, when a micro-batch is already one row."""
+    failed_step = state.step + 1
+    run.optimizer.zero_grad(set_to_none=True)
+    replan.free_memory(run.device)
+    cfg = run.cfg
+    old = replan.effective_config(cfg, run.batch_split)
+    if old.train.micro_batch_size <= 1:
+        raise replan.at_the_limit(cfg, run.batch_split, run.device, run.info.model_dir)
+    split = run.batch_split * 2
+    new = replan.effective_config(cfg, split)
+    if run_folder.checkpoint_folders(run.run_dir):
+        point = ckpt.resume_point(run.run_dir, run.model, run.optimizer, cfg, run.identity)
+        state = point.state
+        state.micro_index = state.micro_index * split // point.batch_split
+        if point.rejected:
+            emit_resume_report(sink, run.run_dir, point, cfg, 1)
+        where = f"the checkpoint at step {state.step}"
+    else:
+        state.micro_index = state.micro_index * split // run.batch_split
+        where = f"the start of step {failed_step}"
+    replan.record_split(run.run_dir, cfg, split)
+    message = (f"step {failed_step} ran out of memory ({words}); micro-batch {old.train.micro_batch_size} -> "
+               f"{new.train.micro_batch_size}, accumulation {old.train.grad_accum} -> {new.train.grad_accum} "
+               f"(effective batch unchanged); continuing from {where}")
+    sink.emit(make_event("batch_replanned", step=failed_step, resumed_from_step=state.step,
+                         micro_batch_size=new.train.micro_batch_size, grad_accum=new.train.grad_accum,
+                         previous_micro_batch_size=old.train.micro_batch_size,
+                         previous_grad_accum=old.train.grad_accum, error=words, message=message))
+    sink.emit(make_event("log", level="warning", message=message))
+    run = dataclasses.replace(run, batch_split=split, fit_cfg=new, start=state,
+                              schedule=replan.split_batches(run.data.train, run.full_schedule, split),
+                              val_batches=replan.split_batches(run.data.val, run.full_val_batches, split))
+    return run, state
 
 
 def finish(run: RunSetup, sink: EventSink, state: LoopState, status: str, stop: StopFlag) -> None:
@@ -490,7 +690,12 @@ def finish(run: RunSetup, sink: EventSink, state: LoopState, status: str, stop: 
 
     if state.best_step is not None and state.best_step != state.step:
         best = run_folder.step_folder(run_dir, state.best_step)
-        if best.is_dir():
+        damaged = ckpt.check_checkpoint(best, cfg) if best.is_dir() else None
+        if damaged:
+            sink.emit(make_event("log", level="warning",
+                                 message=f"the best checkpoint ({best.name}) cannot be used: {damaged}; the final "
+                                         f"weights are the last step's ({state.step})"))
+        elif best.is_dir():
             load_weights(run.model, cfg, best)
             sink.emit(make_event("log", level="info",
                                  message=f"final weights are the best checkpoint (step {state.best_step}, "
@@ -505,12 +710,26 @@ def write_final_weights(run: RunSetup) -> Path:
     """The model's trained weights and the tokenizer, staged in a hidden folder, fsynced, then renamed in place."""
     final = run_folder.final_weights_dir(run.run_dir, run.cfg.train.method)
     tmp = run.run_dir / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_weights(run.model, run.cfg, tmp)
-    run.tokenizer.save_pretrained(tmp)
-    fsync_tree(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_weights(run.model, run.cfg, tmp)
+        run.tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            needed = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
+            try:
+                free = f" and {format_bytes(shutil.disk_usage(run.run_dir).free)} is free"
+            except OSError:
+                free = ""
+            raise DiskFull(f"the disk is full: the final weights need about {format_bytes(needed + (4 << 20))}"
+                           f"{free} in {run.run_dir}; the partial files were removed and the checkpoints are "
+                           f"intact", hint=f"free some space, then resume with: ft-desk train --resume "
+                                           f"{run.run_dir} (it only writes the final weights)") from None
+        raise
     if final.exists():  # a resumed run that had finished once already
         shutil.rmtree(final)
     tmp.rename(final)

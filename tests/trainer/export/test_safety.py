@@ -94,3 +94,75 @@ def test_disk_full_while_writing_removes_partial_output(qlora_run, out_dir, monk
     with pytest.raises(UserError, match=r"not enough disk space.*needs about .*partial output was removed"):
         _export(qlora_run, out_dir, format="merged")
     assert not out_dir.exists() and not _leftovers(out_dir)
+
+
+def test_disk_full_in_a_library_that_wraps_the_error_is_still_disk_full(qlora_run, out_dir, monkeypatch):
+    """safetensors (and other Rust/C writers) raise their own error type with the OS words inside."""
+    from ft_desk.trainer.export import safetensors_io
+
+    def full(self, name, tensor):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", full)
+    with pytest.raises(UserError, match=r"not enough disk space.*needs about .*partial output was removed"):
+        _export(qlora_run, out_dir, format="merged")
+    assert not out_dir.exists() and not _leftovers(out_dir)
+
+
+def test_disk_full_in_the_reload_check_child_is_disk_full(qlora_run, out_dir, monkeypatch):
+    import subprocess
+
+    from ft_desk.trainer.export import verify
+
+    def child_ran_out_of_space(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nOSError: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(verify.subprocess, "run", child_ran_out_of_space)
+    with pytest.raises(UserError, match=r"not enough disk space.*partial output was removed"):
+        export_run(ExportRequest(run_dir=qlora_run.run_dir, format="adapter", out=out_dir, verify=True), ListSink())
+    assert not out_dir.exists() and not _leftovers(out_dir)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 128 KiB tmpfs (root only): too small for a merged export of the test model (about 400 KB)."""
+    import os
+    import shutil
+    import subprocess
+
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount")):
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_really_full_disk_during_an_export_keeps_the_users_files_and_cleans_up(qlora_run, tiny_tmpfs,
+                                                                                 monkeypatch):
+    """The space check passes (another program freed space, then took it back): the kernel's ENOSPC mid-write
+    is reported with the space needed, the folder the user named keeps exactly what it had."""
+    import shutil
+    import subprocess
+    from collections import namedtuple
+
+    from ft_desk.trainer.export import safety
+
+    out = tiny_tmpfs / "export"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's file")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    with pytest.raises(UserError, match=r"not enough disk space.*needs about .*partial output was removed"):
+        _export(qlora_run, out, format="merged", force=True)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "the user's file"
+    assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["export"]  # no partial or work folder left
+    monkeypatch.undo()
+    subprocess.run(["mount", "-o", "remount,size=128m", str(tiny_tmpfs)], check=True)
+    _export(qlora_run, out, format="merged", force=True)  # room again: it works
+    assert (out / "mine.txt").read_text() == "the user's file" and (out / "config.json").is_file()
+    assert shutil.disk_usage(tiny_tmpfs).used > 128 << 10
