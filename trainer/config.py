@@ -136,7 +136,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Non-finite losses in a row before the run stops."""
     threads: int = 0
-    """CPU threads for torch; 0 keeps torch's default."""
+    """CPU threads for torch; 0 (auto): the cores free when the run starts (physical cores minus the load)."""
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.loss_chunk_tokens": (lambda v: v >= 16, "an int of at least 16"),
     "train.log_every": (lambda v: v >= 1, "a positive int"),
     "train.max_bad_steps": (lambda v: v >= 1, "a positive int"),
-    "train.threads": (lambda v: v >= 0, "a non-negative int"),
+    "train.threads": (lambda v: v >= 0, "0 (auto: the free cores) or a positive int"),
     "eval.every_steps": (lambda v: v >= 0, "a non-negative int"),
     "eval.max_batches": (lambda v: v >= 0, "a non-negative int"),
     "eval.sample_prompts": (lambda v: v >= 0, "a non-negative int"),

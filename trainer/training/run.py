@@ -54,6 +54,7 @@ from ft_desk.trainer.training.model import (
     prepare_for_training,
     save_weights,
 )
+from ft_desk.trainer.training.threads import apply_threads
 
 log = logging.getLogger("ft_desk")
 
@@ -235,8 +236,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
     import torch  # heavy import: a run really starts here
 
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = apply_threads(cfg.train.threads)  # 0: the cores other work leaves free (training/threads.py)
+    log.info("torch uses %d CPU thread(s) (train.threads=%d)", threads, cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
 
     model, tokenizer, info = load_base(cfg, device)
