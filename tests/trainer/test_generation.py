@@ -136,11 +136,13 @@ def _logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits
 
 
-def test_the_dense_inference_copy_computes_what_the_4bit_layers_compute(four_bit):
+def test_the_dense_inference_copy_computes_what_the_4bit_layers_compute(four_bit, monkeypatch):
     import torch
 
+    from ft_desk.trainer import generation
     from ft_desk.trainer.generation import inference_weights
 
+    monkeypatch.setattr(generation, "DENSE_DTYPE", "compute")  # the training path's dtype, not bf16
     model, _ = four_bit
     ids = _prompts()[1]
     expected = _logits(model, ids)
@@ -156,11 +158,33 @@ def test_the_dense_inference_copy_computes_what_the_4bit_layers_compute(four_bit
     assert torch.equal(got_base, expected_base)  # the base: the training path's dequantization and matmul
 
 
+def test_on_a_cpu_with_native_bf16_the_dense_copy_is_bf16_and_close(four_bit, monkeypatch):
+    import torch
+
+    from ft_desk.quant.policy import four_bit_layers
+    from ft_desk.trainer import generation
+
+    model, _ = four_bit
+    ids = _prompts()[1]
+    expected = _logits(model, ids)
+    monkeypatch.setattr(generation, "_cpu_bf16", lambda: True)
+    layers = [m for _, m in four_bit_layers(model)]
+    assert generation.dense_bytes(model) == sum(m.in_features * m.out_features * 2 for m in layers)
+    with generation.inference_weights(model):
+        got = _logits(model, ids)
+        assert {vars(m)["forward"].__class__.__name__ for m in layers} == {"_DenseForward"}
+    assert not torch.equal(got, expected)  # bf16 weights really were used
+    assert torch.allclose(got, expected, atol=0.05, rtol=0.02)
+    monkeypatch.setattr(generation, "_cpu_bf16", lambda: False)
+    assert generation.dense_bytes(model) == sum(m.in_features * m.out_features * 4 for m in layers)
+
+
 def test_generation_with_the_dense_copy_writes_what_the_per_token_path_writes(four_bit, monkeypatch):
     from ft_desk.trainer import generation
 
     model, tokenizer = four_bit
     prompts = _prompts()
+    monkeypatch.setattr(generation, "DENSE_DTYPE", "compute")  # fp32 like the per-token path (bf16: see below)
     fast = generation.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=2)
     monkeypatch.setattr(generation, "DENSE_RAM_SHARE", 0.0)  # no room for a dense copy: dequantize per token
     slow = generation.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=2)
@@ -176,7 +200,6 @@ def test_the_dense_copy_is_dropped_after_the_block_and_skipped_without_room(four
     model, _ = four_bit
     layers = [m for _, m in four_bit_layers(model)]
     need = dense_bytes(model)
-    assert need == sum(m.in_features * m.out_features * 4 for m in layers)  # fp32 compute on CPU
     with inference_weights(model, available=need):  # the copy may use half of what is available: too big
         assert not any("forward" in vars(m) for m in layers)
     with inference_weights(model):
