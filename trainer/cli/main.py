@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, make_event
 from ft_desk.trainer.hub.credentials import redact
+from ft_desk.trainer.quiet import quiet_libraries
 
 # command -> (module in this package, one-line help). Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    quiet_libraries()  # before any command imports torch/transformers: no library bars or warnings on screen
     module = importlib.import_module(args._module)
     stdout = sys.stdout  # commands in jsonl mode point sys.stdout at stderr; the failure report goes to the real one
     try:
