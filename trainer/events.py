@@ -63,6 +63,8 @@ class DataReady(TypedDict):
     truncated: int
     duplicates_dropped: int
     skipped_rows: int
+    tokenize_seconds: NotRequired[float]  # reading + tokenizing the data (or reading the cached tokens)
+    tokens_cached: NotRequired[bool]  # the tokens came from an earlier run's cache (data/token_cache.py)
 
 
 class ModelLoaded(TypedDict):
@@ -73,6 +75,7 @@ class ModelLoaded(TypedDict):
     load_seconds: float
     memory_bytes: int | None
     model_dir: str | None
+    startup_seconds: NotRequired[float]  # process start to ready to train: imports, load, quantize, tokenize
 
 
 class Step(TypedDict):
@@ -510,6 +513,8 @@ def describe_event(event: dict[str, Any]) -> str:
             extra.append(f"{event['duplicates_dropped']} duplicates dropped")
         if event.get("skipped_rows"):
             extra.append(f"{event['skipped_rows']} bad rows skipped")
+        if event.get("tokens_cached"):
+            extra.append("tokens from the cache")
         tail = f" ({', '.join(extra)})" if extra else ""
         return (
             f"data: {event['format']} format, {event['train_rows']} train / {event['val_rows']} val rows, "

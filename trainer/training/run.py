@@ -29,7 +29,8 @@ from ft_desk.trainer.atomic import fsync_folder, fsync_tree, write_text
 from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.data.batching import MicroBatch, schedule
-from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, prepare_data, write_examples_jsonl
+from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, write_examples_jsonl
+from ft_desk.trainer.data.token_cache import prepare_data_cached
 from ft_desk.trainer.errors import OutOfMemory, UserError
 from ft_desk.trainer.events import (
     EXIT_BAD_INPUT,
@@ -243,7 +244,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
     model, tokenizer, info = load_base(cfg, device)
     model = prepare_for_training(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    data = prepare_data(cfg.data, tokenizer)
+    prepared = prepare_data_cached(cfg.data, tokenizer)  # a second run on the same data reuses the tokens
+    data = prepared.data
     if not data.train:
         raise UserError("no training examples are left after reading and cleaning the data",
                         hint="check the file with: ft-desk data check FILE")
@@ -272,15 +274,26 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
                          train_tokens=sum(len(e.input_ids) for e in data.train), format=data.format,
                          truncated=data.stats.get("truncated", 0),
                          duplicates_dropped=data.stats.get("duplicates_dropped", 0),
-                         skipped_rows=data.stats.get("skipped_rows", 0)))
+                         skipped_rows=data.stats.get("skipped_rows", 0), tokenize_seconds=prepared.seconds,
+                         tokens_cached=prepared.cached))
+    startup = startup_seconds()
+    log.info("ready to train %.1f s after the process started (model load %.1f s, data %.1f s%s)", startup,
+             info.load_seconds, prepared.seconds, ", tokens from the cache" if prepared.cached else "")
     sink.emit(make_event("model_loaded", params=info.params, trainable_params=trainable, dtype=info.dtype,
                          quantized=info.quantized, load_seconds=info.load_seconds,
-                         memory_bytes=memory_in_use(device), model_dir=info.model_dir))
+                         memory_bytes=memory_in_use(device), model_dir=info.model_dir, startup_seconds=startup))
     run_folder.update_state(run_dir, total_steps=total_steps, model_dir=info.model_dir, device=device)
 
     prompts = [generation_prompt(ex, tokenizer, cfg.data) for ex in data.val_examples[: cfg.eval.sample_prompts]]
     return RunSetup(cfg=cfg, run_dir=run_dir, device=device, model=model, tokenizer=tokenizer, info=info, data=data,
                     schedule=plan, val_batches=val_plan, optimizer=optimizer, start=start, prompts=prompts)
+
+
+def startup_seconds() -> float:
+    """Seconds since this process started (interpreter start, imports, model load, quantization, data)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def epoch_schedule(cfg: RunConfig, examples: Sequence, epochs: float) -> list[MicroBatch]:
@@ -349,12 +362,37 @@ class ProgressRecorder:
 
 
 def autocast_for(run: RunSetup) -> Callable | None:
-    """Mixed precision for a full fine-tune on an accelerator (fp32 master weights); None elsewhere."""
-    if run.cfg.train.method != "full" or run.device == "cpu":
-        return None
+    """Mixed precision: a full fine-tune on an accelerator (fp32 master weights), and bf16 matmuls on a CPU with
+    native bf16 (cpu_bf16_autocast); None elsewhere."""
     import torch  # heavy import, already loaded by setup
 
+    if run.device == "cpu":
+        if not cpu_bf16_autocast(run.cfg):
+            return None
+        log.info("this CPU has native bf16: matmuls run in bf16 under autocast (quant.compute_dtype=float32 or "
+                 "model.dtype=float32 turns it off)")
+        return functools.partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16)
+    if run.cfg.train.method != "full":
+        return None
     return functools.partial(torch.autocast, device_type=run.device, dtype=torch_dtype(run.info.dtype))
+
+
+def cpu_bf16_autocast(cfg: RunConfig, features: dict[str, bool] | None = None) -> bool:
+    """Whether a CPU run computes its matmuls in bf16 under autocast (weights, LoRA and optimizer stay fp32).
+
+    Only where the CPU has native bf16 (AVX512-BF16, AMX or Arm BF16, as `ft-desk doctor` reports) and the run
+    left its compute dtype on auto: an explicit float32 keeps every op in fp32. Measured on a 2-core AMD EPYC with
+    AVX512-BF16 (no AMX), QLoRA forward + backward of the 11M Llama shape on 2 x 512 tokens, 3 alternating
+    rounds: fp32 64.0 s, bf16 autocast 51.2 s (1.25x), first-step loss 10.44317 vs 10.44310.
+    """
+    requested = cfg.quant.compute_dtype if cfg.train.method == "qlora" else cfg.model.dtype
+    if requested != "auto":
+        return False
+    if features is None:
+        from ft_desk.quant.device import cpu_features
+
+        features = cpu_features()
+    return bool(features.get("bf16"))
 
 
 def fit_run(run: RunSetup, sink: EventSink, stop: StopFlag) -> tuple[LoopState, str]:
