@@ -164,10 +164,39 @@ def inference_weights(model, device=None, available: int | None = None) -> Itera
                 if wraps and "forward" not in vars(module) and not module.merged:
                     module.forward = _MergedLoraForward(module, bases[id(base)])
                     switched.append(module)
+            head = _output_layer(model)
+            if head is not None and _dense_dtype(layers[0][1]) == torch.bfloat16:
+                # The 16-bit output layer (often tied to the embeddings) is read once per token as well.
+                head.forward = _CastLinear(head, torch.bfloat16)
+                switched.append(head)
         yield len(bases)
     finally:
         for module in switched:
             del module.forward
+
+
+def _output_layer(model):
+    """The plain fp32 nn.Linear that turns hidden states into logits, if the model has one (not LoRA-wrapped)."""
+    import torch
+
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter else None
+    if type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and "forward" not in vars(head):
+        return head
+    return None
+
+
+class _CastLinear:
+    """An nn.Linear's forward from a copy of its weight in another dtype, the output back in the input's."""
+
+    def __init__(self, layer, dtype) -> None:
+        self.weight = layer.weight.detach().to(dtype)
+        self.bias = None if layer.bias is None else layer.bias.detach().to(dtype)
+
+    def __call__(self, x):
+        import torch.nn.functional as F  # heavy import, already loaded with the model
+
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
 def _dequantized(module):
