@@ -168,6 +168,7 @@ def test_on_a_cpu_with_native_bf16_the_dense_copy_is_bf16_and_close(four_bit, mo
     ids = _prompts()[1]
     expected = _logits(model, ids)
     monkeypatch.setattr(generation, "_cpu_bf16", lambda: True)
+    monkeypatch.setattr(generation, "DENSE_DTYPE", "auto")
     layers = [m for _, m in four_bit_layers(model)]
     assert generation.dense_bytes(model) == sum(m.in_features * m.out_features * 2 for m in layers)
     with generation.inference_weights(model):

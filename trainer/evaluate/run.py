@@ -209,10 +209,16 @@ def _free(device: str) -> None:
 
 
 def _autocast(cfg, device: str) -> Callable | None:
-    """Full fine-tunes keep fp32 weights and train under autocast on accelerators; evaluate the same way."""
-    if cfg.train.method != "full" or device == "cpu":
-        return None
+    """Evaluate under the autocast training used, so the loss is the training validation loss: full fine-tunes
+    on accelerators, and bf16 matmuls on CPUs with native bf16 (training.run.cpu_bf16_autocast)."""
     import torch
+
+    if device == "cpu":
+        from ft_desk.trainer.training.run import cpu_bf16_autocast
+
+        return (lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16)) if cpu_bf16_autocast(cfg) else None
+    if cfg.train.method != "full":
+        return None
 
     compute, _ = run_dtypes(cfg, device)
     return lambda: torch.autocast(device_type=device, dtype=torch_dtype(compute))

@@ -38,7 +38,9 @@ def _losses(sink: ListSink) -> list[float]:
     return [e["loss"] for e in sink.of_type("step")]
 
 
-def test_cpu_bf16_autocast_is_on_only_with_native_bf16_and_an_auto_dtype(tiny_model_dir, tmp_path):
+def test_cpu_bf16_autocast_is_on_only_with_native_bf16_and_an_auto_dtype(tiny_model_dir, tmp_path, monkeypatch):
+    assert not run_mod.cpu_bf16_autocast(_cfg(tiny_model_dir, tmp_path, "x"), {"bf16": True})  # off by default
+    monkeypatch.setattr(run_mod, "CPU_BF16_AUTOCAST", True)
     auto = _cfg(tiny_model_dir, tmp_path, "x")
     assert run_mod.cpu_bf16_autocast(auto, {"bf16": True})
     assert not run_mod.cpu_bf16_autocast(auto, {"bf16": False})
@@ -51,6 +53,7 @@ def test_bf16_autocast_tracks_the_fp32_losses_step_by_step(tiny_model_dir, tmp_p
 
     plain = _losses(_train(_cfg(tiny_model_dir, tmp_path, "fp32", "quant.compute_dtype=float32")))
     monkeypatch.setattr(device, "cpu_features", lambda: {"bf16": True})  # as on an AVX512-BF16 / AMX CPU
+    monkeypatch.setattr(run_mod, "CPU_BF16_AUTOCAST", True)
     fast = _losses(_train(_cfg(tiny_model_dir, tmp_path, "bf16")))
     assert len(fast) == len(plain) == 4
     assert fast != plain  # the bf16 path really ran
