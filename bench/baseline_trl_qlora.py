@@ -34,7 +34,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--defaults", action="store_true",
+                   help="TRL's own SFTConfig defaults (batch 8, lr 2e-5, bf16 autocast, gradient checkpointing, "
+                        "fused AdamW) for --epochs passes; only --max-length and --epochs are set")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data with --defaults")
     return p.parse_args(argv)
+
+
+def like_for_like(args, measuring: dict):
+    """SFTConfig with the settings train_vs_trl.py gives ft-desk too (see its docstring); TRL's defaults otherwise."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **measuring,
+        dataset_text_field="text",
+        max_length=args.max_length,
+        per_device_train_batch_size=args.micro_batch,
+        per_device_eval_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing,
+        learning_rate=args.lr,
+        max_steps=args.steps,
+        bf16=False,
+        fp16=False,
+    )
 
 
 def main(argv=None) -> int:
@@ -64,25 +87,13 @@ def main(argv=None) -> int:
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 
-    config = SFTConfig(
-        output_dir=args.out,
-        dataset_text_field="text",
-        max_length=args.max_length,
-        per_device_train_batch_size=args.micro_batch,
-        per_device_eval_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.grad_accum,
-        gradient_checkpointing=args.gradient_checkpointing,
-        learning_rate=args.lr,
-        max_steps=args.steps,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        seed=args.seed,
-    )
+    measuring = dict(output_dir=args.out, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+                     use_cpu=True, seed=args.seed)
+    if args.defaults:  # what a user gets from SFTConfig: only the length and the number of passes chosen
+        config = SFTConfig(**measuring, dataset_text_field="text", max_length=args.max_length,
+                           num_train_epochs=args.epochs)
+    else:
+        config = like_for_like(args, measuring)
 
     class StepClock(TrainerCallback):
         """Time stamps: training start, and the end of every optimizer step (measurement only)."""
@@ -126,6 +137,9 @@ def main(argv=None) -> int:
         "adapter_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
         "optimizer": type(trainer.optimizer).__name__,
         "optim": str(getattr(config.optim, "value", config.optim)),
+        "settings": {"batch": config.per_device_train_batch_size, "grad_accum": config.gradient_accumulation_steps,
+                     "lr": config.learning_rate, "bf16": config.bf16,
+                     "gradient_checkpointing": config.gradient_checkpointing, "max_length": config.max_length},
     }
     Path(args.result).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return 0

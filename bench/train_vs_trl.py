@@ -38,6 +38,17 @@ Measured, the same way for both:
     python bench/train_vs_trl.py --quick --threads 1     # smoke run: 11M model, 4 steps (~5 min on a busy box)
     python bench/train_vs_trl.py --threads 1             # 11M (30 steps, both layouts), 135M shape (4 steps)
     python bench/train_vs_trl.py --models llama-11m --gc both --json out.json
+    python bench/train_vs_trl.py --defaults --model smollm2        # both tools at their own defaults (below)
+
+--defaults: each tool as a user runs it, on the same model, the same first --examples training rows and the
+same validation rows, for one pass (epoch) over them, at each of --max-lengths (512 and 1024). ft-desk:
+`ft-desk train --preset qlora` with only the model, data files, max length, epochs and a run folder set
+(threads, micro-batch, packing, evaluation and samples, checkpoints are its own). TRL: SFTConfig's defaults
+(batch 8, lr 2e-5, bf16 autocast, gradient checkpointing, fused AdamW, torch's thread count) with the same
+QLoRA model load and LoRA as the baseline script. "ready s" is the time from the child's start to its first
+training step (imports, model load, quantization, tokenization): ft-desk's model_loaded `startup_seconds`,
+TRL's on_train_begin. `smollm2` is the real SmolLM2-135M-Instruct (bench/real_smollm2.py: the GGUF that
+tests/real_model.py fetches, read with transformers' gguf_file support and saved once as bf16 safetensors).
 
 On a machine shared with other work use --threads 1: with more threads than free cores, OpenMP barriers stall
 every op and the many small ops of short padded batches suffer far more than large packed ones.
@@ -60,6 +71,8 @@ from pathlib import Path
 
 from ft_desk.trainer.demo import TinyShape  # stdlib-only module: no torch import here
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/real_smollm2.py
+
 MIB = 1024**2
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE.parent.parent / "shared" / "data" / "wikisql"
@@ -74,10 +87,11 @@ LAYOUTS = ("same", "tokens")
 class BenchModel:
     key: str
     about: str
-    shape: TinyShape  # Llama architecture, random weights
+    shape: TinyShape | None  # Llama architecture, random weights (None: the real model)
     steps: int  # optimizer steps of a full run
     layouts: tuple[str, ...]  # ft-desk layouts of a full run
     val_rows: int | None = None  # validation rows used by both (None: all of valid.jsonl)
+    examples: int = 400  # training rows of a --defaults run
 
 
 def _llama(vocab: int, hidden: int, mlp: int, layers: int, heads: int, kv_heads: int) -> TinyShape:
@@ -95,7 +109,10 @@ MODELS = {
         # SmolLM2-135M's shape: 30 layers, 576 wide, GQA 9/3 heads, 1536 MLP, 49152 vocab, tied embeddings.
         # Slow on 2 CPU cores: few steps, the tokens-matched layout only, 20 validation rows.
         BenchModel("smollm2-135m", "SmolLM2-135M-shaped", _llama(49152, 576, 1536, 30, 9, 3), steps=4,
-                   layouts=("tokens",), val_rows=20),
+                   layouts=("tokens",), val_rows=20, examples=96),
+        # The real SmolLM2-135M-Instruct (pretrained weights, its own tokenizer).
+        BenchModel("smollm2", "real SmolLM2-135M-Instruct", None, steps=4, layouts=("tokens",), val_rows=20,
+                   examples=96),
     )
 }
 
@@ -113,7 +130,12 @@ def build_model(spec: BenchModel, folder: Path, texts: list[str]) -> dict:
 
     from ft_desk.trainer.demo import build_tiny_model
 
-    build_tiny_model(folder, spec.shape, texts=texts, dtype="bfloat16")
+    if spec.shape is None:
+        from real_smollm2 import smollm2_folder
+
+        folder = smollm2_folder()
+    else:
+        build_tiny_model(folder, spec.shape, texts=texts, dtype="bfloat16")
     params = 0
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         for name in f.keys():
@@ -123,7 +145,7 @@ def build_model(spec: BenchModel, folder: Path, texts: list[str]) -> dict:
             params += n
     tokenizer = AutoTokenizer.from_pretrained(folder)
     lengths = [len(ids) for ids in tokenizer([t + tokenizer.eos_token for t in texts])["input_ids"]]
-    return {"params": params, "tokenizer_tokens": len(tokenizer), "lengths": lengths}
+    return {"params": params, "tokenizer_tokens": len(tokenizer), "lengths": lengths, "folder": str(folder)}
 
 
 def matched_row_length(lengths: list[int], micro_batch: int) -> int:
@@ -139,6 +161,7 @@ class ChildRun:
     peak_sampled: int
     peak_maxrss: int
     samples: list[tuple[float, float, int]]  # (unix time, CPU seconds of the process tree so far, its RSS)
+    start_unix: float = 0.0
 
     @property
     def peak(self) -> int:
@@ -168,7 +191,7 @@ def run_child(cmd: list[str], env: dict, stdout: Path, stderr: Path) -> ChildRun
     """Run cmd to the end, sampling the resident set and CPU time of it and its children, reaping it with wait4."""
     import psutil
 
-    started = time.perf_counter()
+    started, start_unix = time.perf_counter(), time.time()
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=str(HERE.parent))
         watched = psutil.Process(proc.pid)
@@ -190,14 +213,18 @@ def run_child(cmd: list[str], env: dict, stdout: Path, stderr: Path) -> ChildRun
                 pass  # exiting between the poll and the read
             time.sleep(SAMPLE_SECONDS)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
-    return ChildRun(proc.returncode, time.perf_counter() - started, peak, usage.ru_maxrss * 1024, samples)
+    return ChildRun(proc.returncode, time.perf_counter() - started, peak, usage.ru_maxrss * 1024, samples,
+                    start_unix)
 
 
-def child_env(threads: int, tmp: Path) -> dict:
+def child_env(threads: int | None, tmp: Path) -> dict:
     env = dict(os.environ)
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    else:  # --defaults: each tool's own thread choice
+        env.pop("OMP_NUM_THREADS", None)
+        env.pop("MKL_NUM_THREADS", None)
     env.update({
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -224,6 +251,7 @@ class Job:
     tmp: Path
     env: dict
     idle: int
+    train_file: Path = DATA_DIR / "train.jsonl"
 
     @property
     def tag(self) -> str:
@@ -251,18 +279,19 @@ class Result:
     val_loss: float | None
     wall_s: float
     note: str = ""
+    ready_s: float | None = None  # child start to its first training step
 
 
 def _result(job: Job, trainer: str, batch: str, steps: int, tokens: int, train_s: float,
             window: tuple[float, float], child: ChildRun, losses: list[float], val_loss: float | None,
-            note: str) -> Result:
+            note: str, ready_s: float | None = None) -> Result:
     tail = [v for v in losses if v is not None][-LAST_LOSSES:]
     cpu_s = child.cpu_seconds(*window)
     return Result(job.key, trainer, job.gc, batch, steps, tokens, train_s, tokens / train_s, cpu_s,
                   tokens / cpu_s if cpu_s > 0 else float("nan"), child.peak, child.peak_between(*window),
                   child.peak_sampled,
                   child.peak_maxrss, child.peak - job.idle, sum(tail) / len(tail) if tail else None, val_loss,
-                  child.wall_s, note)
+                  child.wall_s, note, ready_s)
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -271,9 +300,14 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def run_ftdesk(job: Job, args, layout: str, row_length: int) -> Result:
     rows, length = (args.micro_batch, args.max_length) if layout == "same" else (1, row_length)
+    if layout == "defaults":
+        sets = {"model.name": job.model_dir, "data.train_file": job.train_file, "data.valid_file": job.valid_file,
+                "data.max_length": args.max_length, "train.epochs": args.epochs, "train.device": "cpu",
+                "output.runs_dir": job.tmp / "runs", "output.run_name": f"{job.tag}-defaults-{args.max_length}"}
+        return _ftdesk_child(job, sets, f"defaults-{args.max_length}", "defaults")
     sets = {
         "model.name": job.model_dir,
-        "data.train_file": DATA_DIR / "train.jsonl",
+        "data.train_file": job.train_file,
         "data.valid_file": job.valid_file,
         "data.max_length": length,
         "train.method": "qlora",
@@ -301,6 +335,10 @@ def run_ftdesk(job: Job, args, layout: str, row_length: int) -> Result:
         "output.run_name": f"{job.tag}-{layout}",
         "output.save_every": 0,
     }
+    return _ftdesk_child(job, sets, layout, f"{rows}x{length} packed")
+
+
+def _ftdesk_child(job: Job, sets: dict, layout: str, batch: str) -> Result:
     cmd = [sys.executable, "-m", "ft_desk.trainer.cli.main", "train", "--preset", "qlora", "--events", "jsonl"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
@@ -310,24 +348,34 @@ def run_ftdesk(job: Job, args, layout: str, row_length: int) -> Result:
     steps = [e for e in events if e["type"] == "step"]
     evals = [e for e in events if e["type"] == "eval"]
     finished = next((e for e in events if e["type"] == "run_finished"), {})
+    loaded = next((e for e in events if e["type"] == "model_loaded"), {})
+    started = next((e for e in events if e["type"] == "run_started"), {})
     if child.exit_code != 0 or not steps:
         raise SystemExit(f"ft-desk run failed (exit {child.exit_code}): {finished.get('error')}\n{_tail(err)}")
     last = steps[-1]
     # The training window in unix time: the first step began elapsed_s before its event; the last ended at its.
     window = (steps[0]["time"] - steps[0]["elapsed_s"], last["time"])
-    return _result(job, "ft-desk", f"{rows}x{length} packed", last["step"], last["tokens"], last["elapsed_s"], window,
+    train_cfg = started.get("config", {}).get("train", {})
+    if layout.startswith("defaults"):
+        batch = (f"{train_cfg.get('micro_batch_size')}x{started['config']['data']['max_length']} "
+                 f"{'packed' if train_cfg.get('packing') else 'padded'}")
+    return _result(job, "ft-desk", batch, last["step"], last["tokens"], last["elapsed_s"], window,
                    child, [s["loss"] for s in steps], evals[-1]["val_loss"] if evals else None,
-                   f"layout {layout}; {last['tokens'] // last['step']} tok/step")
+                   f"layout {layout}; {last['tokens'] // last['step']} tok/step; accum {train_cfg.get('grad_accum')}"
+                   f"; gc {train_cfg.get('gradient_checkpointing')}", loaded.get("startup_seconds"))
 
 
 def run_trl(job: Job, args) -> Result:
     result_path = job.tmp / f"trl-{job.tag}.json"
-    cmd = [sys.executable, str(BASELINE), "--model", str(job.model_dir), "--train", str(DATA_DIR / "train.jsonl"),
+    cmd = [sys.executable, str(BASELINE), "--model", str(job.model_dir), "--train", str(job.train_file),
            "--valid", str(job.valid_file), "--out", str(job.tmp / f"trl-out-{job.tag}"),
-           "--result", str(result_path), "--steps", str(job.steps),
-           "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
-           "--max-length", str(args.max_length), "--lr", "2e-4", "--threads", str(args.threads)]
-    if job.gc:
+           "--result", str(result_path), "--max-length", str(args.max_length), "--threads", str(args.threads or 0)]
+    if args.defaults:
+        cmd += ["--defaults", "--epochs", str(args.epochs)]
+    else:
+        cmd += ["--steps", str(job.steps), "--micro-batch", str(args.micro_batch), "--grad-accum",
+                str(args.grad_accum), "--lr", "2e-4"]
+    if job.gc and not args.defaults:
         cmd.append("--gradient-checkpointing")
     err = job.tmp / f"trl-{job.tag}.log"
     child = run_child(cmd, job.env, job.tmp / f"trl-{job.tag}.out", err)
@@ -336,27 +384,35 @@ def run_trl(job: Job, args) -> Result:
     data = json.loads(result_path.read_text(encoding="utf-8"))
     steps = data["steps"]
     tokens = int(steps[-1]["num_tokens"])
-    return _result(job, "trl", f"{args.micro_batch} padded", steps[-1]["step"], tokens, sum(data["step_seconds"]),
+    settings = data.get("settings", {})
+    batch = f"{settings.get('batch', args.micro_batch)}x{settings.get('max_length', args.max_length)} padded"
+    return _result(job, "trl", batch, steps[-1]["step"], tokens, sum(data["step_seconds"]),
                    tuple(data["train_window_unix"]), child, [s["loss"] for s in steps], data["eval_loss"],
                    f"{tokens // steps[-1]['step']} tok/step; LoRA {data['adapter_dtype'].replace('torch.', '')}; "
-                   f"{data['optim']}")
+                   f"{data['optim']}; bf16 {settings.get('bf16')}; gc {settings.get('gradient_checkpointing')}",
+                   data["train_window_unix"][0] - child.start_unix)
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def print_table(rows: list[Result], out=sys.stdout) -> None:
     head = (f"{'model':<13} {'gc':<3} {'trainer':<8} {'micro-batch':<15} {'steps':>5} {'tokens':>7} {'train s':>8} "
             f"{'tok/s':>7} {'cpu s':>7} {'tok/cpu-s':>9} {'peak MiB':>8} {'>idle MiB':>9} {'train MiB':>9} "
-            f"{'train loss':>10} {'val loss':>8} {'wall s':>7}  note")
+            f"{'train loss':>10} {'val loss':>8} {'ready s':>7} {'wall s':>7}  note")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
         print(f"{r.model:<13} {'on' if r.gc else 'off':<3} {r.trainer:<8} {r.batch:<15} {r.steps:>5} {r.tokens:>7} "
               f"{r.train_s:>8.1f} {r.tokens_per_s:>7.1f} {r.train_cpu_s:>7.1f} {r.tokens_per_cpu_s:>9.1f} "
               f"{r.peak / MIB:>8.0f} {r.above_idle / MIB:>9.0f} {r.train_peak / MIB:>9.0f} "
-              f"{_fmt(r.train_loss):>10} {_fmt(r.val_loss):>8} {r.wall_s:>7.1f}  {r.note}", file=out)
+              f"{_fmt(r.train_loss):>10} {_fmt(r.val_loss):>8} {_secs(r.ready_s):>7} {r.wall_s:>7.1f}  {r.note}",
+              file=out)
 
 
 def ratios(ours: Result, base: Result) -> dict:
@@ -368,14 +424,22 @@ def ratios(ours: Result, base: Result) -> dict:
         "peak_above_idle": ours.above_idle / base.above_idle if base.above_idle > 0 else float("nan"),
         "train_peak": ours.train_peak / base.train_peak if base.train_peak > 0 else float("nan"),
         "wall": ours.wall_s / base.wall_s,
+        "ready": ours.ready_s / base.ready_s if ours.ready_s and base.ready_s else float("nan"),
+        "val_loss": (ours.val_loss, base.val_loss),
     }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="ft-desk vs a plain TRL QLoRA script on CPU (tokens/s, peak RSS, loss)")
     p.add_argument("--quick", action="store_true", help="smoke run: the 11M model, 4 steps, both layouts")
-    p.add_argument("--models", default=None,
-                   help=f"comma-separated subset of {', '.join(MODELS)} (default: all; --quick: llama-11m)")
+    p.add_argument("--models", "--model", default=None,
+                   help=f"comma-separated subset of {', '.join(MODELS)} (default: llama-11m and smollm2-135m; "
+                        "--quick: llama-11m; --defaults: llama-11m and smollm2)")
+    p.add_argument("--defaults", action="store_true",
+                   help="both tools at their own defaults, one pass over --examples rows (see the docstring)")
+    p.add_argument("--examples", type=int, default=None, help="training rows of a --defaults run (default: per model)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows in --defaults mode")
+    p.add_argument("--max-lengths", default="512,1024", help="comma-separated max lengths of a --defaults run")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps for every model (default: per model)")
     p.add_argument("--layouts", default=None,
                    help="ft-desk layouts, comma-separated from: same, tokens (default: per model; see the docstring)")
@@ -383,12 +447,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--gc", choices=["off", "on", "both"], default="off", help="gradient checkpointing for both")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads for both children (default: the CPUs this process may use)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both children (default: the CPUs this process may use; with --defaults "
+                        "each tool's own choice)")
     p.add_argument("--json", type=Path, help="also write every row and ratio as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (models, logs, run folders)")
     args = p.parse_args(argv)
-    args.model_keys = (args.models or ("llama-11m" if args.quick else ",".join(MODELS))).split(",")
+    default_models = "llama-11m" if args.quick else "llama-11m,smollm2" if args.defaults else "llama-11m,smollm2-135m"
+    args.model_keys = (args.models or default_models).split(",")
+    if args.threads is None and not args.defaults:
+        args.threads = len(os.sched_getaffinity(0))
     unknown = [k for k in args.model_keys if k not in MODELS]
     if unknown:
         p.error(f"--models takes {', '.join(MODELS)}; got {', '.join(unknown)}")
@@ -420,13 +488,18 @@ def main(argv=None) -> int:
     env = child_env(args.threads, tmp)
     cpus = len(os.sched_getaffinity(0))
     load = os.getloadavg()[0]
-    print(f"# {platform.machine()}, {cpus} CPUs, threads={args.threads}, load average at start {load:.1f}; "
+    threads = args.threads or "each tool's default"
+    print(f"# {platform.machine()}, {cpus} CPUs, threads={threads}, load average at start {load:.1f}; "
           + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
-    if args.threads > 1 and load > cpus:
+    if args.defaults:
+        print(f"# --defaults: both tools at their own defaults, {args.epochs:g} pass(es) over the same rows, max "
+              f"length {args.max_lengths}; temp folder {tmp}", flush=True)
+    elif args.threads > 1 and load > cpus:
         print(f"# warning: the machine is busy (load {load:.1f} on {cpus} CPUs); with {args.threads} threads "
               "OpenMP stalls distort tokens/s, consider --threads 1", flush=True)
-    print(f"# TRL micro-batch {args.micro_batch} examples, max length {args.max_length}, grad accum "
-          f"{args.grad_accum}; temp folder {tmp}", flush=True)
+    if not args.defaults:
+        print(f"# TRL micro-batch {args.micro_batch} examples, max length {args.max_length}, grad accum "
+              f"{args.grad_accum}; temp folder {tmp}", flush=True)
 
     texts = read_texts(DATA_DIR / "train.jsonl")
     valid_rows = (DATA_DIR / "valid.jsonl").read_text(encoding="utf-8").splitlines()
@@ -442,6 +515,7 @@ def main(argv=None) -> int:
             spec = MODELS[key]
             info = build_model(spec, tmp / "models" / key, texts)
             lengths = info.pop("lengths")
+            model_dir = Path(info["folder"])
             row_length = matched_row_length(lengths, args.micro_batch)
             valid_file = DATA_DIR / "valid.jsonl"
             if spec.val_rows and spec.val_rows < len(valid_rows):
@@ -449,15 +523,36 @@ def main(argv=None) -> int:
                 valid_file.write_text("\n".join(valid_rows[: spec.val_rows]) + "\n", encoding="utf-8")
             steps = args.steps or spec.steps
             layouts = args.layouts or spec.layouts
+            if args.defaults:
+                examples = args.examples or spec.examples
+                train_file = tmp / f"train-first-{examples}.jsonl"  # a temporary subset, used by both
+                train_rows = (DATA_DIR / "train.jsonl").read_text(encoding="utf-8").splitlines()[:examples]
+                train_file.write_text("\n".join(train_rows) + "\n", encoding="utf-8")
+                lengths = lengths[:examples]
             report["models"][key] = {**asdict(spec), **info, "matched_row_length": row_length, "steps_run": steps}
             shape = spec.shape
-            print(f"# {key}: {spec.about}, {info['params'] / 1e6:.2f}M parameters (tied embeddings, "
-                  f"{shape.num_hidden_layers} layers x {shape.hidden_size}); tokenizer uses {info['tokenizer_tokens']} "
-                  f"of {shape.vocab_size} vocabulary rows; rows of {min(lengths)}-{max(lengths)} tokens "
-                  f"(mean {sum(lengths) / len(lengths):.1f}); {steps} steps; validation "
-                  f"{spec.val_rows or len(valid_rows)} rows", flush=True)
+            layers = (f"{shape.num_hidden_layers} layers x {shape.hidden_size}; tokenizer uses "
+                      f"{info['tokenizer_tokens']} of {shape.vocab_size} vocabulary rows") if shape else "pretrained"
+            amount = f"{len(lengths)} rows x {args.epochs:g} epoch(s)" if args.defaults else f"{steps} steps"
+            print(f"# {key}: {spec.about}, {info['params'] / 1e6:.2f}M parameters ({layers}); rows of "
+                  f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.1f}); {amount}; "
+                  f"validation {spec.val_rows or len(valid_rows)} rows", flush=True)
+            if args.defaults:
+                for max_length in [int(v) for v in args.max_lengths.split(",")]:
+                    args.max_length = max_length
+                    job = Job(f"{key}-L{max_length}", model_dir, valid_file, steps, False, tmp, env, idle,
+                              train_file)
+                    ours = run_ftdesk(job, args, "defaults", 0)
+                    print(f"#   L{max_length} ft-desk {ours.batch}: {ours.tokens_per_s:.0f} tok/s, "
+                          f"{ours.peak / MIB:.0f} MiB, {ours.wall_s:.0f} s wall", flush=True)
+                    base = run_trl(job, args)
+                    print(f"#   L{max_length} trl {base.batch}: {base.tokens_per_s:.0f} tok/s, "
+                          f"{base.peak / MIB:.0f} MiB, {base.wall_s:.0f} s wall", flush=True)
+                    rows += [ours, base]
+                    report["ratios"].append({**ratios(ours, base), "max_length": max_length})
+                continue
             for gc in {"off": [False], "on": [True], "both": [False, True]}[args.gc]:
-                job = Job(key, tmp / "models" / key, valid_file, steps, gc, tmp, env, idle)
+                job = Job(key, model_dir, valid_file, steps, gc, tmp, env, idle)
                 ours = []
                 for layout in layouts:
                     ours.append(run_ftdesk(job, args, layout, row_length))
@@ -475,10 +570,14 @@ def main(argv=None) -> int:
     print_table(rows)
     print()
     for r in report["ratios"]:
-        print(f"ft-desk/TRL  {r['model']:<13} gc {'on ' if r['gc'] else 'off'} ft-desk {r['ft_desk_batch']:<15} "
-              f"tokens/s x{r['tokens_per_s']:.2f}  tokens/CPU-s x{r['tokens_per_cpu_s']:.2f}  "
+        length = f" L{r['max_length']}" if r.get("max_length") else ""
+        ours_val, base_val = r["val_loss"]
+        gc = "" if args.defaults else f" gc {'on ' if r['gc'] else 'off'}"
+        print(f"ft-desk/TRL  {r['model']:<13}{length}{gc} ft-desk "
+              f"{r['ft_desk_batch']:<15} tokens/s x{r['tokens_per_s']:.2f}  tokens/CPU-s x{r['tokens_per_cpu_s']:.2f}  "
               f"peak RSS x{r['peak_memory']:.2f}  above idle x{r['peak_above_idle']:.2f}  "
-              f"training peak x{r['train_peak']:.2f}  wall x{r['wall']:.2f}")
+              f"training peak x{r['train_peak']:.2f}  ready x{r['ready']:.2f}  wall x{r['wall']:.2f}  "
+              f"val loss {_fmt(ours_val)} vs {_fmt(base_val)}")
     if args.json:
         report["rows"] = [asdict(r) for r in rows]
         args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")

@@ -157,7 +157,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Non-finite losses in a row before the run stops."""
     threads: int = 0
-    """CPU threads for torch; 0 keeps torch's default."""
+    """CPU threads for torch; 0 (auto): the cores free when the run starts (physical cores minus the load)."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.seed": (_between(0, _SEED_MAX), f"an int from 0 to {_SEED_MAX}"),
     "train.log_every": (_between(1, 1_000_000), "an int from 1 to 1000000"),
     "train.max_bad_steps": (_between(1, 1_000_000), "an int from 1 to 1000000"),
-    "train.threads": (_between(0, 1024), "an int from 0 to 1024"),
+    "train.threads": (_between(0, 1024), "an int from 0 (auto: the free cores) to 1024"),
     "eval.every_steps": (_between(0, 1_000_000), "an int from 0 to 1000000"),
     "eval.max_batches": (_between(0, 1_000_000), "an int from 0 to 1000000"),
     "eval.sample_prompts": (_between(0, 100), "an int from 0 to 100"),

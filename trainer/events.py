@@ -66,6 +66,8 @@ class DataReady(TypedDict):
     duplicates_dropped: int
     skipped_rows: int
     columns_note: NotRequired[str]  # what was assumed about the data's column names ("" or absent: nothing)
+    tokenize_seconds: NotRequired[float]  # reading + tokenizing the data (or reading the cached tokens)
+    tokens_cached: NotRequired[bool]  # the tokens came from an earlier run's cache (data/token_cache.py)
 
 
 class ModelLoaded(TypedDict):
@@ -76,6 +78,7 @@ class ModelLoaded(TypedDict):
     load_seconds: float
     memory_bytes: int | None
     model_dir: str | None
+    startup_seconds: NotRequired[float]  # process start to ready to train: imports, load, quantize, tokenize
 
 
 class Step(TypedDict):
@@ -560,6 +563,8 @@ def describe_event(event: dict[str, Any]) -> str:
             extra.append(f"{event['duplicates_dropped']} duplicates dropped")
         if event.get("skipped_rows"):
             extra.append(f"{event['skipped_rows']} bad rows skipped")
+        if event.get("tokens_cached"):
+            extra.append("tokens from the cache")
         tail = f" ({', '.join(extra)})" if extra else ""
         note = f"\n  columns: {event['columns_note']}" if event.get("columns_note") else ""
         return (

@@ -106,3 +106,109 @@ def test_sampling_is_seeded(tiny):
     greedy = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert [g.token_ids for g in a] != [g.token_ids for g in greedy]
+
+
+# --- CPU speed: the 4-bit weights dequantized once per generate call, not per token -------------------------------
+
+@pytest.fixture(scope="module")
+def four_bit(tiny_model_dir):
+    """The tiny model loaded as a qlora run loads it, with a LoRA adapter whose B is not zero (so it matters)."""
+    import torch
+
+    from ft_desk.trainer.presets import load_config
+    from ft_desk.trainer.training.model import attach_lora, load_base
+
+    cfg = load_config(["qlora"], [f"model.name={tiny_model_dir}", "train.device=cpu"])
+    model, tokenizer, _ = load_base(cfg, "cpu")
+    model = attach_lora(model, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    return model.eval(), tokenizer
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+def test_the_dense_inference_copy_computes_what_the_4bit_layers_compute(four_bit, monkeypatch):
+    import torch
+
+    from ft_desk.trainer import generation
+    from ft_desk.trainer.generation import inference_weights
+
+    monkeypatch.setattr(generation, "DENSE_DTYPE", "compute")  # the training path's dtype, not bf16
+    model, _ = four_bit
+    ids = _prompts()[1]
+    expected = _logits(model, ids)
+    with model.disable_adapter():
+        expected_base = _logits(model, ids)
+    assert not torch.allclose(expected, expected_base, atol=1e-3)  # the adapter changes the output
+    with inference_weights(model) as switched:
+        assert switched == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); lm_head stays 16-bit
+        got = _logits(model, ids)
+        with model.disable_adapter():  # chat's /base: the 4-bit base alone, dequantized on first use
+            got_base = _logits(model, ids)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)  # the adapter merged: float rounding apart
+    assert torch.equal(got_base, expected_base)  # the base: the training path's dequantization and matmul
+
+
+def test_on_a_cpu_with_native_bf16_the_dense_copy_is_bf16_and_close(four_bit, monkeypatch):
+    import torch
+
+    from ft_desk.quant.policy import four_bit_layers
+    from ft_desk.trainer import generation
+
+    model, _ = four_bit
+    ids = _prompts()[1]
+    expected = _logits(model, ids)
+    monkeypatch.setattr(generation, "_cpu_bf16", lambda: True)
+    monkeypatch.setattr(generation, "DENSE_DTYPE", "auto")
+    layers = [m for _, m in four_bit_layers(model)]
+    assert generation.dense_bytes(model) == sum(m.in_features * m.out_features * 2 for m in layers)
+    with generation.inference_weights(model):
+        got = _logits(model, ids)
+        assert {vars(m)["forward"].__class__.__name__ for m in layers} == {"_DenseForward"}
+    assert not torch.equal(got, expected)  # bf16 weights really were used
+    assert torch.allclose(got, expected, atol=0.05, rtol=0.02)
+    monkeypatch.setattr(generation, "_cpu_bf16", lambda: False)
+    assert generation.dense_bytes(model) == sum(m.in_features * m.out_features * 4 for m in layers)
+
+
+def test_generation_with_the_dense_copy_writes_what_the_per_token_path_writes(four_bit, monkeypatch):
+    from ft_desk.trainer import generation
+
+    model, tokenizer = four_bit
+    prompts = _prompts()
+    monkeypatch.setattr(generation, "DENSE_DTYPE", "compute")  # fp32 like the per-token path (bf16: see below)
+    fast = generation.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=2)
+    monkeypatch.setattr(generation, "DENSE_RAM_SHARE", 0.0)  # no room for a dense copy: dequantize per token
+    slow = generation.generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=2)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in slow]
+
+
+def test_the_dense_copy_is_dropped_after_the_block_and_skipped_without_room(four_bit):
+    import torch
+
+    from ft_desk.quant.policy import four_bit_layers
+    from ft_desk.trainer.generation import dense_bytes, inference_weights
+
+    model, _ = four_bit
+    layers = [m for _, m in four_bit_layers(model)]
+    need = dense_bytes(model)
+    with inference_weights(model, available=need):  # the copy may use half of what is available: too big
+        assert not any("forward" in vars(m) for m in layers)
+    with inference_weights(model):
+        with inference_weights(model) as inner:  # nested (chat keeps one open for the session): nothing twice
+            assert inner == 0
+        assert all("forward" in vars(m) for m in layers)
+    assert not any("forward" in vars(m) for m in layers)  # training afterwards uses the 4-bit layers again
+    model.train()
+    out = model(input_ids=torch.tensor([_prompts()[0]]))
+    assert out.logits.requires_grad
+    model.eval()

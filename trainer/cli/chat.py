@@ -24,10 +24,11 @@ from ft_desk.trainer.data.formats import Example, Message
 from ft_desk.trainer.data.prepare import generation_prompt
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, make_event, stdout_sink
-from ft_desk.trainer.generation import generate
+from ft_desk.trainer.generation import generate, inference_weights
 from ft_desk.trainer.limits import MAX_NEW_TOKENS, int_arg
 from ft_desk.trainer.run_folder import checkpoint_folder
 from ft_desk.trainer.training.model import load_trained
+from ft_desk.trainer.training.threads import apply_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,10 @@ class ChatModel:
         self.checkpoint = checkpoint_folder(run_dir, checkpoint).name
         self.stop_ids = stop_token_ids(self.tokenizer, vocabulary_fallback=True)
         self.device = next(self.model.parameters()).device
+        apply_threads(self.cfg.train.threads)  # 0: the cores other work leaves free
+        # CPU: the 4-bit weights dequantized once for the whole session, not once per reply (or per token).
+        self._dense = contextlib.ExitStack()
+        self._dense.enter_context(inference_weights(self.model, self.device))
         self.base_available = hasattr(self.model, "disable_adapter")
 
     def reply(self, messages: list[dict[str, str]], base: bool, max_new_tokens: int,

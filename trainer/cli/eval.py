@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default=None,
                         help="where to run [default: the run's train.device]")
     parser.add_argument("--threads", type=int_arg(0, 1024), metavar="N",
-                        help="CPU threads for torch [default: the run's train.threads; 0: torch's default]")
+                        help="CPU threads for torch [default: the run's train.threads; 0: the free cores]")
     parser.add_argument("--probe", metavar="FILE",
                         help="plain-text retention probe, one passage a line [default: the shipped English probe]")
     parser.add_argument("--events", choices=("pretty", "jsonl"), default=None,

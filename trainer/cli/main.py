@@ -36,6 +36,7 @@ from ft_desk.trainer import paths, run_folder
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, make_event
 from ft_desk.trainer.hub.credentials import redact
+from ft_desk.trainer.quiet import quiet_libraries
 
 EXIT_BROKEN_PIPE = 141
 """The reader of stdout went away (128 + SIGPIPE, what a shell shows for a tool killed by the signal)."""
@@ -117,6 +118,7 @@ def _main(argv: list[str] | None, stdout: TextIO) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    quiet_libraries()  # before any command imports torch/transformers: no library bars or warnings on screen
     module = importlib.import_module(args._module)
     try:
         return int(module.run(args) or 0)

@@ -54,6 +54,7 @@ from ft_desk.trainer.evaluate.report import build_rows, retention_result, write_
 from ft_desk.trainer.events import EventSink, make_event
 from ft_desk.trainer.generation import Sampling, generate, pad_id_for
 from ft_desk.trainer.training.model import load_base, load_run_config, load_trained, run_dtypes
+from ft_desk.trainer.training.threads import apply_threads
 
 METRICS = ("loss", "exact", "rouge", "chrf", "bleu", "json", "regex", "stop", "length", "semantic", "retention")
 NEEDS_GENERATION = frozenset(METRICS) - {"loss", "retention"}
@@ -88,7 +89,7 @@ class EvalOptions:
     seed: int = 0
     limit: int | None = None
     device: str | None = None  # None: the run's train.device (auto: cuda > mps > cpu)
-    threads: int | None = None  # CPU threads for torch; None: the run's train.threads (0: torch's default)
+    threads: int | None = None  # CPU threads for torch; None: the run's train.threads (0: the free cores)
     probe: str | None = None  # None: the shipped general-English probe
 
 
@@ -123,7 +124,7 @@ def _check_options(options: EvalOptions) -> None:
     if options.max_new_tokens is not None and options.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be a positive int, got {options.max_new_tokens}")
     if options.threads is not None and options.threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or a positive int, got {options.threads}")
+        raise UserError(f"--threads must be 0 (auto: the free cores) or a positive int, got {options.threads}")
     if options.limit is not None and options.limit < 1:
         raise UserError(f"--limit must be a positive int, got {options.limit}")
     if options.sample:
@@ -210,10 +211,16 @@ def _free(device: str) -> None:
 
 
 def _autocast(cfg, device: str) -> Callable | None:
-    """Full fine-tunes keep fp32 weights and train under autocast on accelerators; evaluate the same way."""
-    if cfg.train.method != "full" or device == "cpu":
-        return None
+    """Evaluate under the autocast training used, so the loss is the training validation loss: full fine-tunes
+    on accelerators, and bf16 matmuls on CPUs with native bf16 (training.run.cpu_bf16_autocast)."""
     import torch
+
+    if device == "cpu":
+        from ft_desk.trainer.training.run import cpu_bf16_autocast
+
+        return (lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16)) if cpu_bf16_autocast(cfg) else None
+    if cfg.train.method != "full":
+        return None
 
     compute, _ = run_dtypes(cfg, device)
     return lambda: torch.autocast(device_type=device, dtype=torch_dtype(compute))
@@ -330,14 +337,12 @@ def evaluate_run(run_dir: Path | str, options: EvalOptions, sink: EventSink,
 
 @contextlib.contextmanager
 def _torch_threads(threads: int):
-    """torch's CPU thread count for the evaluation, restored afterwards (callers may run more in-process)."""
-    if not threads:
-        yield
-        return
+    """torch's CPU thread count for the evaluation (0: the free cores), restored afterwards (callers may run more
+    in-process)."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    apply_threads(threads)
     try:
         yield
     finally:
