@@ -30,6 +30,7 @@ from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.data.batching import MicroBatch, schedule
 from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, prepare_data, write_examples_jsonl
+from ft_desk.trainer.data.render import text_split_notes
 from ft_desk.trainer.errors import OutOfMemory, UserError
 from ft_desk.trainer.events import (
     EXIT_BAD_INPUT,
@@ -317,6 +318,14 @@ def emit_samples(run: RunSetup, sink: EventSink, phase: str) -> None:
     """One `sample` event per sampled validation prompt: what the model writes `before` or `after` training."""
     if not run.prompts:
         return
+    n = len(run.prompts)
+    when = "before step 1" if phase == "before" else "training done"
+    sink.emit(make_event("log", level="info", message=(
+        f"{when}: the model answers {n} held-out prompt{'s' if n != 1 else ''} (up to "
+        f"{run.cfg.eval.max_new_tokens} tokens each; eval.sample_prompts=0 skips this)…")))
+    if phase == "before":
+        for note in text_split_notes(run.data.val_examples[: run.cfg.eval.sample_prompts]):
+            sink.emit(make_event("log", level="info", message=f"samples: {note}"))
     outputs = sample_outputs(run, run.prompts)
     for index, ((ids, reference), output) in enumerate(zip(run.prompts, outputs)):
         sink.emit(make_event("sample", phase=phase, index=index, output=output, reference=reference,
