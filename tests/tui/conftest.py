@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ class FakeBackend:
         self.delay, self.hold_after, self.events = delay, hold_after, events
         self.calls: list[tuple[str, Any]] = []
         self.processes: list[subprocess.Popen] = []
+        self.eval_hold: threading.Event | None = None
 
     def start_training(self, draft: Draft) -> Launch:
         draft.config()  # the same validation the real backend does
@@ -171,8 +173,16 @@ class FakeBackend:
         self.calls.append(("export", options))
         return self._replay("export_events.jsonl", on_event)
 
-    def evaluate(self, run_dir, on_event, should_stop=lambda: False):
+    def evaluate(self, run_dir, on_event, should_stop=lambda: False, options=None):
         self.calls.append(("evaluate", run_dir))
+        self.calls.append(("evaluate_options", list(options or [])))
+        if self.eval_hold is not None:  # a long evaluation: stays "loading" until cancelled (or released)
+            on_event({"type": "eval_progress", "phase": "load", "model": "both", "done": 0, "total": 1,
+                      "elapsed_s": 0.0})
+            while not should_stop() and not self.eval_hold.is_set():
+                time.sleep(0.02)
+            if should_stop():
+                raise CommandFailed("the command exited with code -15", exit_code=-15)
         return self._replay("eval_events.jsonl", on_event)
 
     @staticmethod

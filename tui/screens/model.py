@@ -56,6 +56,18 @@ def is_local_folder(text: str) -> bool:
     return text.startswith(("/", "~", ".")) and (path / "config.json").is_file()
 
 
+def folder_problem(text: str) -> str | None:
+    """Why a typed path is not a model folder (a Hub id never starts with / ~ or .), else None."""
+    if not text.startswith(("/", "~", ".")) or is_local_folder(text):
+        return None
+    path = Path(text).expanduser()
+    if not path.exists():
+        return f"no folder {text}: check the path (a Hub id looks like org/name)"
+    if not path.is_dir():
+        return f"{text} is a file; a model is a folder with config.json and the weights"
+    return f"{text} has no config.json, so it is not a transformers model folder"
+
+
 class ModelScreen(DeskScreen):
     MODE = "model"
     TITLE = "Model"
@@ -127,6 +139,10 @@ class ModelScreen(DeskScreen):
         if is_local_folder(event.value.strip()):
             self._use(str(Path(event.value.strip()).expanduser().resolve()))
             return
+        problem = folder_problem(event.value.strip())
+        if problem is not None:
+            self.notify(problem, title="Not a model folder", severity="error")
+            return
         self.query_one("#find-table", DataTable).focus()
 
     def action_focus_search(self) -> None:
@@ -135,6 +151,11 @@ class ModelScreen(DeskScreen):
     def run_search(self) -> None:
         query = self.query_one("#model-search", Input).value.strip()
         self.query_one("#search-note", Static).update("[dim]searching…[/]")
+        problem = folder_problem(query)
+        if problem is not None:  # a mistyped path is not a Hub query
+            self._fill("find-table", [])
+            self.query_one("#search-note", Static).update(f"[red]{escape(problem)}[/]")
+            return
         if is_local_folder(query):
             folder = str(Path(query).expanduser().resolve())
             self._show_find({"models": [{"id": folder, "cached": True, "license": "local",

@@ -30,6 +30,7 @@ class TrainScreen(DeskScreen):
         Binding("r", "resume", "Resume"),
         Binding("l", "log", "Full log"),
         Binding("e", "evaluate", "Evaluate"),
+        Binding("c", "app.show_command", "Show the command"),
     ]
 
     def __init__(self) -> None:
