@@ -72,7 +72,7 @@ class FtDeskApp(App):
     BINDINGS = [
         *(Binding(key, f"goto('{mode}')", label, show=False) for mode, label, key in STEPS),
         Binding("ctrl+t", "toggle_theme", "Light/dark", show=False),
-        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("question_mark", "help", "Help", key_display="?", show=False),  # Home's text says "? help"
         Binding("f1", "help", "Help", show=False),
         Binding("q", "quit", "Quit"),
     ]

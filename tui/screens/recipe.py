@@ -60,7 +60,7 @@ class RecipeScreen(DeskScreen):
         Binding("ctrl+s", "save_preset", "Save as preset"),
         Binding("ctrl+e", "estimate", "Re-estimate memory"),
         Binding("ctrl+r", "reset", "Reset to preset"),
-        Binding("ctrl+g", "app.show_command", "Show the command"),
+        Binding("ctrl+g", "app.show_command", "Show the command", show=False),
         Binding("ctrl+n", "next", "Next: Train"),
     ]
 
