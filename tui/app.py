@@ -60,8 +60,9 @@ def settings_path() -> Path:
 class FtDeskApp(App):
     TITLE = "ft-desk"
     CSS_PATH = ["app.tcss", "screens.tcss"]
-    # Screens get -narrow below 90 columns and -short below 28 rows (screens.tcss lays 80x24 out with them).
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (90, "-wide")]
+    # Screens get -narrow below 90 columns, -medium below 110 and -short below 28 rows (screens.tcss lays 80x24
+    # and 100x30 out with them).
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (90, "-medium"), (110, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (28, "-tall")]
     DEFAULT_MODE = "home"  # the first frame is Home itself, not an empty default screen switched away from
     MODES = {

@@ -199,7 +199,8 @@ def before_step_one(h) -> str | None:
     loss), or None: those take minutes on a CPU and are not steps."""
     for _level, text in reversed(h.log):
         if text.startswith("before step 1: "):
-            return text[len("before step 1: "):]
+            said = text[len("before step 1: "):]
+            return said.split(" (", 1)[0].rstrip("…") + "…"  # the details are in the log below
     return None
 
 
