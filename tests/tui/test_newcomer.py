@@ -5,7 +5,6 @@ the step list that must not lie, `t` on data the check refused, a mistyped model
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 
@@ -284,5 +283,4 @@ def test_the_fake_backend_answers_every_backend_method():
 
     names = [n for n in dir(Backend) if not n.startswith("_")]
     assert set(names) <= set(dir(FakeBackend)), set(names) - set(dir(FakeBackend))
-    assert json.dumps(names)  # a list the Protocol declares (open_chat among them)
-    assert "open_chat" in names
+    assert "open_chat" in names  # the chat playground reaches its child through the backend, faked in tests
