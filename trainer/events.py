@@ -316,6 +316,7 @@ class ChatReady(TypedDict):
     device: str
     checkpoint: str
     base_available: bool
+    format: NotRequired[str]  # the data format the run trained on: "text" runs are chatted with as plain text
 
 
 class ChatToken(TypedDict):

@@ -33,6 +33,7 @@ from typing import Any
 from ft_desk.trainer import limits
 from ft_desk.trainer.atomic import write_json
 from ft_desk.trainer.errors import UserError, is_disk_full
+from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.redaction import redact_data
 
 CONFIG = "config.json"
@@ -99,6 +100,24 @@ def final_weight_dirs(run_dir: Path) -> tuple[Path, Path]:
 
 def is_run_folder(run_dir: Path) -> bool:
     return state_path(run_dir).is_file()
+
+
+def resolve_run(given: str | Path, home: Path | None = None) -> Path:
+    """The run folder a command was given: a path to one, or a run's name (as `ft-desk runs` lists it) under the
+    runs folder. Raises a UserError naming both places looked at when neither is a run."""
+    path = Path(given).expanduser()
+    if (path / CONFIG).is_file():
+        return path
+    text = str(given)
+    home = home if home is not None else runs_home()
+    if "/" not in text and text not in ("", ".", ".."):
+        named = home / text
+        if (named / CONFIG).is_file():
+            return named
+    hint = "list runs with: ft-desk runs (a run is named by its folder or its name)"
+    if path.is_dir():
+        raise UserError(f"{path} is not an ft-desk run folder (no {CONFIG})", hint=hint)
+    raise UserError(f"no run folder or run named {text!r} (looked in the current folder and {home})", hint=hint)
 
 
 # ------------------------------------------------------------------ creating one

@@ -35,7 +35,8 @@ from ft_desk.tui.runs import RunSummary
 from ft_desk.tui.screens.home import HomeScreen
 from ft_desk.tui.session import RunEnded, RunEvents, RunSession, RunUpdated
 from ft_desk.tui.watch import RunWatcher
-from ft_desk.tui.widgets.dialogs import Confirm, LogViewer
+from ft_desk.tui.widgets.dialogs import CommandDialog, Confirm, LogViewer
+from ft_desk.tui.widgets.help import HelpScreen, screen_bindings
 from ft_desk.tui.widgets.sidebar import STEPS, StepList
 
 DARK, LIGHT = "textual-dark", "textual-light"
@@ -59,6 +60,10 @@ def settings_path() -> Path:
 class FtDeskApp(App):
     TITLE = "ft-desk"
     CSS_PATH = ["app.tcss", "screens.tcss"]
+    # Screens get -narrow below 90 columns, -medium below 110 and -short below 28 rows (screens.tcss lays 80x24
+    # and 100x30 out with them).
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (90, "-medium"), (110, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (28, "-tall")]
     DEFAULT_MODE = "home"  # the first frame is Home itself, not an empty default screen switched away from
     MODES = {
         "home": HomeScreen, "model": _lazy("model", "ModelScreen"), "data": _lazy("data", "DataScreen"),
@@ -68,6 +73,8 @@ class FtDeskApp(App):
     BINDINGS = [
         *(Binding(key, f"goto('{mode}')", label, show=False) for mode, label, key in STEPS),
         Binding("ctrl+t", "toggle_theme", "Light/dark", show=False),
+        Binding("question_mark", "help", "Help", key_display="?", show=False),  # Home's text says "? help"
+        Binding("f1", "help", "Help", show=False),
         Binding("q", "quit", "Quit"),
     ]
 
@@ -88,6 +95,11 @@ class FtDeskApp(App):
         self.offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         self.offline_reason = "(HF_HUB_OFFLINE)" if self.offline else ""
         self.draft_changed: Signal[Draft] = Signal(self, "draft-changed")
+        # What the Data check found wrong with a file ((train_file, error)), so `t` does not start a run on it;
+        # and the last memory plan's (Draft.plan_key(), verdict), so the Recipe step is not ticked when it does
+        # not fit. Both are this session's findings, not saved.
+        self.data_problem: tuple[str, str] | None = None
+        self.plan_verdict: tuple[tuple, str] | None = None
 
     # Start-up and settings.
     def on_mount(self) -> None:
@@ -102,6 +114,9 @@ class FtDeskApp(App):
     def on_unmount(self) -> None:
         if self.session is not None:
             self.session.stop_watching()
+        evaluate = self._screen_of("evaluate") if self._screen_stacks else None
+        if evaluate is not None:
+            evaluate.stop_children()  # an evaluation's child ends now: quitting never waits minutes for it
 
     def _load_settings(self) -> dict[str, Any]:
         try:
@@ -142,20 +157,40 @@ class FtDeskApp(App):
         yield SystemCommand("Start the demo run", "Train the tiny local demo model on the bundled data, offline",
                             self.action_start_demo)
         yield SystemCommand("New run", "Start a new run from the Model step", self.action_new_run)
+        yield SystemCommand("Show the command", "The ft-desk train command line equivalent to this wizard's run "
+                            "(key c on Recipe and Train)", self.action_show_command)
         if self.session is not None:
             yield SystemCommand("Show the full log", f"run.log of {self.session.name}", self.action_show_log)
             if self.session.live:
                 yield SystemCommand("Stop training", "Finish the current step, save a checkpoint, stop",
                                     self.action_stop_run)
-        seen = {"quit", "command_palette"}
-        for key, bindings in screen._bindings.key_to_bindings.items():
-            for binding in bindings:
-                if not binding.description or binding.action in seen:
+        yield SystemCommand("Help: keys and commands", "Every key of every screen and the shell command behind "
+                            "it (? or f1)", self.action_help)
+        yield from self.screen_commands(screen)
+
+    def screen_commands(self, current: Screen) -> Iterable[SystemCommand]:
+        """Every described binding of every desk screen, named after its screen: one on the current screen runs
+        there, one of another screen switches to it first."""
+        current_mode = getattr(current, "MODE", None)
+        skip = {"quit", "command_palette", "leave_field"}
+        for mode, label, key in STEPS:
+            for shown, description, action in screen_bindings(mode):
+                if action in skip:
                     continue
-                seen.add(binding.action)
-                yield SystemCommand(binding.description, f"{getattr(screen, 'TITLE', '') or 'Screen'} action "
-                                    f"(key {binding.key_display or key})", partial(self.run_action, binding.action,
-                                                                                   screen))
+                where = "this screen" if mode == current_mode else f"the {label} screen, key {key}"
+                yield SystemCommand(f"{label}: {description}", f"Key {shown} on {where}",
+                                    partial(self.run_screen_action, mode, action))
+
+    def run_screen_action(self, mode: str, action: str) -> None:
+        """Run a screen's action from the palette, switching to that screen first."""
+        if self.current_mode != mode:
+            self.switch_mode(mode)
+        self.call_after_refresh(lambda: self.run_action(action, self.screen))
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(HelpScreen(getattr(self.screen, "MODE", None) or self.current_mode))
 
     # The draft.
     def draft_updated(self) -> None:
@@ -337,7 +372,37 @@ class FtDeskApp(App):
         except ConfigError as err:
             self.notify(str(err), title="The recipe is not valid", severity="error", timeout=20)
             return
+        problem = self.start_problem()
+        if problem is not None:
+            self.notify(problem, title="Training did not start", severity="error", timeout=20)
+            return
         self._launch(partial(self.backend.start_training, self.draft))
+
+    def start_problem(self) -> str | None:
+        """Why the draft cannot be trained as it stands (data the check found unusable, a missing validation
+        file), as one sentence with the fix; None when it can."""
+        draft = self.draft
+        if self.data_problem is not None and self.data_problem[0] == draft.train_file:
+            return (f"The data is not usable: {self.data_problem[1]}. Fix the file and check it again on the Data "
+                    "step (2).")
+        valid = draft.valid_file_problem()
+        if valid is not None:
+            return f"{valid[0].upper()}{valid[1:]}: fix or clear the path on the Data step (2)."
+        return None
+
+    def recipe_does_not_fit(self) -> bool:
+        """The last memory plan, made for the draft as it is now, says the run does not fit the device."""
+        plan = self.plan_verdict
+        return plan is not None and plan[0] == self.draft.plan_key() and plan[1] in ("does not fit", "no_fit")
+
+    def action_show_command(self) -> None:
+        """The shell command equivalent to what the wizard will run (the same arguments the app passes)."""
+        try:
+            line = self.draft.command_line()
+        except ConfigError as err:
+            self.notify(str(err), title="The recipe is not valid", severity="error", timeout=20)
+            return
+        self.push_screen(CommandDialog(line))
 
     def resume_run(self, run_dir: Path) -> None:
         if self.session is not None and self.session.live and self.session.run_dir != run_dir:

@@ -14,6 +14,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from ft_desk.trainer.demo import DEMO_DATA_NAME, DEMO_MODEL_NAME
 from ft_desk.tui import commands
+from ft_desk.tui.chat_client import ChatClient
+from ft_desk.tui.commands import CommandFailed
 from ft_desk.tui.draft import Draft
 from ft_desk.tui.launch import Launch, resume_training, start_training, stop_training
 from ft_desk.tui.planning import NeedsChild, Planner
@@ -67,7 +69,12 @@ class Backend(Protocol):
                should_stop: Callable[[], bool] = ...) -> dict[str, Any]: ...
 
     def evaluate(self, run_dir: Path, on_event: EventCallback,
-                 should_stop: Callable[[], bool] = ...) -> dict[str, Any]: ...
+                 should_stop: Callable[[], bool] = ..., options: list[str] | None = None) -> dict[str, Any]: ...
+
+    def open_chat(self, run_dir: Path, on_event: EventCallback,
+                  on_exit: Callable[[int, CommandFailed | None], None]) -> ChatClient:
+        """A started chat child for the run (`ft-desk chat RUN_DIR --events jsonl`); callbacks on its thread."""
+        ...
 
 
 class CliBackend:
@@ -136,5 +143,12 @@ class CliBackend:
         return commands.stream(["export", str(run_dir), *options, "--json"], on_event, should_stop)
 
     def evaluate(self, run_dir: Path, on_event: EventCallback,
-                 should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-        return commands.stream(["eval", str(run_dir), "--json"], on_event, should_stop)
+                 should_stop: Callable[[], bool] = lambda: False, options: list[str] | None = None) -> dict[str, Any]:
+        """`ft-desk eval RUN_DIR OPTIONS --json` (options: extra flags such as ["--limit", "20"])."""
+        return commands.stream(["eval", str(run_dir), *(options or []), "--json"], on_event, should_stop)
+
+    def open_chat(self, run_dir: Path, on_event: EventCallback,
+                  on_exit: Callable[[int, CommandFailed | None], None]) -> ChatClient:
+        chat = ChatClient(run_dir, on_event, on_exit)
+        chat.start()
+        return chat

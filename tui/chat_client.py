@@ -1,7 +1,8 @@
 """The chat playground's child process: `ft-desk chat RUN_DIR --events jsonl`.
 
 The child loads the run's model once (the adapter on the base, as trained) and then reads one JSON request per
-line on stdin - {"messages": [...], "base": bool, "max_new_tokens": int} - answering each with chat_token events
+line on stdin - {"messages": [...], "base": bool, "max_new_tokens": int, "system": str, "temperature": float,
+"top_p": float} - answering each with chat_token events
 (streamed text) and one chat_done (or chat_error). It is tied to the app: closing stdin ends it, and the app
 ends it when it closes or switches runs. Callbacks run on the reader thread. When the child ends with an error,
 `on_exit` gets it as a `CommandFailed` built from the child's last failure event (a fatal chat_error, or
@@ -64,11 +65,14 @@ class ChatClient:
             failure = parse_failure(tail, code)  # it died before it could say why as an event
         self.on_exit(code, failure)
 
-    def ask(self, messages: list[dict[str, str]], base: bool = False, max_new_tokens: int = 256) -> None:
+    def ask(self, messages: list[dict[str, str]], base: bool = False, max_new_tokens: int = 256,
+            system: str = "", temperature: float = 0.0, top_p: float = 1.0) -> None:
+        """Send one request; temperature 0 answers greedily, above 0 samples (with top_p)."""
         if not self.running:
             raise RuntimeError("the chat process is not running")
         assert self.process is not None and self.process.stdin is not None
-        request = {"messages": messages, "base": base, "max_new_tokens": max_new_tokens}
+        request = {"messages": messages, "base": base, "max_new_tokens": max_new_tokens, "system": system,
+                   "temperature": temperature, "top_p": top_p}
         self.process.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
         self.process.stdin.flush()
 

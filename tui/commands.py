@@ -129,10 +129,15 @@ def stream(args: list[str], on_event: Callable[[dict[str, Any]], None],
 
     reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
     reader.start()
+    finished = threading.Event()
+    # A child loading a model prints nothing for minutes: a cancel (or the app closing) must not wait for its
+    # next line, so a watcher asks it to stop within a fraction of a second and kills it if it does not.
+    watcher = threading.Thread(target=_stop_when_asked, args=(proc, should_stop, finished), daemon=True)
+    watcher.start()
     assert proc.stdout is not None
     for line in proc.stdout:
         if should_stop():
-            proc.terminate()
+            _end(proc)
             break
         event = parse_line(line)
         if event is not None:
@@ -146,6 +151,7 @@ def stream(args: list[str], on_event: Callable[[dict[str, Any]], None],
         if isinstance(data, dict):
             result = data
     code = proc.wait()
+    finished.set()
     reader.join(timeout=5)
     if code != 0:
         if str(result.get("type", "")).endswith("_finished"):
@@ -157,3 +163,27 @@ def stream(args: list[str], on_event: Callable[[dict[str, Any]], None],
             raise failure  # download_failed, command_failed: error and hint as the command reported them
         raise parse_failure("".join(stderr_chunks), code)
     return result
+
+
+STOP_POLL_S = 0.2
+KILL_AFTER_S = 3.0
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL when the child has not gone after KILL_AFTER_S."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=KILL_AFTER_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _stop_when_asked(proc: subprocess.Popen, should_stop: Callable[[], bool], finished) -> None:
+    while not finished.wait(STOP_POLL_S):
+        if proc.poll() is not None:
+            return
+        if should_stop():
+            _end(proc)
+            return

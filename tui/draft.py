@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.columns import ColumnsError, columns_line, parse_columns
@@ -87,6 +88,17 @@ class Draft:
         model_data = [a for a in self.set_args() if a.startswith(("model.name=", "data.train_file="))]
         return load_config(self.presets(), model_data)
 
+    def valid_file_problem(self) -> str | None:
+        """Why the separate validation file (data.valid_file) cannot be read, or None (none set, or it is there)."""
+        path = self.overrides.get("data.valid_file", "").strip()
+        if not path or Path(path).expanduser().is_file():
+            return None
+        return f"the validation file {path} does not exist"
+
+    def plan_key(self) -> tuple:
+        """What a memory plan depends on: a plan made for another key is out of date."""
+        return (self.model, tuple(self.presets()), tuple(sorted(self.overrides.items())))
+
     def error(self) -> str | None:
         try:
             self.config()
@@ -145,7 +157,7 @@ class Draft:
         """Which wizard steps are complete (the sidebar shows a check mark)."""
         return {
             "model": bool(self.model),
-            "data": bool(self.train_file) and self.data_checked,
+            "data": bool(self.train_file) and self.data_checked and self.valid_file_problem() is None,
             "recipe": bool(self.model and self.train_file) and self.error() is None,
         }
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,21 @@ def _is_zombie(pid: int) -> bool:
     import psutil
 
     return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_commands_take_a_run_by_its_name_or_its_folder(tmp_path, monkeypatch):
+    home = tmp_path / "runs"
+    run = home / "20260101-demo-qlora"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}", encoding="utf-8")
+    assert rf.resolve_run("20260101-demo-qlora", home) == run
+    assert rf.resolve_run(str(run), home) == run
+    monkeypatch.chdir(home)
+    assert rf.resolve_run("./20260101-demo-qlora", tmp_path / "elsewhere") == Path("20260101-demo-qlora")
+    with pytest.raises(UserError) as err:
+        rf.resolve_run("no-such-run", home)
+    assert "no run folder or run named 'no-such-run'" in err.value.message and str(home) in err.value.message
+    assert "ft-desk runs" in err.value.hint
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match="is not an ft-desk run folder"):
+        rf.resolve_run(tmp_path / "plain", home)

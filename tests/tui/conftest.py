@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,36 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
     return predicate()
 
 
+class FakeChat:
+    """The chat child as the playground sees it: ready at once, each request answered on its own thread (as the
+    real reader thread does) with one token piece and chat_done; requests are kept to check what was asked."""
+
+    def __init__(self, run_dir: Path, on_event, on_exit, fmt: str = "chat") -> None:
+        self.run_dir, self.on_event, self.on_exit = run_dir, on_event, on_exit
+        self.requests: list[dict[str, Any]] = []
+        self.running = True
+        self._emit({"type": "chat_ready", "model": "demo", "device": "cpu", "checkpoint": "adapter",
+                    "base_available": True, "format": fmt})
+
+    def _emit(self, *events: dict[str, Any]) -> None:
+        def send() -> None:
+            for event in events:
+                self.on_event(event)
+
+        threading.Thread(target=send, daemon=True).start()  # never joined: call_from_thread needs the UI loop
+
+    def ask(self, messages, base=False, max_new_tokens=256, system="", temperature=0.0, top_p=1.0) -> None:
+        self.requests.append({"messages": [dict(m) for m in messages], "base": base,
+                              "max_new_tokens": max_new_tokens, "system": system, "temperature": temperature,
+                              "top_p": top_p})
+        text = f"{'base' if base else 'tuned'} answer {len(self.requests)}"
+        self._emit({"type": "chat_token", "text": text},
+                   {"type": "chat_done", "text": text, "tokens": 3, "seconds": 0.1, "stopped": True})
+
+    def close(self) -> None:
+        self.running = False
+
+
 class FakeBackend:
     """Answers like the CLI from recorded outputs; training replays DEMO_EVENTS through a real detached child.
     It implements the app's `Backend` Protocol; runs are listed and stopped for real (they are real folders and
@@ -102,6 +133,9 @@ class FakeBackend:
         self.delay, self.hold_after, self.events = delay, hold_after, events
         self.calls: list[tuple[str, Any]] = []
         self.processes: list[subprocess.Popen] = []
+        self.eval_hold: threading.Event | None = None
+        self.chat: FakeChat | None = None
+        self.chat_format = "chat"  # what the fake chat child says the run trained on
 
     def start_training(self, draft: Draft) -> Launch:
         draft.config()  # the same validation the real backend does
@@ -178,9 +212,22 @@ class FakeBackend:
         self.calls.append(("export", options))
         return self._replay("export_events.jsonl", on_event)
 
-    def evaluate(self, run_dir, on_event, should_stop=lambda: False):
+    def evaluate(self, run_dir, on_event, should_stop=lambda: False, options=None):
         self.calls.append(("evaluate", run_dir))
+        self.calls.append(("evaluate_options", list(options or [])))
+        if self.eval_hold is not None:  # a long evaluation: stays "loading" until cancelled (or released)
+            on_event({"type": "eval_progress", "phase": "load", "model": "both", "done": 0, "total": 1,
+                      "elapsed_s": 0.0})
+            while not should_stop() and not self.eval_hold.is_set():
+                time.sleep(0.02)
+            if should_stop():
+                raise CommandFailed("the command exited with code -15", exit_code=-15)
         return self._replay("eval_events.jsonl", on_event)
+
+    def open_chat(self, run_dir, on_event, on_exit):
+        self.calls.append(("open_chat", run_dir))
+        self.chat = FakeChat(run_dir, on_event, on_exit, self.chat_format)
+        return self.chat
 
     @staticmethod
     def _replay(fixture: str, on_event) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from ft_desk.trainer.presets import load_config
 from ft_desk.tui.app import LIGHT
 from ft_desk.tui.draft import demo_draft
 from ft_desk.tui.screens.recipe import _field_id
+from ft_desk.tui.widgets.help import SCREEN_COMMANDS, HelpScreen
+from ft_desk.tui.widgets.sidebar import STEPS
 
 from .conftest import FIXTURES, make_run, read_events, wait_for
 
@@ -308,11 +310,67 @@ async def test_every_step_is_one_key_away_and_every_action_is_in_the_palette(mak
             await settle(pilot)
             assert app.current_mode == mode
             screen = app.screen
-            titles = {c.title for c in app.get_system_commands(screen)}
+            commands = {c.title: c.help for c in app.get_system_commands(screen)}
+            label = dict((m, lab) for m, lab, _k in STEPS)[mode]
             for binding in screen.BINDINGS:
                 if binding.show and binding.description:
-                    assert binding.description in titles, (screen.MODE, binding.description)
-            assert {"Go to Model", "Light / dark theme", "Start the demo run"} <= titles
+                    title = f"{label}: {binding.description}"
+                    assert title in commands, (screen.MODE, binding.description)
+                    assert commands[title].endswith("on this screen"), commands[title]
+            assert {"Go to Model", "Light / dark theme", "Start the demo run", "Help: keys and commands",
+                    "Show the command"} <= set(commands)
+            # Other screens' actions are found too, and say where they live.
+            assert "Evaluate: Full evaluation" in commands and "Export: Export" in commands
+            if mode != "evaluate":
+                assert commands["Evaluate: Full evaluation"] == "Key ctrl+r on the Evaluate screen, key 5"
+            assert not any(" action (key " in help for help in commands.values())
+
+
+async def test_a_palette_action_of_another_screen_switches_to_it_and_runs(make_app):
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        assert app.current_mode == "home"
+        command = next(c for c in app.get_system_commands(app.screen) if c.title == "Evaluate: Clear chat")
+        command.callback()
+        await settle(pilot)
+        assert app.current_mode == "evaluate"
+        command = next(c for c in app.get_system_commands(app.screen) if c.title == "Evaluate: Compare base and tuned")
+        command.callback()
+        await settle(pilot)
+        assert app.screen.query_one("#compare-switch").value is True
+
+
+async def test_help_screen_lists_every_screens_keys_and_commands(make_app):
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("2")
+        await settle(pilot)
+        app.screen.query_one("#steps").focus()
+        await pilot.press("question_mark")
+        await settle(pilot)
+        assert isinstance(app.screen, HelpScreen)
+        text = text_of(app, "#help-text")
+        # The screen the user is on comes first, marked as such.
+        assert text.index("Data key 2  (this screen)") < text.index("Home key h") < text.index("Export key 6")
+        for needle in ("Check file", "ctrl+k", "Full evaluation", "ctrl+r", "ft-desk eval RUN",
+                       "ft-desk data check FILE", "command palette", "Start training"):
+            assert needle in text, needle
+        await pilot.press("escape")
+        await settle(pilot)
+        assert not isinstance(app.screen, HelpScreen)
+        await pilot.press("f1")
+        await settle(pilot)
+        assert isinstance(app.screen, HelpScreen)
+
+
+def test_the_help_names_only_commands_the_cli_has():
+    from ft_desk.trainer.cli.main import COMMANDS
+
+    for commands in SCREEN_COMMANDS.values():
+        for line in commands:
+            assert line.split()[1] in COMMANDS, line
 
 
 async def test_theme_toggle_is_remembered(make_app, tmp_path):

@@ -51,3 +51,20 @@ def test_an_answer_with_a_problem_in_it_is_still_the_answer():
     assert commands.failure_of({"type": "eval_finished", "status": "completed", "error": None}, 0) is None
     failed = commands.failure_of({"ok": False, "error": "no such file", "hint": "check the path", "exit_code": 2}, 2)
     assert (failed.message, failed.hint, failed.exit_code) == ("no such file", "check the path", 2)
+
+
+def test_a_cancel_ends_a_child_that_prints_nothing(monkeypatch):
+    """A model load prints nothing for minutes: cancelling must not wait for the child's next line. The child
+    here never prints and never ends by itself, so only the stream's watcher can end it (SIGTERM: -15)."""
+    import sys
+
+    monkeypatch.setattr(commands, "cli_argv", lambda *args: [sys.executable, "-c", "import time; time.sleep(3600)"])
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(True)
+        return len(asked) > 2  # a few polls in: the user pressed cancel, or the app is closing
+
+    with pytest.raises(CommandFailed) as err:
+        commands.stream(["eval", "RUN", "--json"], lambda event: None, should_stop)
+    assert err.value.exit_code == -15

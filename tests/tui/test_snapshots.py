@@ -9,7 +9,7 @@ from __future__ import annotations
 import fcntl
 
 import pytest
-from textual.widgets import DataTable, TabbedContent
+from textual.widgets import DataTable, Input, TabbedContent
 
 from ft_desk.tui.app import FtDeskApp
 from ft_desk.tui.draft import demo_draft
@@ -174,6 +174,41 @@ def test_export_report(snap_compare, desk, snapshot_home, size):
         await follow(pilot)
         await pilot.press("ctrl+e")
         await settle(pilot, until=lambda: not app.screen.running)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_evaluate_chat_compare(snap_compare, desk, snapshot_home, size):
+    """The chat playground with its settings row and one question answered by the tuned, then the base model."""
+    app = desk("home")
+    follow = follow_demo_run(app, snapshot_home, "evaluate")
+
+    async def run_before(pilot):
+        await follow(pilot)
+        screen = app.screen
+        screen.query_one("#eval-tabs", TabbedContent).active = "tab-chat"
+        await settle(pilot, until=lambda: screen.chat_ready)
+        await pilot.press("ctrl+o")
+        screen.query_one("#chat-system", Input).value = "Sign off as Mo."
+        field = screen.query_one("#chat-input", Input)
+        field.value = "Where is order CC-1?"
+        field.focus()
+        await pilot.press("enter")
+        await settle(pilot, until=lambda: not screen._busy and len(app.backend.chat.requests) == 2)
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_help(snap_compare, desk, size):
+    app = desk("train", runs=False)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await settle(pilot)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 

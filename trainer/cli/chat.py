@@ -5,7 +5,10 @@ adapter off; `/reset` clears the conversation). With `--events jsonl` it is the 
 one JSON request per stdin line, {"messages": [{"role", "content"}...], "base": bool, "max_new_tokens": int},
 and writes events on stdout: chat_ready (model, device, checkpoint, base_available) once loaded, then per request
 chat_token (text) pieces as they are generated and one chat_done (text, tokens, seconds, stopped) or chat_error
-(error, hint). Prompts are rendered exactly as in training (same chat template or plain rendering).
+(error, hint). A request may also carry "system" (a system prompt), "temperature" (above 0 samples, 0 or absent is
+greedy) and "top_p". Prompts are rendered exactly as in training: a run trained on conversations gets the chat
+template (or the plain rendering it trained with); a run trained on raw {"text"} rows never saw a template, so its
+prompt is the conversation's texts joined by newlines, continued as plain text (chat_ready says which: format).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.data.formats import Example, Message
 from ft_desk.trainer.data.prepare import generation_prompt
 from ft_desk.trainer.errors import UserError
-from ft_desk.trainer.events import EXIT_BAD_INPUT, make_event, stdout_sink
-from ft_desk.trainer.generation import generate, inference_weights
+from ft_desk.trainer.events import EXIT_BAD_INPUT, make_event, read_events, stdout_sink
+from ft_desk.trainer.generation import Sampling, generate, inference_weights
 from ft_desk.trainer.limits import MAX_NEW_TOKENS, int_arg
 from ft_desk.trainer.run_folder import checkpoint_folder
 from ft_desk.trainer.training.model import load_trained
@@ -32,20 +35,44 @@ from ft_desk.trainer.training.threads import apply_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="a run folder (see: ft-desk runs)")
+    parser.add_argument("run_dir", type=Path, help="a run folder or a run's name (see: ft-desk runs)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a step number")
     parser.add_argument("--max-new-tokens", type=int_arg(1, MAX_NEW_TOKENS), default=256,
                         help=f"longest reply in tokens, 1 to {MAX_NEW_TOKENS} (default 256)")
+    parser.add_argument("--system", default="", help="a system prompt put before the conversation")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 answers greedily (default); above 0 samples with this temperature")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature: nucleus sampling [default: 1.0]")
     parser.add_argument("--base", action="store_true", help="start by answering with the base model (adapter off)")
     parser.add_argument("--events", choices=["jsonl"], default=None,
                         help="jsonl: read JSON requests on stdin, write events on stdout (the app uses this)")
 
 
-def _prompt_ids(messages: list[dict[str, str]], tokenizer, cfg) -> list[int]:
-    """Token ids of the conversation followed by the assistant's turn, rendered as training renders it."""
+def run_data_format(run_dir: Path) -> str:
+    """The format the run trained on (its data_ready event; else its val.jsonl rows): "text" or a chat format."""
+    for event in read_events(run_folder.events_path(run_dir)):
+        if event.get("type") == "data_ready" and event.get("format"):
+            return str(event["format"])
+    try:
+        with open(run_folder.val_path(run_dir), encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return "chat"
+    return "text" if isinstance(first, dict) and "text" in first and "messages" not in first else "chat"
+
+
+def _prompt_ids(messages: list[dict[str, str]], tokenizer, cfg, raw_text: bool = False,
+                system: str = "") -> list[int]:
+    """Token ids of the conversation followed by the assistant's turn, rendered as training renders it
+    (raw_text: the turns' texts joined by newlines, as a text row the model continues)."""
     if not messages or messages[-1].get("role") != "user":
         raise UserError("a chat request must end with a user message",
                         hint="put the user's new message last in \"messages\"")
+    if system.strip():
+        messages = [{"role": "system", "content": system.strip()}] + [m for m in messages if m.get("role") != "system"]
+    if raw_text:
+        text = "\n".join(str(m.get("content", "")) for m in messages)
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])[-cfg.data.max_length:]
     turns = tuple(Message(str(m.get("role")), str(m.get("content", ""))) for m in messages)
     # The placeholder reply only marks where generation starts; it is never rendered.
     example = Example(messages=turns + (Message("assistant", "."),), text=None, where="chat")
@@ -88,28 +115,37 @@ class ChatModel:
         self._dense = contextlib.ExitStack()
         self._dense.enter_context(inference_weights(self.model, self.device))
         self.base_available = hasattr(self.model, "disable_adapter")
+        self.format = run_data_format(run_dir)
+        self.raw_text = self.format == "text"
 
     def reply(self, messages: list[dict[str, str]], base: bool, max_new_tokens: int,
-              emit: Callable[[str], None]) -> dict[str, Any]:
+              emit: Callable[[str], None], system: str = "", temperature: float = 0.0,
+              top_p: float = 1.0) -> dict[str, Any]:
         if base and not self.base_available:
             raise UserError("this run trained every weight (method full): there is no adapter to turn off",
                             hint="chat with the tuned model, or train a LoRA run to compare with the base")
-        ids = _prompt_ids(messages, self.tokenizer, self.cfg)
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be a positive int, got {max_new_tokens}")
+        if temperature < 0:
+            raise UserError(f"temperature must be 0 (greedy) or above, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {top_p}")
+        sampling = Sampling(temperature, top_p, int(time.time())) if temperature > 0 else None
+        ids = _prompt_ids(messages, self.tokenizer, self.cfg, self.raw_text, system)
         streamer = _Streamer(self.tokenizer, emit)
         started = time.time()
         adapter_off = self.model.disable_adapter() if base else contextlib.nullcontext()
         with adapter_off:
             (answer,) = generate(self.model, self.tokenizer, [ids], max_new_tokens=max_new_tokens,
-                                 stop_ids=self.stop_ids, device=self.device, on_token=streamer.put)
+                                 stop_ids=self.stop_ids, device=self.device, on_token=streamer.put,
+                                 sampling=sampling)
         streamer.end()
         return {"text": answer.text, "tokens": answer.tokens, "seconds": round(time.time() - started, 3),
                 "stopped": answer.stopped}
 
 
 def run(args: argparse.Namespace) -> int:
-    run_dir = args.run_dir.expanduser()
-    if not run_folder.config_path(run_dir).is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.json)", hint="list runs with: ft-desk runs")
+    run_dir = run_folder.resolve_run(args.run_dir)
     if args.events == "jsonl":
         return _serve(run_dir, args)
     return _interactive(run_dir, args)
@@ -125,14 +161,18 @@ def _serve(run_dir: Path, args: argparse.Namespace) -> int:
         err.reported = True  # cli/main.py prints no second failure
         raise
     sink.emit(make_event("chat_ready", model=chat.cfg.model.name, device=str(chat.device),
-                         checkpoint=chat.checkpoint, base_available=chat.base_available))
+                         checkpoint=chat.checkpoint, base_available=chat.base_available, format=chat.format))
     for line in sys.stdin:
         if not line.strip():
             continue
         try:
             messages, base, max_new_tokens = parse_request(line, args.max_new_tokens)
+            request = json.loads(line)  # valid: parse_request checked it
             result = chat.reply(messages, base, max_new_tokens,
-                                lambda text: sink.emit(make_event("chat_token", text=text)))
+                                lambda text: sink.emit(make_event("chat_token", text=text)),
+                                system=str(request.get("system") or ""),
+                                temperature=float(request.get("temperature") or 0.0),
+                                top_p=float(request.get("top_p") or 1.0))
         except UserError as err:
             sink.emit(make_event("chat_error", error=err.message, hint=err.hint or None))
             continue
@@ -201,6 +241,9 @@ def _interactive(run_dir: Path, args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     print(f"{chat.cfg.model.name} + {chat.checkpoint} on {chat.device}. /base toggles the base model, /reset clears, "
           "Ctrl-D quits.", file=sys.stderr)
+    if chat.raw_text:
+        print("This run trained on raw text rows: what you type is continued as plain text (no chat template).",
+              file=sys.stderr)
     while True:
         try:
             text = input("base> " if base else "you> ").strip()
@@ -218,7 +261,8 @@ def _interactive(run_dir: Path, args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         try:
-            result = chat.reply(history, base, args.max_new_tokens, lambda t: print(t, end="", flush=True))
+            result = chat.reply(history, base, args.max_new_tokens, lambda t: print(t, end="", flush=True),
+                                system=args.system, temperature=args.temperature, top_p=args.top_p)
         except UserError as err:
             print(f"\n{err.full()}", file=sys.stderr)
             history.pop()

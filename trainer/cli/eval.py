@@ -21,10 +21,11 @@ from ft_desk.trainer.evaluate.report import terminal
 from ft_desk.trainer.evaluate.run import EvalOptions, evaluate_run, parse_metrics, result_summary
 from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, make_event, stdout_sink
 from ft_desk.trainer.limits import MAX_NEW_TOKENS, float_arg, int_arg
+from ft_desk.trainer.run_folder import resolve_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="a run folder (see: ft-desk runs)")
+    parser.add_argument("run_dir", type=Path, help="a run folder or a run's name (see: ft-desk runs)")
     parser.add_argument("--data", metavar="FILE",
                         help="held-out examples in any supported format [default: RUN_DIR/data/val.jsonl]")
     parser.add_argument("--format", choices=choices("data.format"), default="auto",
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         options = options_from(args)
-        report = evaluate_run(args.run_dir, options, sink)
+        report = evaluate_run(resolve_run(args.run_dir), options, sink)
     except UserError as err:
         sink.emit(make_event("eval_finished", status="failed", exit_code=EXIT_BAD_INPUT, error=err.message,
                              hint=err.hint or None, elapsed_s=round(time.time() - started, 3)))

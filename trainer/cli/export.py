@@ -21,10 +21,11 @@ from ft_desk.trainer.events import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, format_
 from ft_desk.trainer.export.pipeline import ExportRequest, export_run
 from ft_desk.trainer.export.verify import describe
 from ft_desk.trainer.export_formats import FORMAT_NAMES, GGUF_TYPES, MERGED_DTYPES
+from ft_desk.trainer.run_folder import resolve_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=Path, help="run folder (see: ft-desk runs)")
+    p.add_argument("run_dir", type=Path, help="a run folder or a run's name (see: ft-desk runs)")
     p.add_argument("--format", required=True, choices=FORMAT_NAMES,
                    help="adapter: peft folder; merged: standalone safetensors model; gguf: one .gguf file; "
                         "ollama: GGUF + Modelfile")
@@ -106,7 +107,10 @@ def report_lines(event: dict[str, Any]) -> list[str]:
         lines.append(f"  full report: {Path(event['out_dir']) / 'fidelity.json'}")
     for note in event.get("notes") or []:
         lines.append(f"note: {note}")
-    if event.get("command"):
+    if event.get("command") and event.get("passed") is False:
+        lines.append("next: the export failed its own check, so it is not ready to use; look at fidelity.json, and "
+                     "try a wider type (--gguf-type f16) or --format merged")
+    elif event.get("command"):
         lines.append(f"next: {event['command']}")
     return lines
 
@@ -117,7 +121,17 @@ def run(args: argparse.Namespace) -> int:
         sink: Any = stdout_sink()
     else:
         sink = _HumanSink()
-    request = ExportRequest(run_dir=args.run_dir, format=args.format, out=args.out, dtype=args.dtype,
+    try:
+        run_dir = resolve_run(args.run_dir)
+    except UserError as err:
+        if machine:
+            sink.emit(make_event("export_finished", status="failed", exit_code=EXIT_BAD_INPUT,
+                                 out_dir=str(args.out or ""), files=[], bytes=0, passed=None, fidelity=None,
+                                 notes=[], command=None, elapsed_s=None, format=args.format, error=err.message,
+                                 hint=err.hint))
+            err.reported = True
+        raise
+    request = ExportRequest(run_dir=run_dir, format=args.format, out=args.out, dtype=args.dtype,
                             gguf_type=args.gguf_type, merge_into=args.merge_into, checkpoint=str(args.checkpoint),
                             verify=args.verify, force=args.force, name=args.name)
     try:

@@ -16,6 +16,7 @@ from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.events import ListSink, PrettySink, make_event, read_events, stdout_sink
 from ft_desk.trainer.hub.cache import find_snapshot
 from ft_desk.trainer.hub.gguf_import import imports_dir, read_provenance
+from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training.run import StopFlag, train
 
@@ -148,4 +149,19 @@ def _print_summary(run_dir: Path) -> None:
         if after:
             out.write(f"  after:    {after['output'][:300]!r}\n")
     out.write(f"\nrun folder: {run_dir}\n")
+    for line in next_steps(run_dir, run_folder.read_state(run_dir).get("status")):
+        out.write(line + "\n")
     out.flush()
+
+
+def next_steps(run_dir: Path, status: str | None) -> list[str]:
+    """What to try after a run, as commands to copy: by the run's name when it lives in the runs folder."""
+    if status != "completed":
+        return [f"resume it with: ft-desk train --resume {run_dir}"] if status == "stopped" else []
+    name = run_dir.name if run_dir.resolve().parent == runs_home().resolve() else str(run_dir)
+    tries = [(f"ft-desk eval {name}", "base vs tuned on the held-out rows"),
+             (f"ft-desk chat {name}", "talk to the tuned model (/base answers with the base model)"),
+             (f"ft-desk export {name} --format gguf", "a file for llama.cpp (or: adapter, merged, ollama)"),
+             ("ft-desk", "the app: this run on its Evaluate and Export screens")]
+    width = max(len(command) for command, _ in tries)
+    return ["", "next, try:"] + [f"  {command:<{width}}   {why}" for command, why in tries]

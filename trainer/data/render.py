@@ -17,6 +17,7 @@ with input_ids (not shifted); -100 marks tokens without loss.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ class Rendering:
     text: str
     spans: tuple[Span, ...]  # trained characters (train_on=assistant); ignored for train_on=all
     prompt_end: int  # text[:prompt_end] is the generation prompt for the last reply
-    reference: str  # the last reply (or the second half of a text row)
+    reference: str  # the last reply (or, for a text row, what follows its cut: see text_split)
     add_special_tokens: bool  # plain renderings get the tokenizer's BOS; templates write their own
 
 
@@ -79,14 +80,56 @@ def _eos_text(tokenizer, source: str) -> str:
     return eos
 
 
-def _text_cut(text: str) -> int:
-    """Where to split a text row into prompt and reference: a word boundary near the middle."""
+# A text row's last line that opens with a short label ("A:", "Answer:", "### Response:", "SQL:"): the label is
+# the prompt's end, what follows it the answer. Up to four words before the colon, so a sentence is not a label.
+_ANSWER_LABEL = re.compile(r"[ \t]*(?:#{1,4}[ \t]*)?[^\s:][^:\n]{0,30}?:(?=[ \t]*\S)")
+TEXT_SPLITS = {
+    "label": "up to the answer label of its last line (such as 'A:'); the expected answer is the rest",
+    "line": "up to its last line; the expected answer is that line",
+    "middle": "at the word nearest its middle (one line, nothing marks an answer); the expected answer is the rest",
+}
+"""How a raw-text row is cut into a prompt and an expected answer (eval, training samples): the rule's name and
+how reports say it."""
+
+
+def text_split(text: str) -> tuple[int, str]:
+    """Where a raw-text row is cut into prompt and reference, and which TEXT_SPLITS rule cut it.
+
+    A row of several lines is cut before its last line - after that line's label when it opens with one
+    ("...\nQ: question\nA: answer" gives the prompt up to "A:" and the answer after it). A one-line row has no
+    answer to find: it is cut at a word boundary near the middle."""
+    body = text.rstrip()
+    start = body.rfind("\n") + 1
+    if start > 0 and body[:start].strip():
+        label = _ANSWER_LABEL.match(body, start)
+        if label is not None and len(label.group(0).split()) <= 4:
+            return label.end(), "label"
+        return start, "line"
     middle = len(text) // 2
     for distance in range(0, middle):
         for i in (middle - distance, middle + distance):
             if 0 < i < len(text) and text[i].isspace():
-                return i
-    return middle
+                return i, "middle"
+    return middle, "middle"
+
+
+def text_split_counts(examples) -> dict[str, int]:
+    """How many raw-text examples each text_split rule cut (conversations are not counted)."""
+    counts: dict[str, int] = {}
+    for example in examples:
+        if example.messages is None and example.text is not None:
+            rule = text_split(example.text)[1]
+            counts[rule] = counts.get(rule, 0) + 1
+    return counts
+
+
+def text_split_notes(examples) -> list[str]:
+    """The report's note on how raw-text rows became prompt and reference (none for conversations)."""
+    counts = text_split_counts(examples)
+    if not counts:
+        return []
+    parts = [f"{n} cut {TEXT_SPLITS[rule]}" for rule, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return [f"text rows have no separate prompt and answer, so each row was split: {'; '.join(parts)}"]
 
 
 class Renderer:
@@ -196,8 +239,8 @@ class Renderer:
     def render(self, example: Example) -> Rendering:
         if example.messages is None:
             text = example.text + self.eos
-            cut = _text_cut(example.text)
-            return Rendering(text, (Span(0, len(text)),), cut, example.text[cut:], True)
+            cut, _rule = text_split(example.text)
+            return Rendering(text, (Span(0, len(text)),), cut, example.text[cut:].strip(), True)
         if self.use_template:
             return self._render_template(example)
         return self._render_plain(example)

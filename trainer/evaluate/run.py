@@ -4,7 +4,10 @@ side, and whether general abilities survived (the retention probe).
 What it does, in order:
   1. Held-out set: RUN_DIR/data/val.jsonl (the run's validation split) or --data FILE in any supported format.
      Prompts are rendered exactly as in training (same chat template or plain rendering, data.max_length); the
-     reference is the last assistant turn / completion (text rows: the second half of the text).
+     reference is the last assistant turn / completion. Raw text rows have no separate answer: each is cut as
+     data/render.text_split says (after its last line's answer label such as "A:", else before its last line,
+     else a one-line row at its middle word), the report's notes say which cut was used, and exact match is left
+     out when every row was cut at the middle (a continuation of half a sentence cannot match exactly).
   2. One model load: the run's base loaded as training loads it (4-bit NF4 for qlora) with the adapter on top;
      the base model's answers come from the same weights with the adapter disabled (peft `disable_adapter`),
      which is exactly the quantized base. Full fine-tunes load the base, then the trained weights.
@@ -44,7 +47,7 @@ from ft_desk.trainer import run_folder
 from ft_desk.trainer.chat_format import stop_token_ids
 from ft_desk.trainer.data.formats import RowError
 from ft_desk.trainer.data.prepare import load_examples, resolve_data_path
-from ft_desk.trainer.data.render import example_renderer
+from ft_desk.trainer.data.render import example_renderer, text_split_counts, text_split_notes
 from ft_desk.trainer.demo import retention_probe_path
 from ft_desk.trainer.errors import UserError
 from ft_desk.trainer.evaluate import metrics as em
@@ -243,6 +246,11 @@ def _prepare(examples, tokenizer, cfg) -> tuple[list[_Item], list[str]]:
     return items, skipped
 
 
+def _only_middle_cuts(examples) -> bool:
+    counts = text_split_counts(examples)
+    return bool(counts) and set(counts) == {"middle"} and len(examples) == counts["middle"]
+
+
 def _max_new_tokens(options: EvalOptions, items: list[_Item], model) -> tuple[int, str | None]:
     """The token limit: as given, or room for the longest reference (x1.25 + 8, 16..1024); capped by the
     model's context."""
@@ -302,10 +310,12 @@ def _plan(run_dir: Path | str, options: EvalOptions, clock: Callable[[], float])
     _check_options(options)
     cfg = load_run_config(run_dir)
     wanted = _wanted(options)
+    examples, data_path = _held_out(run_dir, options)
+    if "exact" in wanted and options.metrics is None and _only_middle_cuts(examples):
+        wanted.discard("exact")  # the notes say why (see _finish)
     validator = em.load_schema_validator(options.json_schema) if options.json_schema else None
     pattern = em.compile_regex(options.regex) if options.regex else None
     checkpoint = _checkpoint_info(run_dir, options.checkpoint)
-    examples, data_path = _held_out(run_dir, options)
     probe_path = Path(options.probe).expanduser() if options.probe else None
     if "retention" in wanted:
         probe_path = probe_path or retention_probe_path()
@@ -372,6 +382,7 @@ def _measure(plan: _Plan, sink: EventSink, clock: Callable[[], float]) -> _Measu
             if skipped:
                 m.notes.append(f"{len(skipped)} example(s) left out because the chat template refused them "
                                f"(first: {skipped[0]})")
+            m.notes.extend(text_split_notes(plan.examples))
             if not m.items:
                 raise UserError(f"{plan.data_path}: no example could be rendered for this model",
                                 hint="check the file with: ft-desk data check FILE")
@@ -432,6 +443,10 @@ def _finish(plan: _Plan, m: _Measured, sink: EventSink, clock: Callable[[], floa
     if "retention" in wanted:
         retention = retention_result(m.probe, plan.cfg, m.vocab, RETENTION_MAX_RISE, CHANCE_SHARE,
                                      str(plan.probe_path))
+    if options.metrics is None and "exact" not in wanted and _only_middle_cuts(plan.examples):
+        notes.append("exact match left out: every row is one line of text cut at its middle, and a continuation "
+                     "of half a sentence is not expected to match the other half word for word; ROUGE-L and chrF "
+                     "measure how close it came")
     if len(items) < em.MIN_EXAMPLES:
         notes.insert(0, f"only {len(items)} held-out examples: numbers carry wide 95% intervals (shown as +/-) and "
                         f"a change is called better or worse only when its interval excludes zero; "

@@ -1,6 +1,6 @@
 """Adapter export: the run's LoRA adapter in peft format (adapter_config.json + adapter_model.safetensors), which
-`peft.PeftModel.from_pretrained(base, folder)` loads onto the base model, plus the tokenizer and chat template when
-training changed them (added tokens, a new pad token, a different template).
+`peft.PeftModel.from_pretrained(base, folder)` loads onto the base model, plus the run's tokenizer and chat template
+(always; `tokenizer_changes` in the result says how they differ from the base's own, if they do).
 
 The adapter config names the base by its Hub id when the run used one, so the folder works on another machine;
 for a local or demo base it names the folder the run read.
@@ -60,8 +60,9 @@ def export_adapter(source: RunSource, folder: Path, tokenizer) -> dict[str, Any]
         config["revision"] = source.cfg.model.revision
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     changes = tokenizer_changes(source, tokenizer)
-    if changes:
-        tokenizer.save_pretrained(folder)
+    # The tokenizer always travels with the adapter (a few MB at most): the folder then loads on its own
+    # (AutoTokenizer.from_pretrained(folder)) and keeps the chat template the run trained with.
+    tokenizer.save_pretrained(folder)
     return {"base_model": config["base_model_name_or_path"], "tokenizer_changes": changes,
             "use_dora": bool(config.get("use_dora")), "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
             "bytes": (folder / ADAPTER_WEIGHTS).stat().st_size}

@@ -171,6 +171,12 @@ def fit(ctx: FitContext, state: LoopState) -> tuple[LoopState, str]:
         return is_best
 
     if state.step == 0 and ctx.val_batches:
+        n = len(ctx.val_batches)
+        limit = ("eval.max_batches limits it" if not cfg.eval.max_batches
+                 else f"eval.max_batches={cfg.eval.max_batches}")
+        ctx.sink.emit(make_event("log", level="info", message=(
+            f"before step 1: measuring the starting validation loss over {n} batch{'es' if n != 1 else ''} "
+            f"({limit})…")))
         run_eval()  # the starting point of the validation curve
 
     model.train()

@@ -33,6 +33,7 @@ from ft_desk.trainer.config import RunConfig
 from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.data.batching import MicroBatch, schedule
 from ft_desk.trainer.data.prepare import PreparedData, generation_prompt, write_examples_jsonl
+from ft_desk.trainer.data.render import text_split_notes
 from ft_desk.trainer.data.token_cache import prepare_data_cached
 from ft_desk.trainer.errors import (
     MPS_OOM_LEVER,
@@ -588,6 +589,14 @@ def emit_samples(run: RunSetup, sink: EventSink, phase: str) -> None:
     """One `sample` event per sampled validation prompt: what the model writes `before` or `after` training."""
     if not run.prompts:
         return
+    n = len(run.prompts)
+    when = "before step 1" if phase == "before" else "training done"
+    sink.emit(make_event("log", level="info", message=(
+        f"{when}: the model answers {n} held-out prompt{'s' if n != 1 else ''} (up to "
+        f"{run.cfg.eval.max_new_tokens} tokens each; eval.sample_prompts=0 skips this)…")))
+    if phase == "before":
+        for note in text_split_notes(run.data.val_examples[: run.cfg.eval.sample_prompts]):
+            sink.emit(make_event("log", level="info", message=f"samples: {note}"))
     outputs = sample_outputs(run, run.prompts)
     for index, ((ids, reference), output) in enumerate(zip(run.prompts, outputs)):
         sink.emit(make_event("sample", phase=phase, index=index, output=output, reference=reference,

@@ -82,6 +82,8 @@ class DeskScreen(Screen):
         bar.show_offline(desk.offline, desk.offline_reason)
         done = dict(draft.ready())
         done["train"] = session is not None and session.history.status == "completed"
+        if done.get("recipe") and desk.recipe_does_not_fit():
+            done["recipe"] = False  # no check mark next to "does not fit"
         summary = Text()
         summary.append("model ", "dim")
         summary.append((draft.model or "—") + "\n")

@@ -274,6 +274,10 @@ class DataScreen(DeskScreen):
         value = event.value.strip()
         if key == "data.valid_file" and value:
             value = str(Path(value).expanduser())
+            if not Path(value).is_file():
+                self.notify(f"{value}: no such file (the validation file stays unset until the path is right)",
+                            title="Validation file", severity="error")
+                return
         self._set(key, value)
 
     def _set(self, key: str, value: str) -> None:
@@ -317,6 +321,8 @@ class DataScreen(DeskScreen):
         self.desk.data_report = {**report, "checked_file": self.desk.draft.train_file}
         draft = self.desk.draft
         usable = bool(report.get("ok")) and not report.get("error")
+        self.desk.data_problem = None if usable else (draft.train_file, str(
+            report.get("error") or "the check found rows that cannot be used"))
         if draft.data_checked != usable:
             draft.data_checked = usable
             self.desk.save_draft()
@@ -328,12 +334,14 @@ class DataScreen(DeskScreen):
             stats = report.get("token_stats") or {}
             rendering = {"chat_template": "the model's chat template", "plain": "plain text"}.get(
                 str(report.get("rendering")), str(report.get("rendering") or "?"))
+            target = "assistant replies" if report.get("train_on") == "assistant" else "every token"
+            if report.get("format") == "text":  # raw text rows: no template, every token trained (as the CLI says)
+                rendering, target = "raw text + EOS", "every token"
             summary.update(
                 f"[b]{escape(Path(str(report.get('path', ''))).name)}[/b]: [b]{report.get('format')}[/b] format, "
                 f"{report.get('rows')} rows, {report.get('usable_rows')} usable · tokens median "
                 f"{stats.get('median', '?')}, p95 {stats.get('p95', '?')}, max {stats.get('max', '?')} · "
-                f"rendered with {rendering}, loss on "
-                f"{'assistant replies' if report.get('train_on') == 'assistant' else 'every token'}"
+                f"rendered with {rendering}, loss on {target}"
                 + ("  [green]✓ ready[/]" if usable else ""))
         self.query_one(TokenHistogram).show(list(report.get("histogram") or []), report.get("max_length"))
         self.query_one("#findings", Static).update("\n".join(findings(report)))

@@ -1,6 +1,8 @@
 """Evaluate: what training changed. Before/after answers on held-out prompts side by side, the validation
-metrics, a chat playground with the tuned model (streamed; a switch answers with the base model instead), and the
-run doctor, which reads the loss curves for overfitting, no effect or collapse and says what to try."""
+metrics and the full evaluation (`ft-desk eval`, with an example limit, an overall ETA and a cancel), a chat
+playground with the tuned model (streamed; a switch answers with the base model instead, another shows base and
+tuned answers to the same question one after the other; a system prompt, temperature, top-p and reply length),
+and the run doctor, which reads the loss curves for overfitting, no effect or collapse and says what to try."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input, Label, ProgressBar, Static, Switch, TabbedContent, TabPane
+from textual.widgets import Checkbox, Input, Label, ProgressBar, Static, Switch, TabbedContent, TabPane
 
 from ft_desk.trainer import run_folder
+from ft_desk.trainer.events import format_duration
 from ft_desk.tui.chat_client import ChatClient
 from ft_desk.tui.commands import CommandFailed
+from ft_desk.tui.eval_eta import EvalEta
 from ft_desk.tui.history import RunHistory
 from ft_desk.tui.loss_diagnosis import diagnose
 from ft_desk.tui.runs import read_json
@@ -151,7 +155,9 @@ class EvaluateScreen(DeskScreen):
     MAIN = "#eval-tabs Tabs"
     BINDINGS = [
         Binding("ctrl+r", "run_eval", "Full evaluation"),
+        Binding("ctrl+x", "cancel_eval", "Cancel evaluation"),
         Binding("ctrl+b", "toggle_base", "Base model on/off"),
+        Binding("ctrl+o", "toggle_compare", "Compare base and tuned"),
         Binding("ctrl+l", "clear_chat", "Clear chat"),
         Binding("ctrl+n", "next", "Next: Export"),
     ]
@@ -161,6 +167,10 @@ class EvaluateScreen(DeskScreen):
         self.chat: ChatClient | None = None
         self.chat_ready = False
         self._waiting: tuple[str, bool] | None = None  # (question, base) asked while the model was loading
+        self._queue: list[tuple[str, bool]] = []  # (label, base) answers still to ask for the current question
+        self._answer_label = ""  # "tuned" / "base" while comparing, else ""
+        self._settings: dict[str, Any] = {}
+        self._eta = EvalEta()
         self._busy = False  # a question is out and its answer not finished
         self.messages: list[dict[str, str]] = []
         self._answer: Static | None = None
@@ -179,6 +189,11 @@ class EvaluateScreen(DeskScreen):
             with TabPane("Metrics", id="tab-metrics"):
                 with VerticalScroll():
                     yield Static("", id="metrics")
+                    with Horizontal(id="eval-limit-row"):
+                        yield Label("full evaluation on", classes="field-label")
+                        yield Input(placeholder="all", id="eval-limit", restrict=r"[0-9]*", compact=True)
+                        yield Label("held-out examples (empty: all) · ctrl+r starts, ctrl+x cancels",
+                                    id="eval-limit-note")
                     with Horizontal(id="eval-progress-row"):
                         yield ProgressBar(total=100, show_eta=False, id="eval-progress")
                         yield Static("", id="eval-phase")
@@ -186,10 +201,23 @@ class EvaluateScreen(DeskScreen):
             with TabPane("Chat", id="tab-chat"):
                 with Vertical(id="chat-pane"):
                     yield VerticalScroll(id="chat-log")
+                    with Horizontal(id="chat-settings"):
+                        yield Label("system", classes="chat-label")
+                        yield Input(placeholder="optional system prompt", id="chat-system", compact=True)
+                        yield Label("temp", classes="chat-label")
+                        yield Input("0", id="chat-temperature", restrict=r"[0-9.]*", compact=True,
+                                    tooltip="0 answers greedily; above 0 samples")
+                        yield Label("top-p", classes="chat-label")
+                        yield Input("1.0", id="chat-top-p", restrict=r"[0-9.]*", compact=True)
+                        yield Label("max", classes="chat-label")
+                        yield Input("", id="chat-max-tokens", restrict=r"[0-9]*", compact=True,
+                                    tooltip="longest reply in tokens")
                     with Horizontal(id="chat-row"):
                         yield Input(placeholder="ask the tuned model…", id="chat-input", compact=True)
-                        yield Label("base model", id="base-label")
+                        yield Label("base", id="base-label")
                         yield Switch(id="base-switch")
+                        yield Checkbox("compare", id="compare-switch", compact=True,
+                                       tooltip="each question answered by the tuned model, then the base model")
             with TabPane("Doctor", id="tab-doctor"):
                 with VerticalScroll():
                     yield Static("", id="doctor")
@@ -273,41 +301,75 @@ class EvaluateScreen(DeskScreen):
         if session.live:
             self.notify("The run is still training; evaluate it when it has finished.", severity="warning")
             return
+        limit = self.query_one("#eval-limit", Input).value.strip()
+        if limit and not int(limit):
+            self.notify("The example limit must be 1 or more (empty evaluates them all).", severity="warning")
+            return
+        options = ["--limit", str(int(limit))] if limit else []
         self.evaluating = True
         self._eval_cancel.clear()
+        self._eta = EvalEta()
         self.query_one("#eval-tabs", TabbedContent).active = "tab-metrics"
         self.query_one("#eval-progress-row").display = True
         self.query_one("#eval-progress", ProgressBar).update(total=None, progress=0)
-        self.query_one("#eval-phase", Static).update("loading the model…")
-        self._evaluate(session.run_dir)
+        self.query_one("#eval-phase", Static).update("loading the model… (ctrl+x cancels)")
+        self._evaluate(session.run_dir, options)
+
+    def action_cancel_eval(self) -> None:
+        if not self.evaluating:
+            self.notify("No evaluation is running.", severity="warning")
+            return
+        self._eval_cancel.set()
+        self.query_one("#eval-phase", Static).update("cancelling…")
 
     @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
-    def _evaluate(self, run_dir: Path) -> None:
+    def _evaluate(self, run_dir: Path, options: list[str]) -> None:
         def on_event(event: dict[str, Any]) -> None:
-            self.app.call_from_thread(self._eval_event, event)
+            try:
+                self.app.call_from_thread(self._eval_event, event)
+            except RuntimeError:
+                pass  # the app is closing
 
         try:
-            result = self.desk.backend.evaluate(run_dir, on_event, self._eval_cancel.is_set)
+            result = self.desk.backend.evaluate(run_dir, on_event, self._eval_cancel.is_set, options)
             error = None
         except CommandFailed as err:
             result, error = None, err
-        self.app.call_from_thread(self._eval_done, result, error)
+        try:
+            self.app.call_from_thread(self._eval_done, result, error)
+        except RuntimeError:
+            pass  # the app is closing
 
     def _eval_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind == "eval_progress":
+        if self._eval_cancel.is_set():
+            return
+        if kind == "eval_started":
+            self._eta.started(event)
+        elif kind == "eval_progress":
+            self._eta.progress(event)
             total, done = event.get("total") or 0, event.get("done") or 0
             self.query_one("#eval-progress", ProgressBar).update(total=total or None, progress=done)
             model = event.get("model")
+            left = self._eta.remaining_s()
+            eta = f" · about {format_duration(left)} left in all" if left is not None else ""
             self.query_one("#eval-phase", Static).update(
                 f"{escape(str(event.get('phase')))}" + (f" ({escape(str(model))})" if model else "")
-                + (f" {done}/{total}" if total else ""))
+                + (f" {done}/{total}" if total else "") + eta + " · ctrl+x cancels")
         elif kind == "eval_report":
             self._show_report(event)
 
     def _eval_done(self, result: dict[str, Any] | None, error: CommandFailed | None) -> None:
         self.evaluating = False
+        if not self.is_mounted:
+            return
         self.query_one("#eval-progress-row").display = False
+        if self._eval_cancel.is_set():
+            self.query_one("#eval-report", Static).update(
+                "\n[yellow]evaluation cancelled[/]: nothing was written; ctrl+r starts it again (a smaller "
+                "example limit makes it quicker).")
+            self.notify("Evaluation cancelled.", title="Evaluation", severity="warning")
+            return
         if error is not None:
             self.query_one("#eval-report", Static).update(
                 f"\n[b red]evaluation failed:[/] {escape(error.message)}"
@@ -339,8 +401,11 @@ class EvaluateScreen(DeskScreen):
             # Replies as long as the run's own samples: long enough to judge, short enough on a CPU.
             self.max_tokens = int((config.get("eval") or {}).get("max_new_tokens") or DEFAULT_REPLY_TOKENS)
             self.chat_ready = False
-            self.chat = ChatClient(session.run_dir, self._chat_event_from_thread, self._chat_exit_from_thread)
-            self.chat.start()
+            max_field = self.query_one("#chat-max-tokens", Input)
+            if not max_field.value:
+                max_field.value = str(self.max_tokens)
+            self.chat = self.desk.backend.open_chat(session.run_dir, self._chat_event_from_thread,
+                                                    self._chat_exit_from_thread)
             self._chat_line(f"[dim]loading {escape(session.name)} (the adapter on its base model)…[/]")
         return True
 
@@ -359,31 +424,41 @@ class EvaluateScreen(DeskScreen):
             self.chat_ready = True
             base = "" if event.get("base_available") else " (no base toggle: every weight was trained)"
             self._chat_line(f"[dim]ready: {escape(str(event.get('model')))} + {escape(str(event.get('checkpoint')))}"
-                            f" on {escape(str(event.get('device')))}{base}; replies up to {self.max_tokens} tokens "
-                            "(the run's eval.max_new_tokens)[/]")
+                            f" on {escape(str(event.get('device')))}{base}; replies up to the max field's tokens "
+                            f"(the run's eval.max_new_tokens, {self.max_tokens}, to start with)[/]")
+            if event.get("format") == "text":
+                self._chat_line("[dim]this run trained on raw text rows, not conversations: what you type is "
+                                "continued as plain text, without a chat template (a system prompt goes first, "
+                                "as a line of its own)[/]")
             if self._waiting is not None:
                 question, self._waiting = self._waiting, None
                 self._send(*question)
         elif kind == "chat_token":
             if self._answer is None:
-                self._answer = self._chat_line("", classes="chat-answer")
-                self._answer_text = ""
+                self._start_answer()
             self._answer_text += str(event.get("text", ""))
             self._answer.update(escape(self._answer_text))
             self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
         elif kind == "chat_done":
             if self._answer is None:
-                self._chat_line(escape(str(event.get("text", ""))), classes="chat-answer")
+                self._start_answer()
+                self._answer.update(escape(str(event.get("text", ""))))
             stop = "" if event.get("stopped") else " · hit max tokens"
             self._chat_line(f"[dim]{event.get('tokens')} tokens in {event.get('seconds')} s{stop}[/]")
-            self.messages.append({"role": "assistant", "content": str(event.get("text", ""))})
+            if not self.messages or self.messages[-1]["role"] == "user":
+                # The conversation goes on from the first answer (the tuned one when comparing).
+                self.messages.append({"role": "assistant", "content": str(event.get("text", ""))})
             self._answer = None
-            self._busy = False
+            if self._queue:
+                self._ask_next()
+            else:
+                self._busy = False
         elif kind == "chat_error":
             hint = f"\nfix: {event['hint']}" if event.get("hint") else ""
             self._chat_line(f"[red]{escape(str(event.get('error')))}{escape(hint)}[/]")
             self._answer = None
             self._busy = False
+            self._queue.clear()
             if self.messages and self.messages[-1]["role"] == "user":
                 self.messages.pop()
 
@@ -393,6 +468,14 @@ class EvaluateScreen(DeskScreen):
             self._chat_line(f"[red]the chat process ended: {escape(why)}[/]")
         self.chat_ready = False
         self._waiting, self._busy = None, False
+        self._queue.clear()
+
+    def _start_answer(self) -> None:
+        label = {"tuned": "[b green]tuned:[/] ", "base": "[b]base:[/] "}.get(self._answer_label, "")
+        if label:
+            self._chat_line(label, classes="chat-who")
+        self._answer = self._chat_line("", classes="chat-answer")
+        self._answer_text = ""
 
     def _chat_line(self, markup: str, classes: str = "chat-note") -> Static:
         line = Static(markup, classes=classes)
@@ -411,9 +494,14 @@ class EvaluateScreen(DeskScreen):
         if self._busy or self._waiting is not None:
             self.notify("Wait for the answer to finish.", severity="warning")
             return
+        settings = self._read_settings()
+        if settings is None:
+            return
+        self._settings = settings
         event.input.value = ""
         base = self.query_one("#base-switch", Switch).value
-        who = "you → base model" if base else "you"
+        compare = self.query_one("#compare-switch", Checkbox).value
+        who = "you → base and tuned" if compare else ("you → base model" if base else "you")
         self._chat_line(f"[b]{who}:[/b] {escape(text)}", classes="chat-question")
         if self.chat_ready:
             self._send(text, base)
@@ -421,20 +509,66 @@ class EvaluateScreen(DeskScreen):
             self._waiting = (text, base)  # asked while the model loads: sent as soon as it is ready
             self._chat_line("[dim]sent once the model has loaded…[/]")
 
+    def _read_settings(self) -> dict[str, Any] | None:
+        """System prompt and sampling from the settings row; None (after saying what is wrong) when not valid."""
+        def number(selector: str, default: float) -> float | None:
+            text = self.query_one(selector, Input).value.strip()
+            try:
+                return float(text) if text else default
+            except ValueError:
+                return None
+
+        temperature = number("#chat-temperature", 0.0)
+        top_p = number("#chat-top-p", 1.0)
+        max_tokens = number("#chat-max-tokens", float(self.max_tokens))
+        if temperature is None or temperature < 0 or temperature > 5:
+            self.notify("temp must be a number from 0 (greedy) to 5.", severity="warning")
+            return None
+        if top_p is None or not 0 < top_p <= 1:
+            self.notify("top-p must be a number above 0 and at most 1.", severity="warning")
+            return None
+        if max_tokens is None or max_tokens < 1 or max_tokens != int(max_tokens) or max_tokens > 4096:
+            self.notify("max must be a whole number of tokens from 1 to 4096.", severity="warning")
+            return None
+        return {"system": self.query_one("#chat-system", Input).value.strip(), "temperature": temperature,
+                "top_p": top_p, "max_new_tokens": int(max_tokens)}
+
     def _send(self, text: str, base: bool) -> None:
         self._busy = True
         self.messages.append({"role": "user", "content": text})
+        compare = self.query_one("#compare-switch", Checkbox).value
+        self._queue = [("tuned", False), ("base", True)] if compare else [("", base)]
+        self._ask_next()
+
+    def _ask_next(self) -> None:
+        label, base = self._queue.pop(0)
+        self._answer_label = label
         assert self.chat is not None
-        self.chat.ask(self.messages, base=base, max_new_tokens=self.max_tokens)
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            question = self.messages[:-1]  # the second answer of a comparison: the same question again
+        else:
+            question = list(self.messages)
+        settings = self._settings or {"max_new_tokens": self.max_tokens}
+        self.chat.ask(question, base=base, max_new_tokens=int(settings.get("max_new_tokens") or self.max_tokens),
+                      system=str(settings.get("system") or ""), temperature=float(settings.get("temperature") or 0),
+                      top_p=float(settings.get("top_p") or 1.0))
 
     def action_toggle_base(self) -> None:
         switch = self.query_one("#base-switch", Switch)
         switch.value = not switch.value
 
+    def action_toggle_compare(self) -> None:
+        box = self.query_one("#compare-switch", Checkbox)
+        box.value = not box.value
+
     @on(Switch.Changed, "#base-switch")
-    def _base_changed(self, event: Switch.Changed) -> None:
+    @on(Checkbox.Changed, "#compare-switch")
+    def _base_changed(self, _event: Switch.Changed | Checkbox.Changed) -> None:
+        compare = self.query_one("#compare-switch", Checkbox).value
+        base = self.query_one("#base-switch", Switch).value
         self.query_one("#chat-input", Input).placeholder = (
-            "ask the base model (adapter off)…" if event.value else "ask the tuned model…")
+            "ask both: the tuned model answers, then the base model…" if compare
+            else "ask the base model (adapter off)…" if base else "ask the tuned model…")
 
     def action_clear_chat(self) -> None:
         self.messages.clear()
@@ -452,5 +586,10 @@ class EvaluateScreen(DeskScreen):
             if clear:
                 self.action_clear_chat()
 
+    def stop_children(self) -> None:
+        """End the evaluation and chat children (the app is closing)."""
+        self._eval_cancel.set()  # the stream's watcher ends the child within a fraction of a second
+        self._stop_chat(clear=False)
+
     def on_unmount(self) -> None:
-        self._stop_chat(clear=False)  # the widgets are already gone
+        self.stop_children()  # the widgets are already gone

@@ -81,7 +81,10 @@ def fidelity_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"  {escape(numbers)}")
     for note in (result.get("notes") or [])[:6]:
         lines.append(f"[dim]· {escape(str(note))}[/]")
-    if result.get("command"):
+    if result.get("command") and result.get("passed") is False:
+        lines.append("[yellow]next:[/] the export failed its own check, so it is not ready to use: try a wider "
+                     "GGUF type (f16) or the merged format")
+    elif result.get("command"):
         lines.append(f"next: [b]{escape(str(result['command']))}[/]")
     return lines
 

@@ -23,7 +23,7 @@ WELCOME = (
     "[b $accent]n[/]  start your own run: pick a model, check your data, choose a recipe, train.\n\n"
     "Training runs in the background: close ft-desk or lose the connection and it keeps going; "
     "open ft-desk again to re-attach.\n[dim]Keys: h and 1-6 switch steps (escape first when typing in a field); "
-    "ctrl+p lists every command; ctrl+t switches light/dark.[/]"
+    "? lists every key; ctrl+p finds any command; ctrl+t switches light/dark.[/]"
 )
 
 
@@ -83,7 +83,7 @@ class HomeScreen(DeskScreen):
         self.query_one("#welcome").display = first_time
         self.query_one("#runs-title", Static).update(
             "No runs yet." if first_time else f"[b]Runs[/b] [dim]({len(runs)}, newest first) · n new run · "
-                                              "d demo · ctrl+p all commands[/]")
+                                              "d demo · ? help · ctrl+p all commands[/]")
         self._show_detail()
 
     def selected(self) -> RunSummary | None:

@@ -63,6 +63,18 @@ GGUF_NOTE = ("a GGUF file (llama.cpp, LM Studio): imported once into a model fol
              "dequantized from the file's type")
 
 
+def folder_problem(text: str) -> str | None:
+    """Why a typed path is not a model folder (a Hub id never starts with / ~ or .), else None."""
+    if not text.startswith(("/", "~", ".")) or is_local_folder(text):
+        return None
+    path = Path(text).expanduser()
+    if not path.exists():
+        return f"no folder {text}: check the path (a Hub id looks like org/name)"
+    if not path.is_dir():
+        return f"{text} is a file; a model is a folder with config.json and the weights"
+    return f"{text} has no config.json, so it is not a transformers model folder"
+
+
 class ModelScreen(DeskScreen):
     MODE = "model"
     TITLE = "Model"
@@ -144,6 +156,10 @@ class ModelScreen(DeskScreen):
         if looks_like_ollama(event.value.strip()):  # `smollm2:135m`: Ollama's name, not a Hub search
             self._use(event.value.strip())
             return
+        problem = folder_problem(event.value.strip())
+        if problem is not None:
+            self.notify(problem, title="Not a model folder", severity="error")
+            return
         self.query_one("#find-table", DataTable).focus()
 
     def action_focus_search(self) -> None:
@@ -152,6 +168,11 @@ class ModelScreen(DeskScreen):
     def run_search(self) -> None:
         query = self.query_one("#model-search", Input).value.strip()
         self.query_one("#search-note", Static).update("[dim]searching…[/]")
+        problem = folder_problem(query)
+        if problem is not None:  # a mistyped path is not a Hub query
+            self._fill("find-table", [])
+            self.query_one("#search-note", Static).update(f"[red]{escape(problem)}[/]")
+            return
         if is_local_folder(query):
             folder = str(Path(query).expanduser().resolve())
             gguf = is_gguf_path(query)

@@ -5,6 +5,7 @@ YAML file the CLI reads with `--preset NAME`."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from textual import on, work
@@ -61,6 +62,7 @@ class RecipeScreen(DeskScreen):
         Binding("ctrl+s", "save_preset", "Save as preset"),
         Binding("ctrl+e", "estimate", "Re-estimate memory"),
         Binding("ctrl+r", "reset", "Reset to preset"),
+        Binding("ctrl+g", "app.show_command", "Show the command", show=False),
         Binding("ctrl+n", "next", "Next: Train"),
     ]
 
@@ -205,7 +207,12 @@ class RecipeScreen(DeskScreen):
         except Exception as exc:  # noqa: BLE001 - shown in the panel; the form stays usable
             self.app.call_from_thread(self.query_one(MemoryPanel).failed, str(exc))
             return
-        self.app.call_from_thread(self.query_one(MemoryPanel).show, plan)
+        self.app.call_from_thread(self._planned, draft.plan_key(), plan)
+
+    def _planned(self, key: tuple, plan: dict[str, Any]) -> None:
+        self.desk.plan_verdict = (key, str(plan.get("verdict") or ""))
+        self.query_one(MemoryPanel).show(plan)
+        self._refresh_chrome()  # the Recipe step's check mark follows the verdict
 
     # Buttons and keys.
     def on_button_pressed(self, event: Button.Pressed) -> None:

@@ -30,6 +30,7 @@ class TrainScreen(DeskScreen):
         Binding("r", "resume", "Resume"),
         Binding("l", "log", "Full log"),
         Binding("e", "evaluate", "Evaluate"),
+        Binding("c", "app.show_command", "Show the command"),
     ]
 
     def __init__(self) -> None:
@@ -111,6 +112,8 @@ class TrainScreen(DeskScreen):
                 eta = "trainer gone"
             elif last:
                 eta = f"ETA {format_duration(last.get('eta_s'))}"
+            elif before_step_one(h):
+                eta = escape(before_step_one(h) or "")  # what the trainer said it is doing (samples, validation)
             elif int((started.get("config") or {}).get("eval", {}).get("sample_prompts") or 0):
                 eta = "answering held-out prompts before training…"
             else:
@@ -194,6 +197,16 @@ class TrainScreen(DeskScreen):
 
     def action_evaluate(self) -> None:
         self.desk.switch_mode("evaluate")
+
+
+def before_step_one(h) -> str | None:
+    """The trainer's latest word on the work it does before step 1 (before-samples, the starting validation
+    loss), or None: those take minutes on a CPU and are not steps."""
+    for _level, text in reversed(h.log):
+        if text.startswith("before step 1: "):
+            said = text[len("before step 1: "):]
+            return said.split(" (", 1)[0].rstrip("…") + "…"  # the details are in the log below
+    return None
 
 
 def _status_style(status: str) -> str:

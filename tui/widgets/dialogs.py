@@ -1,4 +1,5 @@
-"""Small modal screens: a yes/no question, a one-line text prompt, and the full-log viewer."""
+"""Small modal screens: a yes/no question, a one-line text prompt, the shell command of a run, and the full-log
+viewer."""
 
 from __future__ import annotations
 
@@ -56,6 +57,29 @@ class Prompt(ModalScreen["str | None"]):
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(self.query_one(Input).value.strip() or None if event.button.id == "ok" else None)
+
+
+class CommandDialog(ModalScreen[None]):
+    """The shell command line equivalent to the wizard's run, to read or copy (ctrl+y puts it on the clipboard
+    through the terminal, where the terminal allows it)."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("ctrl+y", "copy", "Copy"),
+                Binding("q", "dismiss", "Close", show=False)]
+
+    def __init__(self, command: str) -> None:
+        super().__init__(classes="dialog-screen")
+        self.command = command
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog command-dialog"):
+            yield Label("The same run from a shell", classes="dialog-title")
+            yield Static(self.command, id="command-line", classes="dialog-text", markup=False)
+            yield Static("[dim]It starts exactly what t on the Train step starts. ctrl+y copies it (where the "
+                         "terminal allows), escape closes.[/]")
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.command)
+        self.notify("Copied the command.", timeout=3)
 
 
 class LogViewer(ModalScreen[None]):

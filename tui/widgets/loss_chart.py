@@ -8,6 +8,8 @@ from textual_plotext import PlotextPlot
 from ft_desk.tui.history import RunHistory
 
 MAX_POINTS = 400
+COMPACT_HEIGHT = 14
+COMPACT_WIDTH = 70
 """Note: plotext redraws every point on each refresh; beyond a few hundred the chart is thinned to keep it cheap."""
 
 
@@ -45,18 +47,24 @@ class LossChart(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title("loss")
-        plt.xlabel("step")
+        # A small chart (an 80x24 terminal) spends no rows on a title, an axis label or a legend box, which
+        # would cover most of it: the key is one short title line instead.
+        compact = self.size.height < COMPACT_HEIGHT or self.size.width < COMPACT_WIDTH
+        if compact:
+            plt.title("loss: train · smoothed · val ●")
+        else:
+            plt.title("loss")
+            plt.xlabel("step")
         steps = [float(p.step) for p in history.steps]
         if steps:
             smooth = history.smoothed_losses()
             xs, ys = thin(steps, [p.loss for p in history.steps])
-            plt.plot(xs, ys, marker="braille", color="gray", label="train")
+            plt.plot(xs, ys, marker="braille", color="gray", label=None if compact else "train")
             xs, ys = thin(steps, smooth)
-            plt.plot(xs, ys, marker="braille", color="cyan", label="train (smoothed)")
+            plt.plot(xs, ys, marker="braille", color="cyan", label=None if compact else "train (smoothed)")
         if history.evals:
             plt.plot([float(p.step) for p in history.evals], [p.val_loss for p in history.evals],
-                     marker="dot", color="orange", label="val")
+                     marker="dot", color="orange", label=None if compact else "val")
             plt.scatter([float(p.step) for p in history.evals], [p.val_loss for p in history.evals],
                         marker="●", color="orange")
         total = history.total_steps

@@ -71,3 +71,48 @@ def test_chat_streams_replies_and_survives_a_bad_request(short_run, session_home
         assert 1 <= done["tokens"] <= 8 and isinstance(done["stopped"], bool)
         assert done["stopped"] or done["tokens"] == 8
     assert "must end with a user message" in replies[1][0]["error"]
+
+
+def test_sampling_and_a_system_prompt_are_taken_and_bad_values_are_one_error(short_run, session_home):
+    run_dir, _ = short_run
+    question = [{"role": "user", "content": "Where is my order?"}]
+    requests = [
+        {"messages": question, "max_new_tokens": 6, "system": "Be brief.", "temperature": 0.8, "top_p": 0.9},
+        {"messages": question, "max_new_tokens": 6, "top_p": 2},
+        {"messages": question, "max_new_tokens": 6, "temperature": -1},
+    ]
+    env = dict(os.environ, FT_DESK_HOME=str(session_home), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "ft_desk.trainer.cli.main", "chat", str(run_dir), "--events",
+                           "jsonl"], input="".join(json.dumps(r) + "\n" for r in requests), env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [e for e in (parse_line(line) for line in proc.stdout.splitlines()) if e]
+    assert events[0]["type"] == "chat_ready" and events[0]["format"] != "text"  # the demo trains on conversations
+    ends = [e for e in events if e["type"] in ("chat_done", "chat_error")]
+    assert [e["type"] for e in ends] == ["chat_done", "chat_error", "chat_error"]
+    assert "top_p must be in (0, 1]" in ends[1]["error"] and "temperature must be 0" in ends[2]["error"]
+
+
+def test_a_raw_text_run_is_chatted_with_as_plain_text(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ft_desk.trainer.cli.chat import _prompt_ids, run_data_format
+    from ft_desk.trainer.presets import load_config
+
+    run_dir = tmp_path / "text-run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "events.jsonl").write_text(json.dumps({"v": 1, "type": "data_ready", "time": 0, "format": "text"})
+                                          + "\n", encoding="utf-8")
+    assert run_data_format(run_dir) == "text"
+    (run_dir / "events.jsonl").unlink()
+    (run_dir / "data" / "val.jsonl").write_text('{"text": "Q: hi\\nA: yo"}\n', encoding="utf-8")
+    assert run_data_format(run_dir) == "text"  # from the validation rows when the events are gone
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = load_config(["demo"], [f"model.name={tiny_model_dir}"])
+    messages = [{"role": "user", "content": "table: t\nQ: who?\nA:"}]
+    plain = tokenizer.decode(_prompt_ids(messages, tokenizer, cfg, raw_text=True, system="SQL only."),
+                             skip_special_tokens=True)
+    assert plain == "SQL only.\ntable: t\nQ: who?\nA:"  # what the model was trained to continue, no template
+    templated = tokenizer.decode(_prompt_ids(messages, tokenizer, cfg), skip_special_tokens=False)
+    assert "<|im_start|>" in templated  # a conversation run keeps its chat template

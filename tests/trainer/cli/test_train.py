@@ -47,6 +47,13 @@ def test_demo_runs_end_to_end_offline_and_val_loss_falls(tmp_path):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     samples = [e for e in events if e["type"] == "sample"]
     assert {e["phase"] for e in samples} == {"before", "after"}
+    # The work before step 1 is said before it is done, not minutes of silence.
+    first_step = types.index("step")
+    said = [e["message"] for e in events[:first_step] if e["type"] == "log"]
+    assert any(m.startswith("before step 1: the model answers") for m in said), said
+    assert any(m.startswith("before step 1: measuring the starting validation loss") for m in said), said
+    assert types.index("sample") > next(i for i, e in enumerate(events) if e["type"] == "log"
+                                        and "answers" in e["message"])
     listed = json.loads(_run(["runs", "--json"], tmp_path).stdout)["runs"]
     assert listed[0]["run_dir"] == str(run_dir) and listed[0]["status"] == "completed"
     assert listed[0]["best_val_loss"] == pytest.approx(min(e["val_loss"] for e in evals))
@@ -137,3 +144,20 @@ def test_bad_config_is_refused_before_any_run_folder_exists(tmp_path):
     assert proc.stderr.strip() == ("ft-desk: lora.r must be an int from 1 to 4096, got -3\n"
                                    "  fix: change lora.r in the preset or with --set lora.r=VALUE (the default is 16)")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_finished_run_ends_with_the_commands_to_try_next(tmp_path, monkeypatch):
+    from ft_desk.trainer.cli import train as train_cli
+
+    home = tmp_path / "runs"
+    run = home / "20260101-demo-qlora"
+    run.mkdir(parents=True)
+    monkeypatch.setattr(train_cli, "runs_home", lambda: home)
+    lines = "\n".join(train_cli.next_steps(run, "completed"))
+    for command in ("ft-desk eval 20260101-demo-qlora", "ft-desk chat 20260101-demo-qlora",
+                    "ft-desk export 20260101-demo-qlora --format gguf"):
+        assert command in lines
+    elsewhere = tmp_path / "mine" / "run-1"
+    assert f"ft-desk eval {elsewhere}" in "\n".join(train_cli.next_steps(elsewhere, "completed"))  # not in runs/
+    assert train_cli.next_steps(run, "stopped") == [f"resume it with: ft-desk train --resume {run}"]
+    assert train_cli.next_steps(run, "failed") == []

@@ -19,7 +19,7 @@ from ft_desk.trainer.data.prepare import (
     split_examples,
     write_examples_jsonl,
 )
-from ft_desk.trainer.data.render import example_renderer
+from ft_desk.trainer.data.render import example_renderer, text_split, text_split_counts, text_split_notes
 from ft_desk.trainer.errors import DataError
 
 # A Qwen2.5-like template: a default system prompt when the conversation has none (written for this test).
@@ -147,6 +147,31 @@ def test_text_rows_train_every_token_and_end_with_eos(tokenizer):
     tok = encode(tokenizer, Example(None, "The kettle whistled.", "x:1"))
     assert tok.labels == tok.input_ids
     assert tok.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_text_rows_split_at_the_answer_label_of_their_last_line(tokenizer):
+    # WikiSQL-style rows: the prompt ends at "A:", the expected answer is the query - not half a sentence.
+    row = "table: 1-1\ncolumns: Player, No.\nQ: Who wears number 42?\nA: SELECT Player FROM t WHERE No. = '42'"
+    cut, rule = text_split(row)
+    assert (row[:cut], rule) == ("table: 1-1\ncolumns: Player, No.\nQ: Who wears number 42?\nA:", "label")
+    renderer = example_renderer(tokenizer, DataConfig(), [Example(None, row, "x:1")])
+    ids, reference = renderer.generation_prompt(Example(None, row, "x:1"), 256)
+    assert reference == "SELECT Player FROM t WHERE No. = '42'"
+    assert tokenizer.decode(ids).endswith("Q: Who wears number 42?\nA:")
+    # No label on the last line: the last line is the answer. One line: the middle word, said as such.
+    assert text_split("Once upon a time\nthe end came.") == (len("Once upon a time\n"), "line")
+    assert text_split("This is a long sentence: it has a colon")[1] == "middle"
+    assert text_split("Intro\nThis is a sentence that happens to have: a colon")[1] == "line"  # five words: no label
+
+
+def test_text_split_notes_say_how_rows_were_cut():
+    rows = [Example(None, "Q: a?\nA: b", "x:1"), Example(None, "Q: c?\nA: d", "x:2"), Example(None, "one two", "x:3"),
+            Example((Message("user", "hi"), Message("assistant", "yo")), None, "x:4")]
+    assert text_split_counts(rows) == {"label": 2, "middle": 1}
+    (note,) = text_split_notes(rows)
+    assert note.startswith("text rows have no separate prompt and answer")
+    assert "2 cut up to the answer label" in note and "1 cut at the word nearest its middle" in note
+    assert text_split_notes(rows[3:]) == []  # conversations have their own answer
 
 
 def test_chat_template_modes_without_a_template(tokenizer):

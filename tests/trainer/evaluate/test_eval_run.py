@@ -4,11 +4,12 @@ on an over-trained run, loss computed as training computes it, the report files 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from ft_desk.trainer.evaluate.run import EvalOptions, evaluate_run
+from ft_desk.trainer.evaluate.run import EvalOptions, _plan, evaluate_run, parse_metrics
 from ft_desk.trainer.events import ListSink, read_events
 
 from .conftest import ANSWER_REGEX
@@ -154,3 +155,25 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(memorized_r
         assert any(g.stopped for g in batched)  # the tuned model ends its answers, so stopping is compared too
     finally:
         torch.set_num_threads(threads)
+
+
+def test_text_rows_are_split_before_their_answer_and_the_report_says_so(memorized_run, eval_files, tmp_path):
+    rows = tmp_path / "sql.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"table: t\nQ: who is {n}?\nA: SELECT name FROM t WHERE n = {n}"})
+                            + "\n" for n in range(3)), encoding="utf-8")
+    report = evaluate_run(memorized_run, EvalOptions(data=str(rows), metrics=parse_metrics("exact,rouge"),
+                                                     max_new_tokens=4), ListSink())
+    assert {r["reference"] for r in report["rows"]} == {f"SELECT name FROM t WHERE n = {n}" for n in range(3)}
+    assert any("text rows have no separate prompt and answer" in note and "3 cut up to the answer label" in note
+               for note in report["notes"])
+    assert "exact_match" in _metrics(report)
+
+
+def test_exact_match_is_left_out_with_a_reason_when_every_text_row_is_cut_mid_sentence(memorized_run, tmp_path):
+    rows = tmp_path / "prose.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"The kettle number {n} whistled on the stove all morning."}) + "\n"
+                            for n in range(3)), encoding="utf-8")
+    plan = _plan(memorized_run, EvalOptions(data=str(rows)), time.perf_counter)
+    assert "exact" not in plan.wanted and "rouge" in plan.wanted
+    asked = _plan(memorized_run, EvalOptions(data=str(rows), metrics=("exact",)), time.perf_counter)
+    assert asked.wanted == {"exact"}  # asked for by name: computed (the notes still say how rows were cut)

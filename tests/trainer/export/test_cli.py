@@ -39,3 +39,25 @@ def test_bad_checkpoint_is_one_readable_line(qlora_run, out_dir, capsys):
     assert "no checkpoint at step 7" in captured.err and "Traceback" not in captured.err
     assert json.loads(captured.out.splitlines()[-1])["status"] == "failed"
     assert not out_dir.exists()
+
+
+def test_a_failed_check_does_not_suggest_ollama_create():
+    from ft_desk.trainer.cli.export import report_lines
+
+    event = {"format": "ollama", "out_dir": "/x", "bytes": 10, "files": ["a"], "elapsed_s": 1.0, "fidelity": None,
+             "notes": [], "command": "ollama create run -f /x/Modelfile", "passed": False}
+    lines = report_lines(event)
+    assert not any("ollama create" in line for line in lines)
+    assert any(line.startswith("next: the export failed its own check") for line in lines)
+    assert report_lines({**event, "passed": True})[-1] == "next: ollama create run -f /x/Modelfile"
+
+
+def test_export_takes_a_run_by_its_name(qlora_run, out_dir, capsys, monkeypatch):
+    from ft_desk.trainer import run_folder
+
+    monkeypatch.setattr(run_folder, "runs_home", lambda: qlora_run.run_dir.parent)
+    code = main(["export", qlora_run.run_dir.name, "--format", "adapter", "--out", str(out_dir), "--no-verify"])
+    assert code == 0
+    assert (out_dir / "adapter_model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file()
+    assert main(["export", "no-such-run", "--format", "adapter", "--out", str(out_dir / "b"), "--no-verify"]) == 2
+    assert "no run folder or run named 'no-such-run'" in capsys.readouterr().err

@@ -23,7 +23,9 @@ def test_adapter_reloads_with_peft_onto_the_base_with_the_trained_logits(qlora_r
     export_run(ExportRequest(run_dir=qlora_run.run_dir, format="adapter", out=out_dir, verify=False), ListSink())
     config = json.loads((out_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(qlora_run.model_dir)
-    assert not (out_dir / "tokenizer.json").exists()  # training did not change the tokenizer
+    # The export screen promises "adapter + tokenizer": the folder carries the run's tokenizer, loadable on its own.
+    shipped = AutoTokenizer.from_pretrained(out_dir)
+    assert shipped.get_vocab() == AutoTokenizer.from_pretrained(qlora_run.model_dir).get_vocab()
 
     trained, _, _ = load_trained(qlora_run.run_dir, device="cpu")
     base = AutoModelForCausalLM.from_pretrained(
