@@ -7,7 +7,7 @@ unquantized model's: mean KL (nats per token), top-1 agreement and the loss delt
 case - per-weight rounding moves its sharp distributions more than a large model's - so limits set from it hold
 for the bigger models hobbyists tune.
 
-    python bench/gguf_fidelity.py [--tokens 2048]
+    python bench/gguf_fidelity.py [--tokens 2048] [--types q8_0,q4_0]
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def round_trip(model, original: dict, tensor_type: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of real text to score")
+    parser.add_argument("--types", default=",".join(TYPES), help=f"comma-separated, of {', '.join(TYPES)}")
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +99,7 @@ def main() -> int:
     print(f"SmolLM2-135M-Instruct, {sum(len(r) for r in rows)} tokens of real text, fp32 reference loss "
           f"{ref_loss:.4f}")
     print(f"{'type':<6} {'mean KL':>10} {'top-1':>7} {'loss delta':>11} {'seconds':>8}")
-    for tensor_type in TYPES:
+    for tensor_type in args.types.split(","):
         started = time.perf_counter()
         round_trip(model, original, tensor_type)
         got = logprobs(model, rows)

@@ -51,28 +51,34 @@ class Thresholds:
     loss_delta: float
 
 
-# Why these numbers (mean KL in nats per token, loss delta in nats):
+# Why these numbers (mean KL in nats per token, loss delta in nats), calibrated on real weights: the real
+# SmolLM2-135M-Instruct, each tensor stored as the GGUF writer stores it, against the unquantized model on 1514
+# tokens of real text (python bench/gguf_fidelity.py). A small model is the hard case: its sharp distributions
+# move more per rounded weight than a large model's, so marks that pass it hold for the models hobbyists tune.
+#   type   mean KL   top-1   loss delta      (measured)
+#   bf16   6.8e-05   99.7%   +0.0011
+#   f16    2.1e-06   100%    -0.0000
+#   q8_0   1.95e-03  97.3%   -0.0013         a tuned SmolLM2's q8_0 export measured 5.2e-3 against the trained
+#                                            (NF4 + adapter) model, llama.cpp's own quantizer the same
+#   q5_0   0.112     84.5%   +0.160
+#   q4_0   0.440     62.6%   +0.146          (token embedding and output layer kept at Q8_0, as written)
 # - An export that stores the exact training-time weights (the adapter itself) can differ only by float
 #   summation order: KL ~1e-9, so 1e-5 leaves four orders of margin and still catches a wrong scale or layer.
-# - A bf16/fp16 merge rounds every weight once (relative error <= 2^-9 for bf16, 2^-11 for fp16). Measured on the
-#   test models: KL 1e-7..1e-5. A real model with sharper distributions lands near 1e-4. 1e-3 is 10x above that
-#   and still 10-100x below what a wrong merge costs (merging into the 16-bit original instead of the NF4 weights
-#   the adapter learned against measures 1e-2..1e-1, a missing adapter far more).
-# - GGUF q8_0 adds about as much as bf16; q5_0 / q4_0 are lossy by design, so they are held to loose marks
-#   that still catch a broken file (wrong tensor layout or tokenizer gives KL > 1).
-# - q4_k_m (llama.cpp's mix of Q4_K and Q6_K) loses less than q4_0: measured on the hidden-256 test model, KL
-#   1.3e-3 against the merged model where q4_0 gives 2.2e-3, in transformers and in llama.cpp alike. Published
-#   llama.cpp perplexity runs of small real models lose about 0.03 nats of loss at Q4_K_M. It gets q4_0's marks:
-#   3-10x above that, and still below what a broken file costs.
+# - bf16 / f16 merges: 1e-3 is 15x the real model's bf16 cost and 10-100x below what a wrong merge costs
+#   (merging into the 16-bit original instead of the NF4 weights the adapter learned against: 1e-2..1e-1).
+# - Quantized GGUF types: about 3-4x what the type costs on the real model (for q8_0, 4x the tuned export's
+#   5.2e-3), so FAIL means "worse than this type should be"; a broken file (wrong tensor layout, wrong
+#   tokenizer) still fails, with KL of several nats. q4_k_m (llama.cpp's Q4_K/Q6_K mix) loses less than q4_0 -
+#   on the hidden-256 test model 1.3e-3 against q4_0's 2.2e-3 - and gets marks between q5_0's and q4_0's.
 THRESHOLDS = {
     "exact": Thresholds(mean_kl=1e-5, loss_delta=1e-3),
     "bf16": Thresholds(mean_kl=1e-3, loss_delta=2e-2),
     "fp16": Thresholds(mean_kl=1e-3, loss_delta=2e-2),
     "f16": Thresholds(mean_kl=1e-3, loss_delta=2e-2),
-    "q8_0": Thresholds(mean_kl=2e-3, loss_delta=3e-2),
-    "q5_0": Thresholds(mean_kl=5e-2, loss_delta=0.15),
-    "q4_0": Thresholds(mean_kl=0.1, loss_delta=0.3),
-    "q4_k_m": Thresholds(mean_kl=0.1, loss_delta=0.3),
+    "q8_0": Thresholds(mean_kl=2e-2, loss_delta=5e-2),
+    "q5_0": Thresholds(mean_kl=0.35, loss_delta=0.5),
+    "q4_0": Thresholds(mean_kl=1.5, loss_delta=0.5),
+    "q4_k_m": Thresholds(mean_kl=0.8, loss_delta=0.5),
 }
 
 Progress = Callable[[str], None]
