@@ -310,11 +310,12 @@ def _plan(run_dir: Path | str, options: EvalOptions, clock: Callable[[], float])
     _check_options(options)
     cfg = load_run_config(run_dir)
     wanted = _wanted(options)
+    # The option files first: a bad schema or pattern is said before any data is read.
+    validator = em.load_schema_validator(options.json_schema) if options.json_schema else None
+    pattern = em.compile_regex(options.regex) if options.regex else None
     examples, data_path = _held_out(run_dir, options)
     if "exact" in wanted and options.metrics is None and _only_middle_cuts(examples):
         wanted.discard("exact")  # the notes say why (see _finish)
-    validator = em.load_schema_validator(options.json_schema) if options.json_schema else None
-    pattern = em.compile_regex(options.regex) if options.regex else None
     checkpoint = _checkpoint_info(run_dir, options.checkpoint)
     probe_path = Path(options.probe).expanduser() if options.probe else None
     if "retention" in wanted:

@@ -239,9 +239,9 @@ def train(cfg: RunConfig | None, sink: EventSink, resume_dir: Path | None = None
         if run_folder.judged_status(previous, run_dir) == run_folder.RUNNING:
             raise UserError(f"{run_dir} is still running (pid {previous.get('pid')})",
                             hint="attach to it in the app, or stop it first")
+        cfg = load_run_config(run_dir)  # a damaged config.json is said first, whatever the run's state
         if already_complete(run_dir, previous):
             return report_complete(run_dir, previous, sink), run_dir
-        cfg = load_run_config(run_dir)
         lock = run_folder.lock_run(run_dir)
     else:
         assert cfg is not None
@@ -440,8 +440,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
                          truncated=data.stats.get("truncated", 0),
                          duplicates_dropped=data.stats.get("duplicates_dropped", 0),
                          skipped_rows=data.stats.get("skipped_rows", 0),
-                         columns_note=data.stats.get("columns_note", ""), tokenize_seconds=prepared.seconds,
-                         tokens_cached=prepared.cached))
+                         tokenize_seconds=prepared.seconds, tokens_cached=prepared.cached,
+                         **({"columns_note": data.stats["columns_note"]} if data.stats.get("columns_note") else {})))
     for note in notes:
         sink.emit(note)
     startup = startup_seconds()

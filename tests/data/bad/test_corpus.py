@@ -279,7 +279,7 @@ def test_a_reply_that_fails_inside_is_one_error_event_and_the_chat_goes_on(tmp_p
 
     calls = []
 
-    def reply(self, messages, base, max_new_tokens, emit):
+    def reply(self, messages, base, max_new_tokens, emit, **sampling):
         calls.append(messages)
         if len(calls) == 1:
             raise RuntimeError("injected generation failure")

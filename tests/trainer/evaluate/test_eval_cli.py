@@ -49,4 +49,4 @@ def test_bad_input_is_one_sentence_and_a_failed_event(memorized_run, session_hom
     assert "ft-desk: --metrics: unknown metric 'bogus'" in proc.stderr and "Traceback" not in proc.stderr
 
     proc = _run([str(memorized_run.parent / "no-such-run")], session_home, tmp_path)
-    assert proc.returncode == 2 and "is not an ft-desk run folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "no run folder or run named" in proc.stderr and "Traceback" not in proc.stderr
