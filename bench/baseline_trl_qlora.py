@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TRL's own SFTConfig defaults (batch 8, lr 2e-5, bf16 autocast, gradient checkpointing, "
                         "fused AdamW) for --epochs passes; only --max-length and --epochs are set")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data with --defaults")
+    p.add_argument("--adapter-out", default=None, help="save the trained LoRA adapter here (for scoring it)")
     return p.parse_args(argv)
 
 
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     train_output = trainer.train()
+    if args.adapter_out:
+        trainer.model.save_pretrained(args.adapter_out)
     metrics = trainer.evaluate()
 
     steps = [

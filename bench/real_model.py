@@ -111,15 +111,17 @@ def trl_train(model_dir: str, train_rows, valid_rows, epochs: float, work: Path)
     result = work / "trl-result.json"
     cmd = [sys.executable, str(REPO / "bench" / "baseline_trl_qlora.py"), "--defaults", "--epochs", str(epochs),
            "--model", model_dir, "--train", str(train), "--valid", str(valid), "--out", str(work / "trl-out"),
-           "--result", str(result), "--max-length", "1024"]
+           "--result", str(result), "--max-length", "1024", "--adapter-out", str(work / "trl-adapter")]
     done, wall, peak = run_measured(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
         raise SystemExit(f"TRL baseline failed:\n{done.stderr[-2000:]}")
     data = json.loads(result.read_text(encoding="utf-8"))
-    adapter = next((str(p.parent) for p in sorted((work / "trl-out").rglob("adapter_model.safetensors"))), None)
-    return {"tool": "TRL SFTTrainer", "wall_s": wall, "peak_rss": peak, "steps": len(data.get("losses", [])),
-            "tokens_per_s": data.get("tokens_per_s"), "val_loss": data.get("eval_loss"), "adapter": adapter,
-            "first_step_s": data.get("first_step_s")}
+    steps = data.get("steps") or []
+    tokens = max((s.get("num_tokens") or 0 for s in steps), default=0)  # TRL's count of non-pad tokens so far
+    runtime = data.get("train_runtime") or 0
+    return {"tool": "TRL SFTTrainer", "wall_s": wall, "peak_rss": peak, "steps": len(steps),
+            "tokens_per_s": tokens / runtime if runtime else None, "val_loss": data.get("eval_loss"),
+            "adapter": str(work / "trl-adapter")}
 
 
 def score(model_dir: str, adapters: dict[str, str | None], rows, max_new_tokens: int) -> dict[str, dict]:
@@ -189,9 +191,11 @@ def main() -> int:
     for r in results:
         s = scores.get(r["tool"], {})
         loss = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-"
+        exact = f"{s['exact_match'] * 100:.0f}%" if s else "-"
+        stops = f"{s['stop_rate'] * 100:.0f}%" if s else "-"
         print(f"{r['tool']:<16}{r['wall_s']:>7.0f}s{r['tokens_per_s'] or 0:>8.0f}{r['peak_rss'] / gib:>9.2f}G"
-              f"{r['steps']:>7}{loss:>10}{s.get('exact_match', 0) * 100:>7.0f}%{s.get('stop_rate', 0) * 100:>7.0f}%")
-    if len(results) == 2:
+              f"{r['steps']:>7}{loss:>10}{exact:>8}{stops:>8}")
+    if len(results) == 2 and results[1]["tokens_per_s"]:
         a, b = results
         print(f"ft-desk / TRL: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak RSS "
               f"{a['peak_rss'] / b['peak_rss']:.2f}x, wall {a['wall_s'] / b['wall_s']:.2f}x")

@@ -164,9 +164,22 @@ class Staging:
                 f"{format_bytes(free)} free",
                 hint="free some space or choose another --out folder on a larger disk",
             )
+        self.sweep_leftovers()
         self.path.mkdir()
         self.work.mkdir()
         return self
+
+    def sweep_leftovers(self) -> list[Path]:
+        """Remove the hidden staging folders an earlier export of this same folder left when it was killed.
+        Staging runs under export_lock, so no live export owns a sibling with this folder's name."""
+        name = self.target.folder.name
+        gone = []
+        for kind in ("partial", "work"):
+            for folder in self.target.folder.parent.glob(f".{name}.{kind}-*"):
+                if folder.is_dir() and len(folder.name) == len(f".{name}.{kind}-") + 8:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    gone.append(folder)
+        return gone
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.cleanup()

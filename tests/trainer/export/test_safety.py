@@ -166,3 +166,19 @@ def test_a_really_full_disk_during_an_export_keeps_the_users_files_and_cleans_up
     _export(qlora_run, out, format="merged", force=True)  # room again: it works
     assert (out / "mine.txt").read_text() == "the user's file" and (out / "config.json").is_file()
     assert shutil.disk_usage(tiny_tmpfs).used > 128 << 10
+
+
+def test_the_next_export_sweeps_what_a_killed_export_of_the_same_folder_left(qlora_run, out_dir):
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    killed = [out_dir.parent / f".{out_dir.name}.partial-1a2b3c4d", out_dir.parent / f".{out_dir.name}.work-5e6f7a8b"]
+    for folder in killed:  # what a SIGKILLed export leaves: its hidden staging folders, half written
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    other = out_dir.parent / ".someone-else.partial-1a2b3c4d"  # another folder's staging: not ours to touch
+    other.mkdir()
+    mine = out_dir.parent / f".{out_dir.name}.partial-notes"  # not a staging name: kept
+    mine.mkdir()
+    _export(qlora_run, out_dir)
+    assert (out_dir / "adapter_model.safetensors").is_file()
+    assert not any(folder.exists() for folder in killed)
+    assert other.is_dir() and mine.is_dir()
