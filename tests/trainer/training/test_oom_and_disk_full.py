@@ -19,6 +19,7 @@ from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training import checkpoint as ckpt
 from ft_desk.trainer.training import loop, replan
 from ft_desk.trainer.training import run as run_mod
+from tests.trainer.training.helpers import StopAtStep
 
 
 def _cfg(model_dir, home, name, *overrides):
@@ -26,27 +27,6 @@ def _cfg(model_dir, home, name, *overrides):
                                   "train.max_steps=4", "output.save_every=2", "eval.every_steps=0",
                                   "eval.sample_prompts=0", "data.max_length=128", f"output.runs_dir={home}",
                                   f"output.run_name={name}", *overrides])
-
-
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-class StopAtStep:
-    signal_name = "SIGINT"
-
-    def __init__(self, step: int) -> None:
-        self.step, self.asked = step, 0
-
-    @property
-    def requested(self) -> bool:
-        self.asked += 1
-        return self.asked >= self.step
 
 
 class SmallDevice:

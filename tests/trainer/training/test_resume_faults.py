@@ -15,24 +15,11 @@ from ft_desk.trainer import run_folder
 from ft_desk.trainer.events import ListSink, read_events
 from ft_desk.trainer.presets import load_config
 from ft_desk.trainer.training import run as run_mod
+from tests.trainer.training.helpers import StopAtStep
 
 ROWS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                       {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
         for a in range(6) for b in range(6)]
-
-
-class StopAtStep:
-    """A stop request at optimizer step `step` (the loop asks once per step), like a Ctrl-C there."""
-
-    signal_name = "SIGINT"
-
-    def __init__(self, step: int) -> None:
-        self.step, self.asked = step, 0
-
-    @property
-    def requested(self) -> bool:
-        self.asked += 1
-        return self.asked >= self.step
 
 
 def _cfg(model_dir, data, home, name, *overrides):
@@ -60,15 +47,6 @@ def stopped_run(tmp_path_factory, tiny_model_dir):
     assert code == 3, run_folder.log_path(run_dir).read_text()[-3000:]
     assert [p.name for p in run_folder.checkpoint_folders(run_dir)] == ["step-000002", "step-000004"]
     return {"run_dir": run_dir, "model": model, "data": data, "root": root}
-
-
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _copy(stopped_run, tmp_path) -> Path:

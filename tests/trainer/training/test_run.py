@@ -21,15 +21,6 @@ def _cfg(tiny_model_dir, tmp_path, *overrides):
                                   "eval.max_new_tokens=4", f"output.runs_dir={tmp_path}", *overrides])
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # training sets it for the process; leave other tests as they were
-
-
 def test_a_finished_run_leaves_its_final_weights_state_and_samples(tiny_model_dir, tmp_path, one_thread):
     sink = ListSink()
     code, run_dir = run_mod.train(_cfg(tiny_model_dir, tmp_path, "output.run_name=done"), sink)

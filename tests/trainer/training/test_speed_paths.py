@@ -18,15 +18,6 @@ def _cfg(tiny_model_dir, tmp_path, name, *overrides):
                                    f"output.runs_dir={tmp_path}", f"output.run_name={name}", *overrides])
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # training sets it for the process; leave other tests as they were
-
-
 def _train(cfg) -> ListSink:
     sink = ListSink()
     code, run_dir = run_mod.train(cfg, sink)
