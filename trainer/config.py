@@ -157,7 +157,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Non-finite losses in a row before the run stops."""
     threads: int = 0
-    """CPU threads for torch; 0 (auto): the cores free when the run starts (physical cores minus the load)."""
+    """CPU threads for torch; 0 (auto): the cores other work leaves free, looked at again every 15 s."""
 
 
 @dataclass(frozen=True)

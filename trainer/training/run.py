@@ -76,7 +76,7 @@ from ft_desk.trainer.training.model import (
     read_model_config,
     save_weights,
 )
-from ft_desk.trainer.training.threads import apply_threads
+from ft_desk.trainer.training.threads import ThreadFollower, apply_threads
 
 log = logging.getLogger("ft_desk")
 
@@ -628,6 +628,22 @@ class ProgressRecorder:
                                     best_val_loss=loop_state.best_val_loss)
 
 
+def progress_hook(run: RunSetup) -> Callable[[LoopState], None]:
+    """What the loop calls after every step: state.json's progress, and on a CPU an auto thread count kept at the
+    cores other work leaves free (training/threads.py)."""
+    import torch  # heavy import, already loaded by setup
+
+    recorder = ProgressRecorder(run.run_dir)
+    follower = ThreadFollower(run.cfg.train.threads, torch.get_num_threads()) if run.device == "cpu" else None
+
+    def on_progress(loop_state: LoopState) -> None:
+        recorder(loop_state)
+        if follower is not None:
+            follower()
+
+    return on_progress
+
+
 def autocast_for(run: RunSetup) -> Callable | None:
     """Mixed precision: a full fine-tune on an accelerator (fp32 master weights), and bf16 matmuls on a CPU with
     native bf16 (cpu_bf16_autocast); None elsewhere."""
@@ -650,7 +666,7 @@ def fit_context(run: RunSetup, sink: EventSink, stop: StopFlag) -> FitContext:
                       val_batches=run.val_batches, pad_id=run.tokenizer.pad_token_id, device=run.device, sink=sink,
                       save_checkpoint=functools.partial(save_checkpoint, run, sink),
                       should_stop=lambda: stop.requested, autocast=autocast_for(run),
-                      on_progress=ProgressRecorder(run.run_dir),
+                      on_progress=progress_hook(run),
                       batches_per_epoch=len(epoch_schedule(run.cfg, run.data.train, 1.0)) * run.batch_split)
 
 
