@@ -11,7 +11,7 @@ conversational prompt/completion dataset, so both render them with the model's c
 the completion only. The model is the GGUF from tests/real_model.py, imported by ft-desk; TRL loads the imported
 folder (the same weights).
 
-    python bench/real_model.py [--train-rows 300] [--eval-rows 20] [--epochs 2] [--skip-trl]
+    python bench/real_model.py [--train-rows 300] [--eval-rows 20] [--epochs 2] [--skip-trl] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Comple
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - started, peak
 
 
-def ft_desk_train(gguf: Path, train: Path, valid: Path, epochs: float, home: Path) -> dict:
+def ft_desk_train(gguf: Path, train: Path, valid: Path, epochs: float, home: Path, sets: list[str]) -> dict:
     env = {**os.environ, "FT_DESK_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "ft_desk.trainer.cli", "train", "--preset", "qlora", "--model", str(gguf),
            "--data", str(train), "--set", f"data.valid_file={valid}", "--set", f"train.epochs={epochs}",
-           "--set", "eval.sample_prompts=0", "--events", "jsonl"]
+           "--set", "eval.sample_prompts=0", "--events", "jsonl", *(a for kv in sets for a in ("--set", kv))]
     # The GGUF import happens once, before the measured run (a user pays it once too).
     subprocess.run([sys.executable, "-m", "ft_desk.trainer.cli", "models", "import", str(gguf)], env=env,
                    capture_output=True, text=True, check=True)
@@ -163,6 +163,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-trl", action="store_true", help="only ft-desk (no trl installed)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for ft-desk's run on top of its defaults (to measure one lever)")
     args = parser.parse_args()
     from tests.real_model import real_model_gguf
 
@@ -175,7 +177,7 @@ def main() -> int:
         work = Path(tmp)
         train = write_jsonl(work / "train.jsonl", train_rows)
         valid = write_jsonl(work / "valid.jsonl", valid_rows)
-        results = [ft_desk_train(gguf, train, valid, args.epochs, work / "home")]
+        results = [ft_desk_train(gguf, train, valid, args.epochs, work / "home", args.set)]
         if not args.skip_trl:
             results.append(trl_train(results[0]["model_dir"], train_rows, valid_rows, args.epochs, work))
         scores = score(results[0]["model_dir"], {r["tool"]: r["adapter"] for r in results},

@@ -70,8 +70,10 @@ class LoraConfig:
     """Rank of the LoRA update; 8-64 is typical. Higher learns more and costs more memory."""
     alpha: int = 32
     """Scale of the update is alpha / r; 2 x r is a good start."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input; 0 for tiny datasets you want memorised, 0.05-0.1 otherwise."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input. 0 (default) is the fastest: on SmolLM2-135M on CPU, 0.05 cost 1.29x the time and
+    0.7 GB more memory for the same validation loss (bench/real_model.py); raise it to 0.05-0.1 when validation
+    loss climbs while training loss falls (overfitting)."""
     target_modules: tuple[str, ...] = ("all-linear",)
     """Layers that get adapters: `all-linear`, or names like q_proj, v_proj."""
     use_dora: bool = False
@@ -146,6 +148,9 @@ class TrainConfig:
     """Concatenate examples into one row with a block-diagonal mask: no padding, no cross-example attention."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
+    saved_activations: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the activations kept for the backward pass; auto: bfloat16 where the model computes in float32
+    (CPU), which halves them and is no slower; the forward pass and the loss stay float32."""
     loss_chunk_tokens: int = 1024
     """Tokens per chunk when computing the loss, so full fp32 logits never exist at once."""
     seed: int = 42
