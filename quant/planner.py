@@ -334,6 +334,8 @@ class PlanInputs:
     """4-bit scales quantized again (qlora only)."""
     cpu_allocator_capped: bool = True
     """Whether a CPU run pins glibc's mmap threshold (quant.device.cap_cpu_allocator); off adds retained heap."""
+    saved_activations: str = ""
+    """dtype the activations kept for backward are stored in ("": the compute dtype; a CPU run keeps bfloat16)."""
 
     @property
     def tokens(self) -> int:
@@ -429,6 +431,10 @@ def _activation_bytes(shape: ModelShape, s: PlanInputs) -> tuple[int, int, int]:
     else:
         tensors += layer * shape.num_layers
     saved = sum(tensors)
+    if not s.gradient_checkpointing:
+        # Stored in another dtype than computed (trainer/training/saved_activations.py); the plan rounds the few
+        # small tensors that stay in the compute dtype into the same factor.
+        saved = saved * DTYPE_BYTES.get(s.saved_activations, a) // a
     # Checkpointing or not, every layer's forward allocates its full set once per step (see the allocator note).
     everything = [layer_input] * (shape.num_layers + 2) + layer * shape.num_layers
     heap = sum(t for t in everything if t < GLIBC_MMAP_THRESHOLD_MAX)
@@ -508,6 +514,8 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
     components.append((label, train_bytes))
     saved, working, heap = _activation_bytes(shape, s)
     act_label = "activations, checkpointed" if s.gradient_checkpointing else "activations (no checkpointing)"
+    if not s.gradient_checkpointing and s.saved_activations not in ("", s.compute_dtype):
+        act_label = f"activations kept in {s.saved_activations} (no checkpointing)"
     components.append((f"{act_label}: {s.micro_batch_size} x {s.max_length} tokens", saved))
     # The loss runs backward first, then the layers one by one: the peak is the larger of the two phases.
     loss = logits_bytes(shape, s)

@@ -39,6 +39,7 @@ from ft_desk.trainer.hub.gguf_file import read_gguf
 from ft_desk.trainer.hub.names import is_repo_id
 from ft_desk.trainer.hub.resolve import gguf_source, imported_dir
 from ft_desk.trainer.recipe_sizing import provisional
+from ft_desk.trainer.training.saved_activations import saved_activations_dtype
 
 
 def plan_inputs(run: RunConfig, device: DeviceFacts | None, cpu_allocator_capped: bool | None = None) -> PlanInputs:
@@ -76,6 +77,7 @@ def plan_inputs(run: RunConfig, device: DeviceFacts | None, cpu_allocator_capped
         use_dora=run.lora.use_dora,
         double_quant=run.quant.double_quant,
         cpu_allocator_capped=TRAINING_CAPS_CPU_ALLOCATOR if cpu_allocator_capped is None else cpu_allocator_capped,
+        saved_activations=saved_activations_dtype(run.train.saved_activations, compute),
     )
 
 

@@ -88,7 +88,8 @@ def test_the_arithmetic_takes_plain_inputs_without_a_run_config():
     inputs = PlanInputs(device="cuda", method="qlora", compute_dtype="bfloat16", weights_dtype="bfloat16",
                         micro_batch_size=1, max_length=1024, grad_accum=8, gradient_checkpointing=True,
                         packing=False, loss_chunk_tokens=1024, lora_r=16, target_modules=("all-linear",),
-                        lora_dropout=0.0, use_dora=False, double_quant=True, cpu_allocator_capped=False)
+                        lora_dropout=0.0, use_dora=False, double_quant=True, cpu_allocator_capped=False,
+                        saved_activations="bfloat16")
     by_hand = plan_memory(LLAMA2_7B, inputs, RTX_3090)
     run = _run("train.device=cuda", "data.max_length=1024", "train.micro_batch_size=1", "train.grad_accum=8",
                "train.gradient_checkpointing=true", "train.loss_chunk_tokens=1024", "lora.r=16",

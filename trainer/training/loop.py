@@ -132,6 +132,8 @@ class FitContext:
     autocast: Callable | None = None
     memory: Callable[[], int] | None = None
     on_progress: Callable[[LoopState], None] | None = None
+    saved_activations: Any | None = None
+    """A BF16SavedActivations (saved_activations.py) entered around each training forward pass, or None."""
     batches_per_epoch: int | None = None
     """Micro-batches in one pass over the training data; None when the schedule is exactly cfg.train.epochs
     passes (with train.max_steps it is cut or repeated to length, so the epoch must be counted from this)."""
@@ -195,9 +197,11 @@ def fit(ctx: FitContext, state: LoopState) -> tuple[LoopState, str]:
             if not mb.rows:  # an empty piece of a micro-batch cut after running out of memory (replan.py)
                 continue
             batch = collate(ctx.train_examples, mb, ctx.pad_id, ctx.device, cfg.train.packing)
-            with ctx.autocast() if ctx.autocast else _null():
+            with ctx.autocast() if ctx.autocast else _null(), ctx.saved_activations or _null():
                 loss_sum = ctx.loss_fn(model, batch, cfg.train.loss_chunk_tokens)
             (loss_sum / denom).backward()
+            if ctx.saved_activations is not None:
+                ctx.saved_activations.release()
             step_loss += loss_sum.detach().float()
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = bool(torch.isfinite(norm) & torch.isfinite(step_loss))  # the one sync of an optimizer step

@@ -76,6 +76,11 @@ from ft_desk.trainer.training.model import (
     read_model_config,
     save_weights,
 )
+from ft_desk.trainer.training.saved_activations import (
+    BF16SavedActivations,
+    feature_widths,
+    saved_activations_dtype,
+)
 from ft_desk.trainer.training.threads import ThreadFollower, apply_threads
 
 log = logging.getLogger("ft_desk")
@@ -644,6 +649,16 @@ def progress_hook(run: RunSetup) -> Callable[[LoopState], None]:
     return on_progress
 
 
+def saved_activations_for(run: RunSetup) -> BF16SavedActivations | None:
+    """bf16 storage of the activations kept for backward where the model computes in fp32 (train.saved_activations)."""
+    wanted = saved_activations_dtype(run.cfg.train.saved_activations, run.info.dtype)
+    if wanted != "bfloat16" or run.info.dtype != "float32":
+        return None
+    base = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    return BF16SavedActivations(widths=feature_widths(config))
+
+
 def autocast_for(run: RunSetup) -> Callable | None:
     """Mixed precision: a full fine-tune on an accelerator (fp32 master weights), and bf16 matmuls on a CPU with
     native bf16 (cpu_bf16_autocast); None elsewhere."""
@@ -666,6 +681,7 @@ def fit_context(run: RunSetup, sink: EventSink, stop: StopFlag) -> FitContext:
                       val_batches=run.val_batches, pad_id=run.tokenizer.pad_token_id, device=run.device, sink=sink,
                       save_checkpoint=functools.partial(save_checkpoint, run, sink),
                       should_stop=lambda: stop.requested, autocast=autocast_for(run),
+                      saved_activations=saved_activations_for(run),
                       on_progress=progress_hook(run),
                       batches_per_epoch=len(epoch_schedule(run.cfg, run.data.train, 1.0)) * run.batch_split)
 
