@@ -15,7 +15,7 @@ the backward pass reads it. What changes and what does not:
 - A tensor saved by several ops (the normed hidden state feeds q, k and v, each through a reshaped view) is
   copied once: copies are shared per underlying tensor, shape, strides and version until `release()`.
 Measured on 2 CPU cores, SmolLM2-135M QLoRA, 12 micro-batches of 4 x <=192 tokens: peak RSS 2.37 -> 1.87 GiB,
-239 -> 253 tokens/s (less memory traffic); see bench/README.md.
+239 -> 253 tokens/s (less memory traffic); bench/train_levers.py measures it.
 """
 
 from __future__ import annotations
