@@ -57,7 +57,7 @@ async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app,
     def model_info(model_id, draft):  # what `ft-desk models info FILE.gguf --json` answers (its header's facts)
         asked.append(model_id)
         return {"id": model_id, "kind": "gguf", "size_bytes": 397_807_936, "file_type": "Q4_K_M", "params": 494_032_768,
-                "imported": False, "architecture": "qwen2",
+                "imported": False, "architecture": "qwen2", "fit": {"verdict": "fits"},
                 "note": "weights dequantized from the GGUF's Q4_K_M to bfloat16: they keep the Q4_K_M rounding"}
 
     backend.model_info = model_info
@@ -76,6 +76,9 @@ async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app,
         details = text_of(app, "#details")
         assert asked == [str(gguf)] and "494M parameters" in details and "imported once on first use" in details
         assert "dequantized from the GGUF's Q4_K_M to bfloat16" in details
+        # the file is on this machine: no download offered; the row takes the header's facts (it said "tiny" and "?")
+        assert "not downloaded" not in details and "ctrl+d" not in details
+        assert [str(c) for c in table.get_row_at(0)[1:4]] == ["494M", "379.4 MB", "fits"]
         box.focus()
         await pilot.press("enter")
         await settle(pilot)

@@ -15,6 +15,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.coordinate import Coordinate
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent, TabPane
 
@@ -41,7 +42,7 @@ DEMO_ROW = {
 
 def params_text(n: Any) -> str:
     if not isinstance(n, (int, float)) or not n:
-        return "tiny" if n is None else "?"
+        return "?"
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
             return f"{n / div:.1f}{unit}".replace(".0", "")
@@ -262,7 +263,7 @@ class ModelScreen(DeskScreen):
                                             ("curated", m.get("curated") and not is_demo_model(model_id))) if on)
             gated = m.get("gated")
             table.add_row(
-                model_id, params_text(m.get("params")),
+                model_id, "tiny" if is_demo_model(model_id) else params_text(m.get("params")),
                 format_bytes(m["size_bytes"]) if m.get("size_bytes") else "-", fit_text(m.get("fit")),
                 str(m.get("license") or "?"), "gated" if gated else ("" if gated is False else "?"), flags,
                 key=model_id,
@@ -326,8 +327,24 @@ class ModelScreen(DeskScreen):
     def _details_loaded(self, model_id: str, details: dict[str, Any]) -> None:
         if "error" not in details:
             self.rows[model_id] = {**self.rows.get(model_id, {}), **details, "_details": True}
+            self._update_row_cells(model_id)
         if self.selected_id() == model_id:
             self._show_details(model_id, self.rows.get(model_id, {}), details.get("error"), details.get("hint"))
+
+    def _update_row_cells(self, model_id: str) -> None:
+        """The table row shows what `models info` found (a GGUF's parameters, size and fit arrive only there)."""
+        row = self.rows.get(model_id, {})
+        for table_id in ("find-table", "local-table"):
+            table = self.query_one("#" + table_id, DataTable)
+            try:
+                index = table.get_row_index(model_id)
+            except Exception:  # noqa: BLE001 - the model is not in this table
+                continue
+            cells = {1: params_text(row.get("params")), 3: fit_text(row.get("fit"))}
+            if row.get("size_bytes"):
+                cells[2] = format_bytes(row["size_bytes"])
+            for column, value in cells.items():
+                table.update_cell_at(Coordinate(index, column), value)
 
     def _show_details(self, model_id: str, row: dict[str, Any], error: str | None = None,
                       hint: str | None = None) -> None:
@@ -354,7 +371,9 @@ class ModelScreen(DeskScreen):
         if row.get("remote_code"):
             facts.append(f"[yellow]runs its own code ({escape(str(row['remote_code']))})[/]")
         cached = row.get("cached")
-        if isinstance(cached, dict):
+        if row.get("source"):
+            pass  # a GGUF file or an Ollama model is on this machine: there is nothing to download
+        elif isinstance(cached, dict):
             facts.append("[green]downloaded[/]" if cached.get("complete") else
                          f"[yellow]incomplete download: {escape(str(cached.get('problem')))}[/]")
         elif cached is True and not row.get("file_type"):
