@@ -284,3 +284,20 @@ def test_the_fake_backend_answers_every_backend_method():
     names = [n for n in dir(Backend) if not n.startswith("_")]
     assert set(names) <= set(dir(FakeBackend)), set(names) - set(dir(FakeBackend))
     assert "open_chat" in names  # the chat playground reaches its child through the backend, faked in tests
+
+
+def test_a_sample_prompt_shows_its_end_where_the_question_is():
+    """A WikiSQL prompt is the table, its columns, then the question; the Before / after tab showed the first
+    three lines (the columns wrap), so the question was never on screen."""
+    from ft_desk.tui.screens.evaluate import prompt_tail, readable_prompt
+
+    rendered = ("<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n<|im_start|>user\n"
+                "table: 1-10015132-11\n"
+                "columns: Player, No., Nationality, Position, Years in Toronto, School/Club Team\n"
+                "context: the 2004 season\nQ: What position does the player who played for butler cc (ks) play?"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    shown = prompt_tail(readable_prompt(rendered))
+    assert shown.endswith("Q: What position does the player who played for butler cc (ks) play?")
+    assert shown.startswith("… columns:") and "table:" not in shown
+    assert prompt_tail("Say hi.") == "Say hi."
+    assert prompt_tail("x" * 900).startswith("… ") and len(prompt_tail("x" * 900)) == 402

@@ -50,6 +50,16 @@ def readable_prompt(prompt: str) -> str:
     return "\n".join(line for line in lines if line).strip()
 
 
+def prompt_tail(prompt: str, max_lines: int = 3, max_chars: int = 400) -> str:
+    """The end of a long prompt, where the question is: a prompt that opens with context (a table's name and
+    columns, then "Q: ...") showed only its first lines, and the question itself was cut off."""
+    lines = prompt.splitlines()
+    tail = "\n".join(lines[-max_lines:])
+    if len(tail) > max_chars:
+        tail = tail[-max_chars:]
+    return tail if tail == prompt else "… " + tail.lstrip()
+
+
 def metrics_text(h: RunHistory) -> str:
     if not h.evals and not h.steps:
         return "No validation results yet."
@@ -263,8 +273,8 @@ class EvaluateScreen(DeskScreen):
         widgets = []
         for i, (before, after) in enumerate(pairs):
             some = before or after or {}
-            prompt = readable_prompt(str(some.get("prompt", "")))
-            widgets.append(Static(Text.assemble((f"prompt {i + 1}  ", "bold"), (prompt[-400:], "dim")),
+            prompt = prompt_tail(readable_prompt(str(some.get("prompt", ""))))
+            widgets.append(Static(Text.assemble((f"prompt {i + 1}  ", "bold"), (prompt, "dim")),
                                   classes="sample-prompt"))
             left = Static(escape(str(before.get("output", ""))) if before else "[dim]—[/]", classes="sample-out")
             left.border_title = "before"
