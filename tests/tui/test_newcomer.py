@@ -301,3 +301,23 @@ def test_a_sample_prompt_shows_its_end_where_the_question_is():
     assert shown.startswith("… columns:") and "table:" not in shown
     assert prompt_tail("Say hi.") == "Say hi."
     assert prompt_tail("x" * 900).startswith("… ") and len(prompt_tail("x" * 900)) == 402
+
+
+async def test_the_sidebar_names_a_gguf_by_its_file_name_in_two_lines_at_most(make_app):
+    """The whole path of /root/.cache/.../SmolLM2-135M-Instruct.Q4_1.gguf took five lines of the sidebar."""
+    from ft_desk.tui.screens.base import model_label
+
+    app = make_app(start_mode="recipe")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.draft = demo_draft()
+        app.draft.model = "/root/.cache/ft-desk-real/SmolLM2-135M-Instruct.Q4_1.gguf"
+        app.draft.train_file = "/tmp/walk/train.jsonl"
+        app.draft_updated()
+        await settle(pilot)
+        shown = str(app.screen.query_one("#draft-summary", Static).render())
+        assert "/root" not in shown and "Instruct.Q4_1.gguf" in shown
+        model_lines = shown.split("data")[0].splitlines()
+        assert len(model_lines) <= 3  # "model" and the name, wrapped into the sidebar's width
+        assert "data  train.jsonl" in shown  # it was "…k/train.jsonl"
+    assert model_label("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert model_label("demo") == "demo" and model_label(None) == ""
