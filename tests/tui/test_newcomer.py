@@ -321,3 +321,22 @@ async def test_the_sidebar_names_a_gguf_by_its_file_name_in_two_lines_at_most(ma
         assert "data  train.jsonl" in shown  # it was "…k/train.jsonl"
     assert model_label("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
     assert model_label("demo") == "demo" and model_label(None) == ""
+
+
+def test_a_few_example_metric_shows_its_interval_the_notes_speak_of():
+    """On 20 held-out rows every metric said "(few examples)" while the note under the table said the intervals
+    are "shown as +/-"; the row now carries the +/- of report.json's note."""
+    from ft_desk.tui.screens.evaluate import eval_lines
+
+    report = {"examples": 20, "metrics": [
+        {"name": "exact_match", "label": "exact match", "scale": "rate", "base": 0.0, "tuned": 0.1, "delta": 0.1,
+         "verdict": "unclear", "few": True, "note": "only 20 examples: +/-14 points"},
+        {"name": "loss", "label": "loss (per token)", "scale": "loss", "base": 1.92, "tuned": 0.3, "delta": -1.62,
+         "verdict": "better", "few": True},
+        {"name": "rouge_l", "label": "ROUGE-L F1", "scale": "score", "base": 0.2, "tuned": 0.8, "delta": 0.6,
+         "verdict": "better", "few": False, "note": ""}],
+        "notes": ["only 20 held-out examples: numbers carry wide 95% intervals (shown as +/-)"]}
+    lines = eval_lines(report)
+    assert "unclear[/] [dim](+/-14 points)[/]" in lines[1]
+    assert "(few examples)" in lines[2]  # no note: still says why the verdict is careful
+    assert "(" not in lines[3].split("better")[1]

@@ -105,6 +105,13 @@ def _fmt(value: Any, scale: str) -> str:
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
+def interval_text(metric: dict[str, Any]) -> str:
+    """The width of a few-example metric's 95% interval, from its note ("only 20 examples: +/-14 points"): the
+    notes under the table say the intervals are "shown as +/-", and the table said only "few examples"."""
+    note = str(metric.get("note") or "")
+    return note[note.index("+/-"):] if "+/-" in note else "few examples"
+
+
 def eval_lines(report: dict[str, Any]) -> list[str]:
     """`ft-desk eval`'s report (the eval_report event or report.json) as markup lines: base → tuned per metric."""
     lines = [f"[b]base vs tuned on {report.get('examples') or (report.get('data') or {}).get('examples', '?')} "
@@ -115,7 +122,7 @@ def eval_lines(report: dict[str, Any]) -> list[str]:
         scale = str(m.get("scale") or "")
         verdict = str(m.get("verdict") or "-")
         style = VERDICT_STYLE.get(verdict, "")
-        few = " [dim](few examples)[/]" if m.get("few") else ""
+        few = f" [dim]({escape(interval_text(m))})[/]" if m.get("few") else ""
         delta = m.get("delta")
         sign = "+" if isinstance(delta, (int, float)) and delta > 0 else ""
         change = f"{sign}{_fmt(delta, scale)}" if isinstance(delta, (int, float)) else ""
