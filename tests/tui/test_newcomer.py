@@ -144,6 +144,14 @@ async def test_compare_asks_tuned_then_base_and_keeps_the_tuned_answer(make_app,
         assert log.index("tuned:") < log.index("tuned answer 1") < log.index("base:") < log.index("base answer 2")
         # The conversation continues from the tuned answer.
         assert screen.messages[-1] == {"role": "assistant", "content": "tuned answer 1"}
+        # ... and the base model continues from its own: walking the wizard, the base model heard the tuned
+        # model's SQL as its own earlier reply and copied it, which made the comparison say nothing.
+        chat_input.value = "And my refund?"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(backend.chat.requests) == 4 and not screen._busy)
+        third, fourth = backend.chat.requests[2:]
+        assert [m["content"] for m in third["messages"]] == ["Where is my order?", "tuned answer 1", "And my refund?"]
+        assert [m["content"] for m in fourth["messages"]] == ["Where is my order?", "base answer 2", "And my refund?"]
 
 
 async def test_bad_sampling_values_are_one_sentence_and_nothing_is_sent(make_app, runs_dir, backend):

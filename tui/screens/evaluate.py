@@ -190,6 +190,7 @@ class EvaluateScreen(DeskScreen):
         self._eta = EvalEta()
         self._busy = False  # a question is out and its answer not finished
         self.messages: list[dict[str, str]] = []
+        self._base_replies: dict[int, str] = {}  # index in messages -> the base model's reply there (comparing)
         self._answer: Static | None = None
         self._answer_text = ""
         self.max_tokens = DEFAULT_REPLY_TOKENS
@@ -465,6 +466,8 @@ class EvaluateScreen(DeskScreen):
             if not self.messages or self.messages[-1]["role"] == "user":
                 # The conversation goes on from the first answer (the tuned one when comparing).
                 self.messages.append({"role": "assistant", "content": str(event.get("text", ""))})
+            elif self._answer_label == "base":  # the base model's own reply, for its side of the next comparison
+                self._base_replies[len(self.messages) - 1] = str(event.get("text", ""))
             self._answer = None
             if self._queue:
                 self._ask_next()
@@ -565,6 +568,9 @@ class EvaluateScreen(DeskScreen):
             question = self.messages[:-1]  # the second answer of a comparison: the same question again
         else:
             question = list(self.messages)
+        if label == "base":  # the base model hears its own earlier replies, not the tuned model's
+            question = [{**m, "content": self._base_replies[i]} if i in self._base_replies else m
+                        for i, m in enumerate(question)]
         settings = self._settings or {"max_new_tokens": self.max_tokens}
         self.chat.ask(question, base=base, max_new_tokens=int(settings.get("max_new_tokens") or self.max_tokens),
                       system=str(settings.get("system") or ""), temperature=float(settings.get("temperature") or 0),
@@ -589,6 +595,7 @@ class EvaluateScreen(DeskScreen):
 
     def action_clear_chat(self) -> None:
         self.messages.clear()
+        self._base_replies.clear()
         self.query_one("#chat-log", VerticalScroll).remove_children()
 
     def action_next(self) -> None:
