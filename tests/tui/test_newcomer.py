@@ -348,3 +348,27 @@ def test_a_few_example_metric_shows_its_interval_the_notes_speak_of():
     assert "unclear[/] [dim](+/-14 points)[/]" in lines[1]
     assert "(few examples)" in lines[2]  # no note: still says why the verdict is careful
     assert "(" not in lines[3].split("better")[1]
+
+
+async def test_a_validation_file_is_checked_and_its_rows_are_shown(make_app, backend, tmp_path):
+    """Setting the validation file said nothing at all; it now gets `ft-desk data check` like the training file
+    and the findings name its rows, or why it cannot be used."""
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("{}\n")
+    app = make_app(start_mode="data")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.draft = demo_draft()
+        app.draft_updated()
+        await settle(pilot)
+        field = app.screen.query_one("#valid-file", Input)
+        field.value = str(valid)
+        field.focus()
+        await pilot.press("enter")
+        await settle(pilot, until=lambda: "validation file" in text_of(app, "#findings"))
+        assert ("check_data", str(valid)) in backend.calls
+        assert "validation file valid.jsonl: 350 rows, 350 usable · no problems found" in text_of(app, "#findings")
+    from ft_desk.tui.screens.data import valid_findings
+
+    lines = valid_findings("/x/valid.jsonl", {"ok": False, "error": "line 3: not JSON", "hint": "fix line 3"})
+    assert lines == ["[b red]validation file valid.jsonl not usable:[/] line 3: not JSON", "[b]fix:[/] fix line 3"]
