@@ -102,3 +102,25 @@ def test_a_runs_history_keeps_the_import_and_logs_it_plainly():
     assert lines == ["dequantizing Q4_1 tensors: 40/272",
                      "imported smollm2:135m in 70s: weights dequantized from the GGUF's Q4_1 to bfloat16: they keep "
                      "the Q4_1 rounding"]
+
+
+async def test_a_model_folder_typed_in_the_search_box_shows_its_fit(make_app, backend, tmp_path):
+    """`models info` takes Hub ids only, so a local folder showed "?" and no fit, and offered ctrl+d to download
+    it; the memory plan gives its parameters and fit."""
+    folder = tmp_path / "SmolLM2-135M-Instruct-bf16"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    app = make_app(start_mode="model")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.screen.query_one("#model-search", Input).value = str(folder)
+        table = app.screen.query_one("#find-table", DataTable)
+        await settle(pilot, until=lambda: table.row_count == 1)
+        table.focus()
+        table.move_cursor(row=0)
+        await settle(pilot, until=lambda: any(c[0] == "plan" for c in backend.calls)
+                     and "peak" in text_of(app, "#details"))
+        details = text_of(app, "#details")
+        assert "ctrl+d" not in details and "on this machine" in details
+        assert str(table.get_row_at(0)[3]) == "fits"
+        assert not [c for c in backend.calls if c[0] == "model_info"]  # not a Hub id: no Hub lookup

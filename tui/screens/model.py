@@ -299,10 +299,12 @@ class ModelScreen(DeskScreen):
         # Hub models and GGUF files have details to fetch (`models info` reads a GGUF's header); Ollama rows
         # arrive complete from `models ollama`.
         wanted = row.get("source") == "gguf" or (not Path(model_id).is_absolute() and not row.get("source"))
-        if not is_demo_model(model_id) and wanted:
+        folder = Path(model_id).is_absolute() and not row.get("source") and not row.get("_details")
+        if not is_demo_model(model_id) and (wanted or folder):
             if self._info_timer is not None:
                 self._info_timer.stop()
-            self._info_timer = self.set_timer(INFO_DELAY_S, lambda: self._info(model_id))
+            fetch = self._info if wanted else self._folder_fit
+            self._info_timer = self.set_timer(INFO_DELAY_S, lambda: fetch(model_id))
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -322,6 +324,20 @@ class ModelScreen(DeskScreen):
             details = self.desk.backend.model_info(model_id, self.desk.draft)
         except CommandFailed as err:
             details = {"error": err.message, "hint": err.hint}
+        self.app.call_from_thread(self._details_loaded, model_id, details)
+
+    @work(thread=True, exclusive=True, group="model-info", exit_on_error=False)
+    def _folder_fit(self, model_id: str) -> None:
+        """A model folder's size and fit: `models info` takes Hub ids only, so the folder showed no parameters
+        and no fit at all; the memory plan reads its config.json."""
+        try:
+            plan = self.desk.backend.plan(self.desk.draft, model=model_id)
+        except CommandFailed as err:
+            details: dict[str, Any] = {"error": err.message, "hint": err.hint}
+        except Exception as exc:  # noqa: BLE001 - a folder the planner cannot read: say so in the details pane
+            details = {"error": f"could not estimate the memory of {model_id}: {exc}"}
+        else:
+            details = {"fit": plan, "params": plan.get("params")}
         self.app.call_from_thread(self._details_loaded, model_id, details)
 
     def _details_loaded(self, model_id: str, details: dict[str, Any]) -> None:
@@ -398,7 +414,7 @@ class ModelScreen(DeskScreen):
             lines.append(f"[red]{escape(str(row['problem']))}[/]")
         if error:
             lines.append(f"[red]{escape(error)}[/]" + (f"\n[b]fix:[/] {escape(hint)}" if hint else ""))
-        lines.append("[dim]enter uses this model[/]" if row.get("source") else
+        lines.append("[dim]enter uses this model[/]" if row.get("source") or Path(model_id).is_absolute() else
                      "[dim]enter uses this model · ctrl+d downloads it[/]")
         self.query_one("#details", Static).update("\n".join(lines))
 
