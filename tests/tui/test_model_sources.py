@@ -122,5 +122,8 @@ async def test_a_model_folder_typed_in_the_search_box_shows_its_fit(make_app, ba
                      and "peak" in text_of(app, "#details"))
         details = text_of(app, "#details")
         assert "ctrl+d" not in details and "on this machine" in details
-        assert str(table.get_row_at(0)[3]) == "fits"
+        assert [str(c) for c in table.get_row_at(0)[1:4:2]] == ["4M", "fits"]
+        app.screen._fill("find-table", [{"id": str(folder), "cached": True, "license": "local"}])  # a new search
+        await settle(pilot)
+        assert [str(c) for c in table.get_row_at(0)[1:4:2]] == ["4M", "fits"]  # the refill keeps the plan's facts
         assert not [c for c in backend.calls if c[0] == "model_info"]  # not a Hub id: no Hub lookup

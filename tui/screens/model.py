@@ -262,9 +262,10 @@ class ModelScreen(DeskScreen):
             flags = " ".join(f for f, on in (("✓ chosen", model_id == chosen), ("cached", m.get("cached")),
                                             ("curated", m.get("curated") and not is_demo_model(model_id))) if on)
             gated = m.get("gated")
+            r = self.rows[model_id]  # with what `models info` or the plan found earlier (a refill kept only m)
             table.add_row(
-                model_id, "tiny" if is_demo_model(model_id) else params_text(m.get("params")),
-                format_bytes(m["size_bytes"]) if m.get("size_bytes") else "-", fit_text(m.get("fit")),
+                model_id, "tiny" if is_demo_model(model_id) else params_text(r.get("params")),
+                format_bytes(r["size_bytes"]) if r.get("size_bytes") else "-", fit_text(r.get("fit")),
                 str(m.get("license") or "?"), "gated" if gated else ("" if gated is False else "?"), flags,
                 key=model_id,
             )
@@ -414,7 +415,8 @@ class ModelScreen(DeskScreen):
             lines.append(f"[red]{escape(str(row['problem']))}[/]")
         if error:
             lines.append(f"[red]{escape(error)}[/]" + (f"\n[b]fix:[/] {escape(hint)}" if hint else ""))
-        lines.append("[dim]enter uses this model[/]" if row.get("source") or Path(model_id).is_absolute() else
+        here = row.get("source") or Path(model_id).is_absolute() or is_demo_model(model_id)
+        lines.append("[dim]enter uses this model[/]" if here else
                      "[dim]enter uses this model · ctrl+d downloads it[/]")
         self.query_one("#details", Static).update("\n".join(lines))
 
