@@ -372,3 +372,24 @@ async def test_a_validation_file_is_checked_and_its_rows_are_shown(make_app, bac
 
     lines = valid_findings("/x/valid.jsonl", {"ok": False, "error": "line 3: not JSON", "hint": "fix line 3"})
     assert lines == ["[b red]validation file valid.jsonl not usable:[/] line 3: not JSON", "[b]fix:[/] fix line 3"]
+
+
+async def test_the_ready_screen_scrolls_when_the_command_runs_past_an_80x24_screen(make_app, tmp_path):
+    """With a model folder's path, the validation file and the sizing line the shell command went below the
+    screen's bottom edge at 80x24, with its last --set cut off and no way to reach it."""
+    data, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    data.write_text("{}\n")
+    valid.write_text("{}\n")
+    app = make_app(start_mode="train")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.draft = demo_draft()
+        app.draft.strategy, app.draft.train_file = "qlora", str(data)
+        app.draft.model = "/root/.cache/ft-desk-real/SmolLM2-135M-Instruct-bf16"
+        app.draft.set_override("data.valid_file", str(valid))
+        app.draft_updated()
+        await settle(pilot)
+        ready = app.screen.query_one("#train-ready")
+        assert ready.max_scroll_y > 0
+        ready.scroll_end(animate=False)
+        await settle(pilot)
+        assert ready.scroll_y == ready.max_scroll_y  # the end of the command can be scrolled into view

@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import ProgressBar, RichLog, Static
 
 from ft_desk.trainer.config import ConfigError
@@ -41,7 +41,7 @@ class TrainScreen(DeskScreen):
         self._log_shown = 0
 
     def compose_body(self) -> ComposeResult:
-        with Vertical(id="train-ready"):
+        with VerticalScroll(id="train-ready"):  # at 80x24 the shell command ran past the bottom
             yield Static("", id="ready-text")
         with Vertical(id="train-live"):
             yield Static("", id="run-header")
