@@ -393,3 +393,31 @@ async def test_the_ready_screen_scrolls_when_the_command_runs_past_an_80x24_scre
         ready.scroll_end(animate=False)
         await settle(pilot)
         assert ready.scroll_y == ready.max_scroll_y  # the end of the command can be scrolled into view
+
+
+async def test_the_phase_line_wraps_at_80x24_so_ctrl_x_stays_readable(make_app, runs_dir, backend):
+    """At 80x24 the export's phase line ran off the right edge ("...(reference)  ctrl+x c"); the evaluation's
+    the same. Both now wrap inside the screen."""
+    backend.eval_hold = threading.Event()
+    run_dir = make_run(runs_dir, "demo-run")
+    app = make_app(start_mode="evaluate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.follow(run_dir)
+        await settle(pilot, until=lambda: app.session.ended)
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: "ctrl+x cancels" in text_of(app, "#eval-phase"))
+        phase = app.screen.query_one("#eval-phase")
+        assert phase.region.right <= 80
+        await pilot.press("ctrl+x")
+        await wait_until(pilot, lambda: not app.screen.evaluating)
+    backend.eval_hold = None
+    app = make_app(start_mode="export")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.follow(run_dir)
+        await settle(pilot, until=lambda: app.session.ended)
+        phase = app.screen.query_one("#export-phase", Static)
+        app.screen.query_one("#export-progress-row").display = True
+        phase.update("verifying: loading the trained model (reference)  [dim]ctrl+x cancels[/]")
+        await settle(pilot)
+        assert phase.region.right <= 80 and phase.region.height >= 2  # wrapped, none of it past the edge
+        assert "verify against the trained model" in str(app.screen.query_one("#verify").label)
