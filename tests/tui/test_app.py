@@ -233,6 +233,56 @@ async def test_recipe_shows_the_steps_the_checked_data_gives_and_resizes_on_edit
         assert "too few to learn much" in text_of(app, "#recipe-sizing")
 
 
+async def test_memory_estimate_plans_the_batch_the_checked_data_gives_not_the_auto_bound(make_app, backend, tmp_path):
+    """Walking the wizard: the sizing line said 2 x 192 tokens while the estimate planned `auto` as 1 x 2048
+    tokens (10.5 GB for a 135M model that trained in 1.9 GB); once the data is checked the plan gets the sizes."""
+    from ft_desk.trainer.recipe_sizing import length_counts
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n")
+    app = make_app(start_mode="recipe")
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.draft = demo_draft()
+        app.draft.strategy, app.draft.train_file = "qlora", str(data)
+        app.draft_updated()
+        await settle(pilot, until=lambda: any(c[0] == "plan" for c in backend.calls))
+        before = [c[1] for c in backend.calls if c[0] == "plan"][-1]
+        assert not any(a.startswith("train.micro_batch_size=") for a in before)  # nothing checked: auto
+        app.data_report = {"path": str(data), "checked_file": str(data), "recipe": {
+            "length_counts": length_counts([88 + (i * 37) % 86 for i in range(80)]), "device": "cpu",
+            "context": 8192}}
+        app.draft_updated()
+        await settle(pilot, until=lambda: "data.max_length=192" in [c[1] for c in backend.calls if c[0] == "plan"][-1])
+        sized = [c[1] for c in backend.calls if c[0] == "plan"][-1]
+        assert "data.max_length=192" in sized and any(a.startswith("train.micro_batch_size=") for a in sized)
+        assert "x 192 tokens" in text_of(app, "#recipe-sizing")
+        assert "data.max_length" not in app.draft.overrides  # the user's draft keeps `auto`
+
+
+async def test_ready_to_train_names_the_validation_file_and_the_sized_batch_not_auto(make_app, tmp_path):
+    """With the qlora defaults the Ready screen said "batch autoxauto, max length auto" and left out the validation
+    file; it now names the file and repeats the sizing line the checked data gives."""
+    from ft_desk.trainer.recipe_sizing import length_counts
+
+    data, valid = tmp_path / "rows.jsonl", tmp_path / "valid.jsonl"
+    data.write_text("{}\n")
+    valid.write_text("{}\n")
+    app = make_app(start_mode="train")
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.draft = demo_draft()
+        app.draft.strategy, app.draft.train_file = "qlora", str(data)
+        app.draft.set_override("data.valid_file", str(valid))
+        app.data_report = {"path": str(data), "checked_file": str(data), "recipe": {
+            "length_counts": length_counts([88 + (i * 37) % 86 for i in range(80)]), "device": "cpu",
+            "context": 8192}}
+        app.draft_updated()
+        await settle(pilot)
+        shown = " ".join(text_of(app, "#ready-text").split())
+        assert "autoxauto" not in shown and "max length auto" not in shown
+        assert f"valid {valid}" in shown and "batch and max length sized from the data" in shown
+        assert "optimizer steps" in shown and "x 192 tokens" in shown
+
+
 async def test_save_as_preset_writes_yaml_the_cli_reads(make_app):
     app = make_app(start_mode="recipe")
     async with app.run_test(size=(100, 30)) as pilot:

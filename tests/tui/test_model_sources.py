@@ -57,7 +57,7 @@ async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app,
     def model_info(model_id, draft):  # what `ft-desk models info FILE.gguf --json` answers (its header's facts)
         asked.append(model_id)
         return {"id": model_id, "kind": "gguf", "size_bytes": 397_807_936, "file_type": "Q4_K_M", "params": 494_032_768,
-                "imported": False, "architecture": "qwen2",
+                "imported": False, "architecture": "qwen2", "fit": {"verdict": "fits"},
                 "note": "weights dequantized from the GGUF's Q4_K_M to bfloat16: they keep the Q4_K_M rounding"}
 
     backend.model_info = model_info
@@ -76,6 +76,9 @@ async def test_a_gguf_path_typed_in_the_search_box_is_offered_and_used(make_app,
         details = text_of(app, "#details")
         assert asked == [str(gguf)] and "494M parameters" in details and "imported once on first use" in details
         assert "dequantized from the GGUF's Q4_K_M to bfloat16" in details
+        # the file is on this machine: no download offered; the row takes the header's facts (it said "tiny" and "?")
+        assert "not downloaded" not in details and "ctrl+d" not in details
+        assert [str(c) for c in table.get_row_at(0)[1:4]] == ["494M", "379.4 MB", "fits"]
         box.focus()
         await pilot.press("enter")
         await settle(pilot)
@@ -99,3 +102,28 @@ def test_a_runs_history_keeps_the_import_and_logs_it_plainly():
     assert lines == ["dequantizing Q4_1 tensors: 40/272",
                      "imported smollm2:135m in 70s: weights dequantized from the GGUF's Q4_1 to bfloat16: they keep "
                      "the Q4_1 rounding"]
+
+
+async def test_a_model_folder_typed_in_the_search_box_shows_its_fit(make_app, backend, tmp_path):
+    """`models info` takes Hub ids only, so a local folder showed "?" and no fit, and offered ctrl+d to download
+    it; the memory plan gives its parameters and fit."""
+    folder = tmp_path / "SmolLM2-135M-Instruct-bf16"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    app = make_app(start_mode="model")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.screen.query_one("#model-search", Input).value = str(folder)
+        table = app.screen.query_one("#find-table", DataTable)
+        await settle(pilot, until=lambda: table.row_count == 1)
+        table.focus()
+        table.move_cursor(row=0)
+        await settle(pilot, until=lambda: any(c[0] == "plan" for c in backend.calls)
+                     and "peak" in text_of(app, "#details"))
+        details = text_of(app, "#details")
+        assert "ctrl+d" not in details and "on this machine" in details
+        assert [str(c) for c in table.get_row_at(0)[1:4:2]] == ["4M", "fits"]
+        app.screen._fill("find-table", [{"id": str(folder), "cached": True, "license": "local"}])  # a new search
+        await settle(pilot)
+        assert [str(c) for c in table.get_row_at(0)[1:4:2]] == ["4M", "fits"]  # the refill keeps the plan's facts
+        assert not [c for c in backend.calls if c[0] == "model_info"]  # not a Hub id: no Hub lookup

@@ -144,6 +144,14 @@ async def test_compare_asks_tuned_then_base_and_keeps_the_tuned_answer(make_app,
         assert log.index("tuned:") < log.index("tuned answer 1") < log.index("base:") < log.index("base answer 2")
         # The conversation continues from the tuned answer.
         assert screen.messages[-1] == {"role": "assistant", "content": "tuned answer 1"}
+        # ... and the base model continues from its own: walking the wizard, the base model heard the tuned
+        # model's SQL as its own earlier reply and copied it, which made the comparison say nothing.
+        chat_input.value = "And my refund?"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(backend.chat.requests) == 4 and not screen._busy)
+        third, fourth = backend.chat.requests[2:]
+        assert [m["content"] for m in third["messages"]] == ["Where is my order?", "tuned answer 1", "And my refund?"]
+        assert [m["content"] for m in fourth["messages"]] == ["Where is my order?", "base answer 2", "And my refund?"]
 
 
 async def test_bad_sampling_values_are_one_sentence_and_nothing_is_sent(make_app, runs_dir, backend):
@@ -284,3 +292,132 @@ def test_the_fake_backend_answers_every_backend_method():
     names = [n for n in dir(Backend) if not n.startswith("_")]
     assert set(names) <= set(dir(FakeBackend)), set(names) - set(dir(FakeBackend))
     assert "open_chat" in names  # the chat playground reaches its child through the backend, faked in tests
+
+
+def test_a_sample_prompt_shows_its_end_where_the_question_is():
+    """A WikiSQL prompt is the table, its columns, then the question; the Before / after tab showed the first
+    three lines (the columns wrap), so the question was never on screen."""
+    from ft_desk.tui.screens.evaluate import prompt_tail, readable_prompt
+
+    rendered = ("<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n<|im_start|>user\n"
+                "table: 1-10015132-11\n"
+                "columns: Player, No., Nationality, Position, Years in Toronto, School/Club Team\n"
+                "context: the 2004 season\nQ: What position does the player who played for butler cc (ks) play?"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    shown = prompt_tail(readable_prompt(rendered))
+    assert shown.endswith("Q: What position does the player who played for butler cc (ks) play?")
+    assert shown.startswith("… columns:") and "table:" not in shown
+    assert prompt_tail("Say hi.") == "Say hi."
+    assert prompt_tail("x" * 900).startswith("… ") and len(prompt_tail("x" * 900)) == 402
+
+
+async def test_the_sidebar_names_a_gguf_by_its_file_name_in_two_lines_at_most(make_app):
+    """The whole path of /root/.cache/.../SmolLM2-135M-Instruct.Q4_1.gguf took five lines of the sidebar."""
+    from ft_desk.tui.screens.base import model_label
+
+    app = make_app(start_mode="recipe")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.draft = demo_draft()
+        app.draft.model = "/root/.cache/ft-desk-real/SmolLM2-135M-Instruct.Q4_1.gguf"
+        app.draft.train_file = "/tmp/walk/train.jsonl"
+        app.draft_updated()
+        await settle(pilot)
+        shown = str(app.screen.query_one("#draft-summary", Static).render())
+        assert "/root" not in shown and "Instruct.Q4_1.gguf" in shown
+        model_lines = shown.split("data")[0].splitlines()
+        assert len(model_lines) <= 3  # "model" and the name, wrapped into the sidebar's width
+        assert "data  train.jsonl" in shown  # it was "…k/train.jsonl"
+    assert model_label("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert model_label("demo") == "demo" and model_label(None) == ""
+
+
+def test_a_few_example_metric_shows_its_interval_the_notes_speak_of():
+    """On 20 held-out rows every metric said "(few examples)" while the note under the table said the intervals
+    are "shown as +/-"; the row now carries the +/- of report.json's note."""
+    from ft_desk.tui.screens.evaluate import eval_lines
+
+    report = {"examples": 20, "metrics": [
+        {"name": "exact_match", "label": "exact match", "scale": "rate", "base": 0.0, "tuned": 0.1, "delta": 0.1,
+         "verdict": "unclear", "few": True, "note": "only 20 examples: +/-14 points"},
+        {"name": "loss", "label": "loss (per token)", "scale": "loss", "base": 1.92, "tuned": 0.3, "delta": -1.62,
+         "verdict": "better", "few": True},
+        {"name": "rouge_l", "label": "ROUGE-L F1", "scale": "score", "base": 0.2, "tuned": 0.8, "delta": 0.6,
+         "verdict": "better", "few": False, "note": ""}],
+        "notes": ["only 20 held-out examples: numbers carry wide 95% intervals (shown as +/-)"]}
+    lines = eval_lines(report)
+    assert "unclear[/] [dim](+/-14 points)[/]" in lines[1]
+    assert "(few examples)" in lines[2]  # no note: still says why the verdict is careful
+    assert "(" not in lines[3].split("better")[1]
+
+
+async def test_a_validation_file_is_checked_and_its_rows_are_shown(make_app, backend, tmp_path):
+    """Setting the validation file said nothing at all; it now gets `ft-desk data check` like the training file
+    and the findings name its rows, or why it cannot be used."""
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("{}\n")
+    app = make_app(start_mode="data")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.draft = demo_draft()
+        app.draft_updated()
+        await settle(pilot)
+        field = app.screen.query_one("#valid-file", Input)
+        field.value = str(valid)
+        field.focus()
+        await pilot.press("enter")
+        await settle(pilot, until=lambda: "validation file" in text_of(app, "#findings"))
+        assert ("check_data", str(valid)) in backend.calls
+        assert "validation file valid.jsonl: 350 rows, 350 usable · no problems found" in text_of(app, "#findings")
+    from ft_desk.tui.screens.data import valid_findings
+
+    lines = valid_findings("/x/valid.jsonl", {"ok": False, "error": "line 3: not JSON", "hint": "fix line 3"})
+    assert lines == ["[b red]validation file valid.jsonl not usable:[/] line 3: not JSON", "[b]fix:[/] fix line 3"]
+
+
+async def test_the_ready_screen_scrolls_when_the_command_runs_past_an_80x24_screen(make_app, tmp_path):
+    """With a model folder's path, the validation file and the sizing line the shell command went below the
+    screen's bottom edge at 80x24, with its last --set cut off and no way to reach it."""
+    data, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    data.write_text("{}\n")
+    valid.write_text("{}\n")
+    app = make_app(start_mode="train")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.draft = demo_draft()
+        app.draft.strategy, app.draft.train_file = "qlora", str(data)
+        app.draft.model = "/root/.cache/ft-desk-real/SmolLM2-135M-Instruct-bf16"
+        app.draft.set_override("data.valid_file", str(valid))
+        app.draft_updated()
+        await settle(pilot)
+        ready = app.screen.query_one("#train-ready")
+        assert ready.max_scroll_y > 0
+        ready.scroll_end(animate=False)
+        await settle(pilot)
+        assert ready.scroll_y == ready.max_scroll_y  # the end of the command can be scrolled into view
+
+
+async def test_the_phase_line_wraps_at_80x24_so_ctrl_x_stays_readable(make_app, runs_dir, backend):
+    """At 80x24 the export's phase line ran off the right edge ("...(reference)  ctrl+x c"); the evaluation's
+    the same. Both now wrap inside the screen."""
+    backend.eval_hold = threading.Event()
+    run_dir = make_run(runs_dir, "demo-run")
+    app = make_app(start_mode="evaluate")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.follow(run_dir)
+        await settle(pilot, until=lambda: app.session.ended)
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: "ctrl+x cancels" in text_of(app, "#eval-phase"))
+        phase = app.screen.query_one("#eval-phase")
+        assert phase.region.right <= 80
+        await pilot.press("ctrl+x")
+        await wait_until(pilot, lambda: not app.screen.evaluating)
+    backend.eval_hold = None
+    app = make_app(start_mode="export")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.follow(run_dir)
+        await settle(pilot, until=lambda: app.session.ended)
+        phase = app.screen.query_one("#export-phase", Static)
+        app.screen.query_one("#export-progress-row").display = True
+        phase.update("verifying: loading the trained model (reference)  [dim]ctrl+x cancels[/]")
+        await settle(pilot)
+        assert phase.region.right <= 80 and phase.region.height >= 2  # wrapped, none of it past the edge
+        assert "verify against the trained model" in str(app.screen.query_one("#verify").label)

@@ -7,6 +7,7 @@ events (a `RunUpdated`). Every binding of a screen is also offered in the comman
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from rich.text import Text
@@ -86,9 +87,9 @@ class DeskScreen(Screen):
             done["recipe"] = False  # no check mark next to "does not fit"
         summary = Text()
         summary.append("model ", "dim")
-        summary.append((draft.model or "—") + "\n")
+        summary.append((model_label(draft.model) or "—") + "\n")
         summary.append("data  ", "dim")
-        summary.append(_short(draft.train_file) or "—")
+        summary.append(_short(Path(draft.train_file).name, 28) if draft.train_file else "—")
         summary.append("\nrecipe ", "dim")
         summary.append("+".join(draft.presets()))
         self.query_one(StepSidebar).refresh_state(done, summary)
@@ -106,6 +107,15 @@ class DeskScreen(Screen):
     def action_leave_field(self) -> None:
         """Escape from a text field back to the step list, so the step keys work again."""
         self.query_one("#steps").focus()
+
+
+def model_label(model: str | None) -> str:
+    """The model as the narrow sidebar shows it: a file or folder by its name, a Hub id without its owner, at
+    most two lines. A GGUF's whole path took five lines there, pushing the data and recipe down."""
+    if not model:
+        return ""
+    name = Path(model).name if model.startswith(("/", "~", ".")) else model.rsplit("/", 1)[-1]
+    return _short(name or model, 28)
 
 
 def _short(path: str, width: int = 14) -> str:

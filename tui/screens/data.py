@@ -8,6 +8,7 @@ at once, the result and the masked sample shown in the dialog while it is open."
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,19 @@ def mapping_result(report: dict[str, Any]) -> str:
         broken and report.get("broken_rows")) else ""
     return (f"[green]{report.get('format')}[/] format: {report.get('usable_rows')} of {report.get('rows')} rows "
             f"usable{tail}")
+
+
+def valid_findings(valid_file: str, report: dict[str, Any]) -> list[str]:
+    """The check of the separate validation file, in two lines at most."""
+    name = escape(Path(valid_file).name)
+    if report.get("error"):
+        lines = [f"[b red]validation file {name} not usable:[/] {escape(str(report['error']))}"]
+        if report.get("hint"):
+            lines.append(f"[b]fix:[/] {escape(str(report['hint']))}")
+        return lines
+    broken = int(report.get("broken_count") or 0)
+    found = f"[red]{broken} broken row(s)[/]" if broken else "[green]no problems found[/]"
+    return [f"validation file [b]{name}[/b]: {report.get('rows')} rows, {report.get('usable_rows')} usable · {found}"]
 
 
 def findings(report: dict[str, Any]) -> list[str]:
@@ -115,6 +129,7 @@ class DataScreen(DeskScreen):
         self._sample_index = 0
         self._column_dialog: ColumnMapDialog | None = None
         self._offered_mapping_for: str | None = None  # the file the mapping dialog opened by itself for
+        self._valid_lines: list[str] = []  # what the check of the separate validation file found
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="file-row"):
@@ -344,7 +359,11 @@ class DataScreen(DeskScreen):
                 f"rendered with {rendering}, loss on {target}"
                 + ("  [green]✓ ready[/]" if usable else ""))
         self.query_one(TokenHistogram).show(list(report.get("histogram") or []), report.get("max_length"))
+        self._valid_lines = []
         self.query_one("#findings", Static).update("\n".join(findings(report)))
+        valid_file = draft.value("data.valid_file")
+        if valid_file and not report.get("error"):
+            self._check_valid(valid_file)
         self._sample_index = 0
         self._show_sample()
         if self._column_dialog is not None:
@@ -352,6 +371,24 @@ class DataScreen(DeskScreen):
         elif report.get("error") and report.get("columns") and self._offered_mapping_for != draft.train_file:
             self._offered_mapping_for = draft.train_file  # opens by itself once per file; ctrl+e any time
             self.action_map_columns()
+
+    @work(thread=True, exclusive=True, group="valid-check", exit_on_error=False)
+    def _check_valid(self, valid_file: str) -> None:
+        """The separate validation file gets the same check as the training file; a file set there was taken
+        without a word, so a broken or empty one showed up only when the run failed."""
+        draft = self.desk.draft
+        overrides = {k: v for k, v in draft.overrides.items() if k != "data.valid_file"}
+        try:
+            report = self.desk.backend.check_data(replace(draft, train_file=valid_file, overrides=overrides))
+        except CommandFailed as err:
+            report = {"ok": False, "error": err.message, "hint": err.hint}
+        self.app.call_from_thread(self._valid_checked, valid_file, report)
+
+    def _valid_checked(self, valid_file: str, report: dict[str, Any]) -> None:
+        if self.desk.draft.value("data.valid_file") != valid_file or self.report is None:
+            return  # the field changed while this check ran
+        self._valid_lines = valid_findings(valid_file, report)
+        self.query_one("#findings", Static).update("\n".join(findings(self.report) + self._valid_lines))
 
     @staticmethod
     def _first_sample(report: dict[str, Any]) -> Text | None:

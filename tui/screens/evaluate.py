@@ -50,6 +50,16 @@ def readable_prompt(prompt: str) -> str:
     return "\n".join(line for line in lines if line).strip()
 
 
+def prompt_tail(prompt: str, max_lines: int = 3, max_chars: int = 400) -> str:
+    """The end of a long prompt, where the question is: a prompt that opens with context (a table's name and
+    columns, then "Q: ...") showed only its first lines, and the question itself was cut off."""
+    lines = prompt.splitlines()
+    tail = "\n".join(lines[-max_lines:])
+    if len(tail) > max_chars:
+        tail = tail[-max_chars:]
+    return tail if tail == prompt else "… " + tail.lstrip()
+
+
 def metrics_text(h: RunHistory) -> str:
     if not h.evals and not h.steps:
         return "No validation results yet."
@@ -95,6 +105,13 @@ def _fmt(value: Any, scale: str) -> str:
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
+def interval_text(metric: dict[str, Any]) -> str:
+    """The width of a few-example metric's 95% interval, from its note ("only 20 examples: +/-14 points"): the
+    notes under the table say the intervals are "shown as +/-", and the table said only "few examples"."""
+    note = str(metric.get("note") or "")
+    return note[note.index("+/-"):] if "+/-" in note else "few examples"
+
+
 def eval_lines(report: dict[str, Any]) -> list[str]:
     """`ft-desk eval`'s report (the eval_report event or report.json) as markup lines: base → tuned per metric."""
     lines = [f"[b]base vs tuned on {report.get('examples') or (report.get('data') or {}).get('examples', '?')} "
@@ -105,7 +122,7 @@ def eval_lines(report: dict[str, Any]) -> list[str]:
         scale = str(m.get("scale") or "")
         verdict = str(m.get("verdict") or "-")
         style = VERDICT_STYLE.get(verdict, "")
-        few = " [dim](few examples)[/]" if m.get("few") else ""
+        few = f" [dim]({escape(interval_text(m))})[/]" if m.get("few") else ""
         delta = m.get("delta")
         sign = "+" if isinstance(delta, (int, float)) and delta > 0 else ""
         change = f"{sign}{_fmt(delta, scale)}" if isinstance(delta, (int, float)) else ""
@@ -173,6 +190,7 @@ class EvaluateScreen(DeskScreen):
         self._eta = EvalEta()
         self._busy = False  # a question is out and its answer not finished
         self.messages: list[dict[str, str]] = []
+        self._base_replies: dict[int, str] = {}  # index in messages -> the base model's reply there (comparing)
         self._answer: Static | None = None
         self._answer_text = ""
         self.max_tokens = DEFAULT_REPLY_TOKENS
@@ -263,8 +281,8 @@ class EvaluateScreen(DeskScreen):
         widgets = []
         for i, (before, after) in enumerate(pairs):
             some = before or after or {}
-            prompt = readable_prompt(str(some.get("prompt", "")))
-            widgets.append(Static(Text.assemble((f"prompt {i + 1}  ", "bold"), (prompt[-400:], "dim")),
+            prompt = prompt_tail(readable_prompt(str(some.get("prompt", ""))))
+            widgets.append(Static(Text.assemble((f"prompt {i + 1}  ", "bold"), (prompt, "dim")),
                                   classes="sample-prompt"))
             left = Static(escape(str(before.get("output", ""))) if before else "[dim]—[/]", classes="sample-out")
             left.border_title = "before"
@@ -448,6 +466,8 @@ class EvaluateScreen(DeskScreen):
             if not self.messages or self.messages[-1]["role"] == "user":
                 # The conversation goes on from the first answer (the tuned one when comparing).
                 self.messages.append({"role": "assistant", "content": str(event.get("text", ""))})
+            elif self._answer_label == "base":  # the base model's own reply, for its side of the next comparison
+                self._base_replies[len(self.messages) - 1] = str(event.get("text", ""))
             self._answer = None
             if self._queue:
                 self._ask_next()
@@ -548,6 +568,9 @@ class EvaluateScreen(DeskScreen):
             question = self.messages[:-1]  # the second answer of a comparison: the same question again
         else:
             question = list(self.messages)
+        if label == "base":  # the base model hears its own earlier replies, not the tuned model's
+            question = [{**m, "content": self._base_replies[i]} if i in self._base_replies else m
+                        for i, m in enumerate(question)]
         settings = self._settings or {"max_new_tokens": self.max_tokens}
         self.chat.ask(question, base=base, max_new_tokens=int(settings.get("max_new_tokens") or self.max_tokens),
                       system=str(settings.get("system") or ""), temperature=float(settings.get("temperature") or 0),
@@ -572,6 +595,7 @@ class EvaluateScreen(DeskScreen):
 
     def action_clear_chat(self) -> None:
         self.messages.clear()
+        self._base_replies.clear()
         self.query_one("#chat-log", VerticalScroll).remove_children()
 
     def action_next(self) -> None:

@@ -137,7 +137,7 @@ class ExportScreen(DeskScreen):
                 with Horizontal(classes="field-row"):
                     yield Label("folder", classes="field-label")
                     yield Input(placeholder="default: RUN_DIR/exports/<format>-<time>", id="out-dir", compact=True)
-                yield Checkbox("verify the export against the trained model", value=True, id="verify", compact=True)
+                yield Checkbox("verify against the trained model", value=True, id="verify", compact=True)
         with Horizontal(id="export-buttons"):
             yield Button("Export", variant="primary", id="export-go", compact=True)
         with Horizontal(id="export-progress-row"):

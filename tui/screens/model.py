@@ -15,6 +15,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.coordinate import Coordinate
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent, TabPane
 
@@ -41,7 +42,7 @@ DEMO_ROW = {
 
 def params_text(n: Any) -> str:
     if not isinstance(n, (int, float)) or not n:
-        return "tiny" if n is None else "?"
+        return "?"
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
             return f"{n / div:.1f}{unit}".replace(".0", "")
@@ -261,9 +262,10 @@ class ModelScreen(DeskScreen):
             flags = " ".join(f for f, on in (("✓ chosen", model_id == chosen), ("cached", m.get("cached")),
                                             ("curated", m.get("curated") and not is_demo_model(model_id))) if on)
             gated = m.get("gated")
+            r = self.rows[model_id]  # with what `models info` or the plan found earlier (a refill kept only m)
             table.add_row(
-                model_id, params_text(m.get("params")),
-                format_bytes(m["size_bytes"]) if m.get("size_bytes") else "-", fit_text(m.get("fit")),
+                model_id, "tiny" if is_demo_model(model_id) else params_text(r.get("params")),
+                format_bytes(r["size_bytes"]) if r.get("size_bytes") else "-", fit_text(r.get("fit")),
                 str(m.get("license") or "?"), "gated" if gated else ("" if gated is False else "?"), flags,
                 key=model_id,
             )
@@ -298,10 +300,12 @@ class ModelScreen(DeskScreen):
         # Hub models and GGUF files have details to fetch (`models info` reads a GGUF's header); Ollama rows
         # arrive complete from `models ollama`.
         wanted = row.get("source") == "gguf" or (not Path(model_id).is_absolute() and not row.get("source"))
-        if not is_demo_model(model_id) and wanted:
+        folder = Path(model_id).is_absolute() and not row.get("source") and not row.get("_details")
+        if not is_demo_model(model_id) and (wanted or folder):
             if self._info_timer is not None:
                 self._info_timer.stop()
-            self._info_timer = self.set_timer(INFO_DELAY_S, lambda: self._info(model_id))
+            fetch = self._info if wanted else self._folder_fit
+            self._info_timer = self.set_timer(INFO_DELAY_S, lambda: fetch(model_id))
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -323,11 +327,41 @@ class ModelScreen(DeskScreen):
             details = {"error": err.message, "hint": err.hint}
         self.app.call_from_thread(self._details_loaded, model_id, details)
 
+    @work(thread=True, exclusive=True, group="model-info", exit_on_error=False)
+    def _folder_fit(self, model_id: str) -> None:
+        """A model folder's size and fit: `models info` takes Hub ids only, so the folder showed no parameters
+        and no fit at all; the memory plan reads its config.json."""
+        try:
+            plan = self.desk.backend.plan(self.desk.draft, model=model_id)
+        except CommandFailed as err:
+            details: dict[str, Any] = {"error": err.message, "hint": err.hint}
+        except Exception as exc:  # noqa: BLE001 - a folder the planner cannot read: say so in the details pane
+            details = {"error": f"could not estimate the memory of {model_id}: {exc}"}
+        else:
+            details = {"fit": plan, "params": plan.get("params")}
+        self.app.call_from_thread(self._details_loaded, model_id, details)
+
     def _details_loaded(self, model_id: str, details: dict[str, Any]) -> None:
         if "error" not in details:
             self.rows[model_id] = {**self.rows.get(model_id, {}), **details, "_details": True}
+            self._update_row_cells(model_id)
         if self.selected_id() == model_id:
             self._show_details(model_id, self.rows.get(model_id, {}), details.get("error"), details.get("hint"))
+
+    def _update_row_cells(self, model_id: str) -> None:
+        """The table row shows what `models info` found (a GGUF's parameters, size and fit arrive only there)."""
+        row = self.rows.get(model_id, {})
+        for table_id in ("find-table", "local-table"):
+            table = self.query_one("#" + table_id, DataTable)
+            try:
+                index = table.get_row_index(model_id)
+            except Exception:  # noqa: BLE001 - the model is not in this table
+                continue
+            cells = {1: params_text(row.get("params")), 3: fit_text(row.get("fit"))}
+            if row.get("size_bytes"):
+                cells[2] = format_bytes(row["size_bytes"])
+            for column, value in cells.items():
+                table.update_cell_at(Coordinate(index, column), value)
 
     def _show_details(self, model_id: str, row: dict[str, Any], error: str | None = None,
                       hint: str | None = None) -> None:
@@ -354,7 +388,9 @@ class ModelScreen(DeskScreen):
         if row.get("remote_code"):
             facts.append(f"[yellow]runs its own code ({escape(str(row['remote_code']))})[/]")
         cached = row.get("cached")
-        if isinstance(cached, dict):
+        if row.get("source"):
+            pass  # a GGUF file or an Ollama model is on this machine: there is nothing to download
+        elif isinstance(cached, dict):
             facts.append("[green]downloaded[/]" if cached.get("complete") else
                          f"[yellow]incomplete download: {escape(str(cached.get('problem')))}[/]")
         elif cached is True and not row.get("file_type"):
@@ -379,7 +415,8 @@ class ModelScreen(DeskScreen):
             lines.append(f"[red]{escape(str(row['problem']))}[/]")
         if error:
             lines.append(f"[red]{escape(error)}[/]" + (f"\n[b]fix:[/] {escape(hint)}" if hint else ""))
-        lines.append("[dim]enter uses this model[/]" if row.get("source") else
+        here = row.get("source") or Path(model_id).is_absolute() or is_demo_model(model_id)
+        lines.append("[dim]enter uses this model[/]" if here else
                      "[dim]enter uses this model · ctrl+d downloads it[/]")
         self.query_one("#details", Static).update("\n".join(lines))
 

@@ -8,12 +8,14 @@ from rich.markup import escape
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import ProgressBar, RichLog, Static
 
 from ft_desk.trainer.config import ConfigError
 from ft_desk.trainer.events import format_bytes, format_duration
+from ft_desk.trainer.recipe_sizing import uses_auto
 from ft_desk.tui.screens.base import DeskScreen
+from ft_desk.tui.screens.recipe import sizing_text
 from ft_desk.tui.session import RunSession
 from ft_desk.tui.widgets.loss_chart import LossChart
 
@@ -39,7 +41,7 @@ class TrainScreen(DeskScreen):
         self._log_shown = 0
 
     def compose_body(self) -> ComposeResult:
-        with Vertical(id="train-ready"):
+        with VerticalScroll(id="train-ready"):  # at 80x24 the shell command ran past the bottom
             yield Static("", id="ready-text")
         with Vertical(id="train-live"):
             yield Static("", id="run-header")
@@ -76,12 +78,21 @@ class TrainScreen(DeskScreen):
                 lines.append(f"[red]The recipe is not valid:[/] {escape(str(err))}\nFix it on the Recipe step (3).")
             else:
                 steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"
+                if uses_auto(cfg):  # "batch autoxauto, max length auto" told nothing: the sizing line says it
+                    batch = "batch and max length sized from the data"
+                else:
+                    batch = (f"batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum}, "
+                             f"max length {cfg.data.max_length}")
+                valid = (f"[b]{escape(cfg.data.valid_file)}[/b]" if cfg.data.valid_file else
+                         f"{cfg.data.val_fraction:g} of the training rows held out")
+                sizing = sizing_text(draft, self.desk.data_report)
                 lines += [
                     f"model   [b]{escape(cfg.model.name)}[/b]",
                     f"data    [b]{escape(cfg.data.train_file)}[/b]",
+                    f"valid   {valid}",
                     f"recipe  [b]{escape('+'.join(draft.presets()))}[/b]: {cfg.train.method}, {steps}, "
-                    f"lr {cfg.optim.lr:g}, batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum}, "
-                    f"max length {cfg.data.max_length}",
+                    f"lr {cfg.optim.lr:g}, {batch}",
+                    *([sizing] if sizing else []),
                     "",
                     "Press [b]t[/b] to start. The run continues in the background if you close ft-desk.",
                     "",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
+from ft_desk.tui.widgets.loss_chart import step_ticks
+
 
 def merge_to_fit(buckets: list[dict], rows: int) -> list[dict]:
     """Adjacent ranges merged until at most `rows` remain; the open range above max_length stays apart."""
@@ -58,4 +60,7 @@ class TokenHistogram(PlotextPlot):
             plt.bar(labels, within, orientation="horizontal", color="cyan", width=0.6)
             if any(over):
                 plt.bar(labels, over, orientation="horizontal", color="red", width=0.6)
+            if max(counts, default=0) > 0:  # whole rows on the count axis: a narrow chart said 19.5 and 58.5
+                ticks = [t for t in step_ticks(max(counts), 3 if self.size.width < 40 else 4) if t <= max(counts)]
+                plt.xticks(ticks, [str(t) for t in ticks])
         return super().render()

@@ -10,6 +10,8 @@ from ft_desk.tui.history import RunHistory
 MAX_POINTS = 400
 COMPACT_HEIGHT = 14
 COMPACT_WIDTH = 70
+FRAME_ROWS = 5
+"""Rows of a full chart that are not plot area: the title, the frame's top and bottom, the x ticks, the x label."""
 """Note: plotext redraws every point on each refresh; beyond a few hundred the chart is thinned to keep it cheap."""
 
 
@@ -67,9 +69,23 @@ class LossChart(PlotextPlot):
                      marker="dot", color="orange", label=None if compact else "val")
             plt.scatter([float(p.step) for p in history.evals], [p.val_loss for p in history.evals],
                         marker="●", color="orange")
+        if not compact:
+            self._room_for_legend(history, legend_rows=3 if history.evals else 2)
         total = history.total_steps
         if total:
             plt.xlim(0, total)
             ticks = step_ticks(total)
             plt.xticks(ticks, [str(t) for t in ticks])
         return super().render()
+
+    def _room_for_legend(self, history: RunHistory, legend_rows: int) -> None:
+        """Raise the y axis so the legend (plotext draws it in the top-left corner) sits above the data: a loss
+        curve starts high at step 0, right where the legend is, and the first steps were hidden under it."""
+        values = [p.loss for p in history.steps] + [p.val_loss for p in history.evals]
+        values = [v for v in values if v == v and abs(v) != float("inf")]  # NaN and inf have no place on an axis
+        rows = self.size.height - FRAME_ROWS
+        if not values or rows <= legend_rows + 2:
+            return
+        low, high = min(values), max(values)
+        span = (high - low) or max(abs(high), 1.0) * 0.1
+        self.plt.ylim(low, high + span * legend_rows / (rows - legend_rows))
