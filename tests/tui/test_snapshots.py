@@ -196,6 +196,7 @@ def test_evaluate_chat_compare(snap_compare, desk, snapshot_home, size):
         field.focus()
         await pilot.press("enter")
         await settle(pilot, until=lambda: not screen._busy and len(app.backend.chat.requests) == 2)
+        field.cursor_blink = False  # the focused field's cursor: shown, whatever the blink timer's phase
         await pilot.pause(0.2)
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)

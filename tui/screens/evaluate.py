@@ -456,7 +456,7 @@ class EvaluateScreen(DeskScreen):
                 self._start_answer()
             self._answer_text += str(event.get("text", ""))
             self._answer.update(escape(self._answer_text))
-            self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
+            self.call_after_refresh(self.query_one("#chat-log", VerticalScroll).scroll_end, animate=False)
         elif kind == "chat_done":
             if self._answer is None:
                 self._start_answer()
@@ -501,7 +501,9 @@ class EvaluateScreen(DeskScreen):
         line = Static(markup, classes=classes)
         log = self.query_one("#chat-log", VerticalScroll)
         log.mount(line)
-        log.scroll_end(animate=False)
+        # After the next refresh, when the new line has its height: scrolling now races the mount (under load the
+        # log stopped short of the last line).
+        self.call_after_refresh(log.scroll_end, animate=False)
         return line
 
     @on(Input.Submitted, "#chat-input")
