@@ -207,18 +207,23 @@ async def test_recipe_field_errors_show_inline_and_block_training(make_app, back
         assert app.draft.config().lora.r == 8
 
 
-async def test_recipe_shows_the_steps_the_checked_data_gives_and_resizes_on_edits(make_app, tmp_path):
+
+def checked_report(data, rows: int) -> dict:
+    """What the Data screen keeps after checking `data`: `rows` WikiSQL-like examples of 88-173 tokens."""
     from ft_desk.trainer.recipe_sizing import length_counts
 
+    return {"path": str(data), "checked_file": str(data), "recipe": {
+        "length_counts": length_counts([88 + (i * 37) % 86 for i in range(rows)]), "device": "cpu", "context": 8192}}
+
+
+async def test_recipe_shows_the_steps_the_checked_data_gives_and_resizes_on_edits(make_app, tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("{}\n")
     app = make_app(start_mode="recipe")
     async with app.run_test(size=(100, 30)) as pilot:
         app.draft = demo_draft()
         app.draft.strategy, app.draft.train_file = "qlora", str(data)
-        app.data_report = {"path": str(data), "checked_file": str(data), "recipe": {
-            "length_counts": length_counts([88 + (i * 37) % 86 for i in range(270)]), "device": "cpu",
-            "context": 8192}}
+        app.data_report = checked_report(data, rows=270)
         app.draft_updated()
         await settle(pilot)
         shown = text_of(app, "#recipe-sizing")
@@ -236,8 +241,6 @@ async def test_recipe_shows_the_steps_the_checked_data_gives_and_resizes_on_edit
 async def test_memory_estimate_plans_the_batch_the_checked_data_gives_not_the_auto_bound(make_app, backend, tmp_path):
     """Walking the wizard: the sizing line said 2 x 192 tokens while the estimate planned `auto` as 1 x 2048
     tokens (10.5 GB for a 135M model that trained in 1.9 GB); once the data is checked the plan gets the sizes."""
-    from ft_desk.trainer.recipe_sizing import length_counts
-
     data = tmp_path / "rows.jsonl"
     data.write_text("{}\n")
     app = make_app(start_mode="recipe")
@@ -248,9 +251,7 @@ async def test_memory_estimate_plans_the_batch_the_checked_data_gives_not_the_au
         await settle(pilot, until=lambda: any(c[0] == "plan" for c in backend.calls))
         before = [c[1] for c in backend.calls if c[0] == "plan"][-1]
         assert not any(a.startswith("train.micro_batch_size=") for a in before)  # nothing checked: auto
-        app.data_report = {"path": str(data), "checked_file": str(data), "recipe": {
-            "length_counts": length_counts([88 + (i * 37) % 86 for i in range(80)]), "device": "cpu",
-            "context": 8192}}
+        app.data_report = checked_report(data, rows=80)
         app.draft_updated()
         await settle(pilot, until=lambda: "data.max_length=192" in [c[1] for c in backend.calls if c[0] == "plan"][-1])
         sized = [c[1] for c in backend.calls if c[0] == "plan"][-1]
@@ -262,8 +263,6 @@ async def test_memory_estimate_plans_the_batch_the_checked_data_gives_not_the_au
 async def test_ready_to_train_names_the_validation_file_and_the_sized_batch_not_auto(make_app, tmp_path):
     """With the qlora defaults the Ready screen said "batch autoxauto, max length auto" and left out the validation
     file; it now names the file and repeats the sizing line the checked data gives."""
-    from ft_desk.trainer.recipe_sizing import length_counts
-
     data, valid = tmp_path / "rows.jsonl", tmp_path / "valid.jsonl"
     data.write_text("{}\n")
     valid.write_text("{}\n")
@@ -272,9 +271,7 @@ async def test_ready_to_train_names_the_validation_file_and_the_sized_batch_not_
         app.draft = demo_draft()
         app.draft.strategy, app.draft.train_file = "qlora", str(data)
         app.draft.set_override("data.valid_file", str(valid))
-        app.data_report = {"path": str(data), "checked_file": str(data), "recipe": {
-            "length_counts": length_counts([88 + (i * 37) % 86 for i in range(80)]), "device": "cpu",
-            "context": 8192}}
+        app.data_report = checked_report(data, rows=80)
         app.draft_updated()
         await settle(pilot)
         shown = " ".join(text_of(app, "#ready-text").split())

@@ -384,7 +384,7 @@ async def test_the_ready_screen_scrolls_when_the_command_runs_past_an_80x24_scre
     async with app.run_test(size=(80, 24)) as pilot:
         app.draft = demo_draft()
         app.draft.strategy, app.draft.train_file = "qlora", str(data)
-        app.draft.model = "/root/.cache/ft-desk-real/SmolLM2-135M-Instruct-bf16"
+        app.draft.model = str(tmp_path / "models" / "SmolLM2-135M-Instruct-bf16")  # a long folder path
         app.draft.set_override("data.valid_file", str(valid))
         app.draft_updated()
         await settle(pilot)
