@@ -2,7 +2,7 @@
 
   search [QUERY] [--sort downloads|likes|updated]   curated list first without a query or without the Hub
   list                                              models in the local Hugging Face cache, sizes, completeness
-  info ID                                           params, size, license, gated, weights, remote code, fit
+  info ID|FOLDER|FILE.gguf                          params, size, license, gated, weights, remote code, fit
   download ID [--allow-pickle] [--trust-remote-code] only the files training needs, with progress, resumable
   rm ID [--yes]                                     delete from the cache after confirmation
   ollama                                            models in Ollama's store: size, quant type, fit, imported
@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from ft_desk.trainer.errors import UserError
@@ -36,6 +37,7 @@ from ft_desk.trainer.hub.cache import (
 )
 from ft_desk.trainer.hub.credentials import redact
 from ft_desk.trainer.hub.download import download_model
+from ft_desk.trainer.hub.folder_check import check_model_folder
 from ft_desk.trainer.hub.search import FitCheck, model_details, search_models
 from ft_desk.trainer.limits import int_arg
 from ft_desk.trainer.model_sources import describe_model, import_model, ollama_listing
@@ -192,6 +194,18 @@ def _list(args) -> int:
     return 0
 
 
+def _print_fields(lines: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+
+
+def _fit_line(fit: dict, model_id: str) -> tuple[str, str]:
+    total = f", about {format_bytes(fit['total_bytes'])}" if fit.get("total_bytes") else ""
+    reason = f" ({fit['reason']})" if fit.get("reason") else ""
+    return "fit", f"{fit.get('verdict')}{total}{reason}; breakdown: ft-desk plan {model_id}"
+
+
 def _gguf_info(args, details: dict) -> int:
     if args.json:
         _print_json(details)
@@ -203,13 +217,41 @@ def _gguf_info(args, details: dict) -> int:
              ("imported", details["folder"] or "not yet: on first use, or now with ft-desk models import")]
     if details.get("system"):
         lines.append(("system prompt", details["system"][:200]))
-    fit = details.get("fit")
-    if fit:
-        total = f", about {format_bytes(fit['total_bytes'])}" if fit.get("total_bytes") else ""
-        lines.append(("fit", f"{fit.get('verdict')}{total}; breakdown: ft-desk plan {details['id']}"))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    if details.get("fit"):
+        lines.append(_fit_line(details["fit"], details["id"]))
+    _print_fields(lines)
+    return 0
+
+
+def folder_details(path: Path, fit: FitCheck | None) -> dict[str, Any]:
+    """`models info` of a model folder on disk (a Hugging Face layout): what check_model_folder found, its size on
+    disk, whether it has a chat template, and the fit verdict. Raises ModelError for a folder train would refuse."""
+    report = check_model_folder(path)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    tok_config = path / "tokenizer_config.json"
+    template = (path / "chat_template.jinja").is_file() or (
+        tok_config.is_file() and "chat_template" in json.loads(tok_config.read_text(encoding="utf-8")))
+    out = {"id": str(path), "kind": "folder", **report.to_dict(),
+           "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+           "architecture": (config.get("architectures") or [None])[0], "chat_template": template}
+    if fit is not None:
+        out["fit"] = fit.plan(config, model_name=str(path))
+    return out
+
+
+def _folder_info(args, path: Path) -> int:
+    details = folder_details(path, _fit_check(args))
+    if args.json:
+        _print_json(details)
+        return 0
+    lines = [("model", details["id"]), ("architecture", details["architecture"] or details["model_type"] or "?"),
+             ("parameters", _params(details["params"])), ("size on disk", format_bytes(details["size_bytes"])),
+             ("weights", f"{details['weights_format']} ({len(details['weight_files'])} file(s))"),
+             ("chat template", "yes" if details["chat_template"] else
+              "none: conversations are rendered as plain text")]
+    if details.get("fit"):
+        lines.append(_fit_line(details["fit"], details["id"]))
+    _print_fields(lines)
     return 0
 
 
@@ -217,6 +259,9 @@ def _info(args) -> int:
     local = describe_model(args.model_id, fit=_fit_check(args))
     if local is not None:
         return _gguf_info(args, local)
+    folder = Path(args.model_id).expanduser()
+    if folder.is_dir():
+        return _folder_info(args, folder)
     details = model_details(args.model_id, args.revision, fit=_fit_check(args))
     if args.json:
         _print_json(details)
@@ -243,14 +288,9 @@ def _info(args) -> int:
                   ("max length", str(curated["max_length"])), ("note", curated["note"])]
     if details.get("unsafe_file_names"):
         lines.append(("UNSAFE", f"file names that escape the folder: {details['unsafe_file_names']}"))
-    fit = details.get("fit")
-    if fit:
-        total = f", about {format_bytes(fit['total_bytes'])}" if fit.get("total_bytes") else ""
-        reason = f" ({fit['reason']})" if fit.get("reason") else ""
-        lines.append(("fit", f"{fit.get('verdict')}{total}{reason}; breakdown: ft-desk plan {details['id']}"))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    if details.get("fit"):
+        lines.append(_fit_line(details["fit"], details["id"]))
+    _print_fields(lines)
     return 0
 
 

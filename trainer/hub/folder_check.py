@@ -213,6 +213,10 @@ def check_model_folder(path: Path, *, name: str | None = None, trust_remote_code
     label = name or str(path)
     download_hint = f"download it again: ft-desk models download {name}" if hub_model and name else \
         "copy the missing files into the folder"
+    if not hub_model and not (path / "config.json").is_file():
+        raise ModelError(f"{label} has no config.json, so it is not a Hugging Face model folder",
+                         hint="name the folder that holds config.json, the weights and the tokenizer files, "
+                              "or a .gguf file")
     config = _read_json(path / "config.json", "model config")
     tok_path = path / "tokenizer_config.json"
     tokenizer_config = _read_json(tok_path, "tokenizer config") if tok_path.is_file() else None
