@@ -276,7 +276,8 @@ def judge(result: dict[str, Any], reference: Reference, thresholds: Thresholds, 
     check("mean_kl", gated(comp["mean_kl"] <= thresholds.mean_kl),
           f"mean KL {comp['mean_kl']:.2e} (limit {thresholds.mean_kl:.0e}) over {result['tokens']} tokens")
     check("loss_delta", gated(abs(loss_delta) <= thresholds.loss_delta),
-          f"val loss {result['loss']:.4f} vs {loss_ref:.4f} (delta {loss_delta:+.4f}, limit "
+          f"loss on {len(reference.data['batches'])} validation rows, every token (not only the trained ones, "
+          f"as the run's val loss): {result['loss']:.4f} vs {loss_ref:.4f} (delta {loss_delta:+.4f}, limit "
           f"{thresholds.loss_delta})")
     tok = result["tokenizer"]
     if tok["checked"]:
@@ -337,7 +338,7 @@ def describe(report: dict[str, Any], title: str) -> list[str]:
     numbers = ""
     if "mean_kl" in report:
         numbers = (f"  mean KL {report['mean_kl']:.2e}, top-1 agreement {report['top1_agreement'] * 100:.1f}%, "
-                   f"val loss delta {report['val_loss_delta']:+.4f}")
+                   f"loss delta {report['val_loss_delta']:+.4f}")
     lines = [f"{title}: {verdict}{numbers}"]
     for c in report["checks"]:
         mark = {True: "ok  ", False: "FAIL", None: "note"}[c["ok"]]

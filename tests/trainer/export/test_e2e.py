@@ -31,4 +31,6 @@ def test_real_demo_run_exports_to_gguf_that_matches_the_trained_model(session_ho
     assert comps["gguf_vs_merged"]["mean_kl"] < 2e-3
     checks = {c["name"]: c for c in comps["gguf_vs_trained"]["checks"]}
     assert checks["tokenizer"]["ok"] and checks["stop_tokens"]["ok"]
+    # The fidelity loss counts every token of a few validation rows: its label must not pass for the run's val loss.
+    assert checks["loss_delta"]["detail"].startswith("loss on ") and "every token" in checks["loss_delta"]["detail"]
     assert (out / result["facts"]["file"]).is_file() and (out / "fidelity.json").is_file()
