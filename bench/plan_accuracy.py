@@ -127,6 +127,7 @@ def overrides(model: Path, data: Path, runs: Path, length: int, micro: int, ckpt
         "data.train_file": str(data),
         "data.format": "text",
         "data.max_length": length,
+        "train.row_length": length,
         "data.val_fraction": 0,  # no validation passes: they peak lower than training and only cost time
         "train.method": method,
         "train.device": device,

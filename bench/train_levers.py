@@ -65,7 +65,7 @@ for mb in plan[args["warmup"]:]:
 seconds = time.perf_counter() - started
 print(json.dumps({"tokens": tokens, "seconds": seconds, "threads": torch.get_num_threads(),
                   "rss_setup": at_setup, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "micro_batch": [run.fit_cfg.train.micro_batch_size, run.fit_cfg.data.max_length],
+                  "micro_batch": [run.fit_cfg.train.micro_batch_size, run.fit_cfg.train.row_length],
                   "last_loss": losses[-1]}))
 """
 

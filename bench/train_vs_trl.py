@@ -310,6 +310,7 @@ def run_ftdesk(job: Job, args, layout: str, row_length: int) -> Result:
         "data.train_file": job.train_file,
         "data.valid_file": job.valid_file,
         "data.max_length": length,
+        "train.row_length": length,
         "train.method": "qlora",
         "train.device": "cpu",
         "train.max_steps": job.steps,
@@ -357,7 +358,7 @@ def _ftdesk_child(job: Job, sets: dict, layout: str, batch: str) -> Result:
     window = (steps[0]["time"] - steps[0]["elapsed_s"], last["time"])
     train_cfg = started.get("config", {}).get("train", {})
     if layout.startswith("defaults"):
-        batch = (f"{train_cfg.get('micro_batch_size')}x{started['config']['data']['max_length']} "
+        batch = (f"{train_cfg.get('micro_batch_size')}x{train_cfg.get('row_length')} "
                  f"{'packed' if train_cfg.get('packing') else 'padded'}")
     return _result(job, "ft-desk", batch, last["step"], last["tokens"], last["elapsed_s"], window,
                    child, [s["loss"] for s in steps], evals[-1]["val_loss"] if evals else None,

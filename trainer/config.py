@@ -91,8 +91,8 @@ class DataConfig:
     columns: tuple[str, ...] = ()
     """Which column fills which role, e.g. prompt=question,completion=answer; unmapped columns keep their names."""
     max_length: int | Literal["auto"] = "auto"
-    """Longest sequence in tokens (also the packed row length); longer examples are truncated and counted.
-    auto: the longest example rounded up to 64 tokens, at most 2048 (see trainer/recipe_sizing.py)."""
+    """Longest sequence in tokens; longer examples are truncated and counted. auto: 2048 (within the model's
+    context). Packed rows are only as long as the data needs (train.row_length, trainer/recipe_sizing.py)."""
     val_fraction: float = 0.1
     """Share of rows held out for validation when no valid_file is given."""
     max_val_rows: int = 200
@@ -144,6 +144,9 @@ class TrainConfig:
     micro_batch_tokens: int | Literal["auto"] = "auto"
     """Token budget of one forward pass that an auto micro-batch is sized to; auto: 1024 on CPU, 2048 on MPS,
     4096 on CUDA. The memory plan may lower the micro-batch further (same effective batch)."""
+    row_length: int | Literal["auto"] = "auto"
+    """Tokens per packed row (at most data.max_length; a longer example gets a row of its own). auto: the longest
+    training example rounded up to 64, so short data trains in short rows whatever data.max_length says."""
     packing: bool = True
     """Concatenate examples into one row with a block-diagonal mask: no padding, no cross-example attention."""
     gradient_checkpointing: bool = False
@@ -239,6 +242,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.micro_batch_size": (_between(1, 4096), "an int from 1 to 4096"),
     "train.grad_accum": (_between(1, 4096), "an int from 1 to 4096"),
     "train.micro_batch_tokens": (_between(16, 1_048_576), "an int from 16 to 1048576"),
+    "train.row_length": (_between(16, 131072), "an int from 16 to 131072 (tokens)"),
     "train.loss_chunk_tokens": (_between(16, 1_048_576), "an int from 16 to 1048576"),
     "train.seed": (_between(0, _SEED_MAX), f"an int from 0 to {_SEED_MAX}"),
     "train.log_every": (_between(1, 1_000_000), "an int from 1 to 1000000"),

@@ -38,7 +38,7 @@ from ft_desk.trainer.hub.cache import find_snapshot
 from ft_desk.trainer.hub.gguf_file import read_gguf
 from ft_desk.trainer.hub.names import is_repo_id
 from ft_desk.trainer.hub.resolve import gguf_source, imported_dir
-from ft_desk.trainer.recipe_sizing import provisional
+from ft_desk.trainer.recipe_sizing import provisional, row_length
 from ft_desk.trainer.training.saved_activations import saved_activations_dtype
 
 
@@ -66,7 +66,7 @@ def plan_inputs(run: RunConfig, device: DeviceFacts | None, cpu_allocator_capped
         compute_dtype=compute,
         weights_dtype=weights,
         micro_batch_size=run.train.micro_batch_size,
-        max_length=run.data.max_length,
+        max_length=row_length(run),
         grad_accum=run.train.grad_accum,
         gradient_checkpointing=run.train.gradient_checkpointing,
         packing=run.train.packing,
@@ -145,7 +145,7 @@ Change = dict[str, dict[str, Any]]  # section -> {key: value}, e.g. {"train": {"
 
 def _knobs(run: RunConfig, four_bit_ok: bool) -> list[list[tuple[str, Change]]]:
     """Settings that lower memory, least intrusive first; each is a ladder of steps, mildest step first."""
-    t, d, lora = run.train, run.data, run.lora
+    t, lora = run.train, run.lora
     knobs: list[list[tuple[str, Change]]] = []
     if not t.gradient_checkpointing:
         knobs.append([("gradient checkpointing on (about 30% slower, same result)",
@@ -169,7 +169,7 @@ def _knobs(run: RunConfig, four_bit_ok: bool) -> list[list[tuple[str, Change]]]:
         ladder.append((f"LoRA rank {r} (learns less)", {"lora": {"r": r, "alpha": max(1, lora.alpha * r // lora.r)}}))
     knobs.append(ladder)
     ladder = []
-    length = d.max_length
+    length = row_length(run)
     while length > 256:
         length //= 2
         ladder.append((f"max length {length} tokens (longer examples are truncated)",

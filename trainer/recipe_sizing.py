@@ -1,17 +1,18 @@
-"""Recipes that size themselves to the data: what `auto` means for data.max_length, train.micro_batch_size,
-train.grad_accum and train.micro_batch_tokens.
+"""Recipes that size themselves to the data: what `auto` means for data.max_length, train.row_length,
+train.micro_batch_size, train.grad_accum and train.micro_batch_tokens.
 
 The rule, in the order it is applied:
-  1. max length: the longest tokenized example rounded up to a multiple of 64, at most MAX_LENGTH_CAP (2048)
-     and the model's context. Nothing is truncated unless an example is longer than the cap. It is also the
-     packed row length, so short data gets short rows (attention cost grows with the square of the row length).
+  1. lengths: data.max_length is where an example is truncated (auto: MAX_LENGTH_CAP, 2048, within the model's
+     context). The packed row length is the longest tokenized example rounded up to a multiple of 64, within
+     data.max_length: short data gets short rows whatever the limit (attention cost grows with the square of the
+     row length; issue #12: rows of 1024 for 68-130-token examples cost memory and time for masked-out blocks).
   2. examples per optimizer step: the run's examples (rows x epochs) / TARGET_STEPS, kept within
      [MIN_EXAMPLES_PER_STEP, MAX_EXAMPLES_PER_STEP] = [2, 16]. Evidence (issue #11, SmolLM2-135M-Instruct on
      300 WikiSQL rows x 2 epochs): the old fixed recipe (16 packed rows of 512 tokens per step) made 10 optimizer
      steps and learned little; about 8 examples per step made 77 steps and the train loss fell from 2.0 to 0.25.
      So a small dataset gets about 100 updates, and a large one the usual effective batch of 16 (the QLoRA
      paper's batch for most of its runs).
-  3. rows per forward pass (micro-batch): as many rows of max length as fit micro_batch_tokens (auto: 1024 tokens
+  3. rows per forward pass (micro-batch): as many rows as fit micro_batch_tokens (auto: 1024 tokens
      on CPU, 2048 on MPS, 4096 on CUDA), and no more than one step needs. Tokens per forward pass, not examples,
      drive activation memory; on a CPU a bigger forward pass is not faster per token.
   4. accumulation: the micro-batches that make up step 2's examples, given how many examples a packed row holds.
@@ -43,7 +44,8 @@ def is_auto(value: object) -> bool:
 
 
 def uses_auto(run: RunConfig) -> bool:
-    return any(is_auto(v) for v in (run.data.max_length, run.train.micro_batch_size, run.train.grad_accum))
+    return any(is_auto(v) for v in (run.data.max_length, run.train.row_length, run.train.micro_batch_size,
+                                    run.train.grad_accum))
 
 
 def token_limit(max_length: int | str, context: int | None = None) -> int:
@@ -53,16 +55,24 @@ def token_limit(max_length: int | str, context: int | None = None) -> int:
     return min(MAX_LENGTH_CAP, context) if context else MAX_LENGTH_CAP
 
 
+def row_length(run: RunConfig, context: int | None = None) -> int:
+    """Tokens of one packed row as the run trains (the longest one without packing): train.row_length within the
+    truncation limit; auto, before the data is known, the limit itself (an upper bound)."""
+    limit = token_limit(run.data.max_length, context)
+    return limit if is_auto(run.train.row_length) else min(int(run.train.row_length), limit)
+
+
 def micro_batch_tokens(run: RunConfig, device_type: str) -> int:
     value = run.train.micro_batch_tokens
     return MICRO_BATCH_TOKENS.get(device_type, MICRO_BATCH_TOKENS["cpu"]) if is_auto(value) else int(value)
 
 
-def auto_max_length(lengths: Sequence[int], context: int | None = None) -> int:
-    """Rule 1: the longest example rounded up to LENGTH_MULTIPLE, within the cap and the model's context."""
+def auto_max_length(lengths: Sequence[int], context: int | None = None, limit: int | str = AUTO) -> int:
+    """Rule 1: the longest example rounded up to LENGTH_MULTIPLE, within `limit` (data.max_length; auto: the cap)
+    and the model's context."""
     longest = max(lengths, default=LENGTH_MULTIPLE)
     rounded = -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-    return max(LENGTH_MULTIPLE, min(rounded, token_limit(AUTO, context)))
+    return min(max(LENGTH_MULTIPLE, rounded), token_limit(limit, context))
 
 
 def examples_per_step(examples: int, epochs: float) -> int:
@@ -75,7 +85,8 @@ def examples_per_step(examples: int, epochs: float) -> int:
 class Sizing:
     """A run's batching as it will train, and which of it was sized from the data."""
 
-    max_length: int
+    max_length: int  # truncation limit
+    row_length: int  # tokens per packed row
     micro_batch_size: int
     grad_accum: int
     steps: int  # optimizer steps of the run
@@ -92,7 +103,7 @@ class Sizing:
         sized = f" (sized from the data: {', '.join(self.auto_keys)})" if self.auto_keys else ""
         tokens = _tokens(self.tokens_per_step)
         return (f"{self.steps} optimizer steps, ~{self.examples_per_step:.0f} examples (~{tokens} tokens) each: "
-                f"micro-batch {self.micro_batch_size} x {self.max_length} tokens, accumulation "
+                f"micro-batch {self.micro_batch_size} x {self.row_length} tokens, accumulation "
                 f"{self.grad_accum}{sized}")
 
 
@@ -104,27 +115,31 @@ def size_run(run: RunConfig, lengths: Sequence[int], rows_for: Callable[[int], i
              context: int | None = None) -> tuple[RunConfig, Sizing]:
     """`run` with every `auto` batching value replaced by a number, and the figures of the result.
 
-    `lengths` are the tokenized training examples' lengths (truncated at token_limit); `rows_for(max_length)`
+    `lengths` are the tokenized training examples' lengths (truncated at token_limit); `rows_for(row_length)`
     is how many rows one epoch of them packs into at that row length (the examples themselves without packing).
     Values the user set are kept as they are; only the figures are computed for them.
     """
     t, d = run.train, run.data
-    auto_keys = tuple(k for k, v in (("data.max_length", d.max_length), ("train.micro_batch_size",
-                                     t.micro_batch_size), ("train.grad_accum", t.grad_accum)) if is_auto(v))
+    auto_keys = tuple(k for k, v in (("data.max_length", d.max_length), ("train.row_length", t.row_length),
+                                     ("train.micro_batch_size", t.micro_batch_size),
+                                     ("train.grad_accum", t.grad_accum)) if is_auto(v))
     n = len(lengths)
-    max_length = auto_max_length(lengths, context) if is_auto(d.max_length) else int(d.max_length)
-    rows = max(1, rows_for(max_length))
+    max_length = token_limit(d.max_length, context)
+    lengths = [min(k, max_length) for k in lengths]  # as training truncates them
+    row = auto_max_length(lengths, context, max_length) if is_auto(t.row_length) else min(int(t.row_length),
+                                                                                          max_length)
+    rows = max(1, rows_for(row))
     per_row = max(1.0, n / rows)  # examples a row holds on average
     rows_per_step = examples_per_step(n, t.epochs) / per_row
     if is_auto(t.micro_batch_size):
-        fit = max(1, micro_batch_tokens(run, device_type) // max_length)
+        fit = max(1, micro_batch_tokens(run, device_type) // row)
         fit = 2 ** int(math.log2(fit))  # few distinct shapes; halving keeps the effective batch exact
         micro = max(1, min(fit, 2 ** int(math.log2(max(1.0, rows_per_step)))))
     else:
         micro = int(t.micro_batch_size)
     accum = max(1, round(rows_per_step / micro)) if is_auto(t.grad_accum) else int(t.grad_accum)
     if auto_keys:
-        run = replace(run, "train", micro_batch_size=micro, grad_accum=accum)
+        run = replace(run, "train", row_length=row, micro_batch_size=micro, grad_accum=accum)
         run = replace(run, "data", max_length=max_length)
     batches_per_epoch = -(-rows // micro)
     if t.max_steps:
@@ -140,7 +155,7 @@ def size_run(run: RunConfig, lengths: Sequence[int], rows_for: Callable[[int], i
     if steps < FEW_UPDATES:
         warning = (f"only {steps} optimizer updates: too few to learn much; add rows, raise train.epochs, or lower "
                    "train.grad_accum")
-    return run, Sizing(max_length=max_length, micro_batch_size=micro, grad_accum=accum, steps=steps,
+    return run, Sizing(max_length=max_length, row_length=row, micro_batch_size=micro, grad_accum=accum, steps=steps,
                        examples_per_step=total_examples / steps, tokens_per_step=total_tokens / steps,
                        auto_keys=auto_keys, warning=warning)
 
@@ -171,9 +186,10 @@ def pack_rows(lengths: Sequence[int], max_length: int, packing: bool, seed: int,
 
 def size_batches(run: RunConfig, lengths: Sequence[int], device_type: str, context: int | None = None):
     """size_run with rows counted by packing the first epoch exactly as training will."""
-    def rows_for(max_length: int) -> int:
-        clipped = [min(n, max_length) for n in lengths]
-        return len(pack_rows(clipped, max_length, run.train.packing, run.train.seed, 0))
+    clipped = [min(n, token_limit(run.data.max_length, context)) for n in lengths]
+
+    def rows_for(row: int) -> int:
+        return len(pack_rows(clipped, row, run.train.packing, run.train.seed, 0))
 
     return size_run(run, lengths, rows_for, device_type, context)
 
@@ -195,16 +211,16 @@ def provisional(run: RunConfig, device_type: str, context: int | None = None) ->
     rows as micro_batch_tokens holds, so a memory plan made now bounds the run's real peak from above."""
     if not uses_auto(run):
         return run
-    max_length = token_limit(run.data.max_length, context)
+    row = row_length(run, context)
     micro = run.train.micro_batch_size
     if is_auto(micro):
-        fit = max(1, micro_batch_tokens(run, device_type) // max_length)
+        fit = max(1, micro_batch_tokens(run, device_type) // row)
         micro = 2 ** int(math.log2(fit))
     accum = 1 if is_auto(run.train.grad_accum) else run.train.grad_accum
-    run = replace(run, "train", micro_batch_size=micro, grad_accum=accum)
-    return replace(run, "data", max_length=max_length)
+    run = replace(run, "train", row_length=row, micro_batch_size=micro, grad_accum=accum)
+    return replace(run, "data", max_length=token_limit(run.data.max_length, context))
 
 
 __all__ = ["MAX_LENGTH_CAP", "Sizing", "auto_max_length", "examples_per_step", "is_auto", "length_counts",
-           "lengths_from_counts", "micro_batch_tokens", "pack_rows", "provisional", "size_batches", "size_run",
-           "token_limit", "uses_auto"]
+           "lengths_from_counts", "micro_batch_tokens", "pack_rows", "provisional", "row_length", "size_batches",
+           "size_run", "token_limit", "uses_auto"]

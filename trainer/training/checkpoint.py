@@ -336,6 +336,8 @@ def identity_differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> l
     for key in sorted(set(before) | set(after)):
         if key in IDENTITY_FREE or before.get(key) == after.get(key):
             continue
+        if key not in before and before:  # a setting added after this checkpoint; its run config gives the value
+            continue
         out.append(f"{key} was {before.get(key)!r}, now {after.get(key)!r}")
     if saved.get("data_sha256") and saved.get("data_sha256") != now.get("data_sha256"):
         out.append("the training or validation data changed (its tokens differ from the ones trained on)")

@@ -280,13 +280,23 @@ def load_weights(model, cfg: RunConfig, folder: Path) -> None:
         raise ModelError(f"{folder} does not match this model: unexpected tensors {unexpected[:3]}")
 
 
+def with_old_row_length(raw: dict) -> dict:
+    """A run saved before train.row_length existed packed its rows to data.max_length: keep that on a resume, so
+    the batches it continues with are the ones it started."""
+    train, data = raw.get("train"), raw.get("data")
+    if isinstance(train, dict) and isinstance(data, dict) and "row_length" not in train \
+            and isinstance(data.get("max_length"), int):
+        return {**raw, "train": {**train, "row_length": data["max_length"]}}
+    return raw
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = config_path(run_dir)
     if not path.is_file():
         raise UserError(f"{run_dir} is not an ft-desk run folder (no {path.name})", hint="list runs with: ft-desk runs")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return config_from_dict(raw)
+        return config_from_dict(with_old_row_length(raw))
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # garbage, truncated, or no longer a valid config
         reason = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         raise UserError(f"{path} is not a readable ft-desk config ({reason.splitlines()[0][:200]})",

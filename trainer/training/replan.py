@@ -22,6 +22,7 @@ from ft_desk.trainer.config import replace as replace_config
 from ft_desk.trainer.data.batching import IGNORE, MicroBatch
 from ft_desk.trainer.errors import OutOfMemory
 from ft_desk.trainer.events import format_bytes
+from ft_desk.trainer.recipe_sizing import row_length
 
 log = logging.getLogger("ft_desk")
 
@@ -115,8 +116,9 @@ def at_the_limit(cfg: RunConfig, split: int, device: str, model_dir: str | None)
     if not cfg.train.gradient_checkpointing:
         levers.append(("turn on gradient checkpointing (--set train.gradient_checkpointing=true)",
                        ("train", {"gradient_checkpointing": True})))
-    shorter = max(64, cfg.data.max_length // 2)
-    if shorter < cfg.data.max_length:
+    row = row_length(cfg)
+    shorter = max(64, row // 2)
+    if shorter < row:
         levers.append((f"use a shorter data.max_length (--set data.max_length={shorter})",
                        ("data", {"max_length": shorter})))
     levers.append(("use a smaller model", None))

@@ -61,7 +61,7 @@ from ft_desk.trainer.hub.resolve import resolve_model_dir
 from ft_desk.trainer.limits import MAX_MICRO_BATCHES
 from ft_desk.trainer.paths import runs_home
 from ft_desk.trainer.planning import SAME_RESULT_KEYS, four_bit_likely, plan_run
-from ft_desk.trainer.recipe_sizing import size_batches, token_limit
+from ft_desk.trainer.recipe_sizing import row_length, size_batches, token_limit
 from ft_desk.trainer.training import checkpoint as ckpt
 from ft_desk.trainer.training import replan
 from ft_desk.trainer.training.awake import keep_awake
@@ -416,7 +416,7 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     full_plan = train_schedule(cfg, data.train)
-    full_val = schedule(data.val, max_length=cfg.data.max_length, micro_batch_size=cfg.train.micro_batch_size,
+    full_val = schedule(data.val, max_length=row_length(cfg), micro_batch_size=cfg.train.micro_batch_size,
                         packing=cfg.train.packing, seed=cfg.train.seed, epochs=1.0)
     if cfg.eval.max_batches:
         full_val = full_val[: cfg.eval.max_batches]
@@ -548,7 +548,7 @@ def startup_seconds() -> float:
 
 def epoch_schedule(cfg: RunConfig, examples: Sequence, epochs: float) -> list[MicroBatch]:
     """The micro-batches of `epochs` passes over `examples` with the run's batching settings."""
-    return schedule(examples, max_length=cfg.data.max_length, micro_batch_size=cfg.train.micro_batch_size,
+    return schedule(examples, max_length=row_length(cfg), micro_batch_size=cfg.train.micro_batch_size,
                     packing=cfg.train.packing, seed=cfg.train.seed, epochs=epochs)
 
 

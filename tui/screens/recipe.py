@@ -275,8 +275,8 @@ def sized_draft(draft: Draft, report: dict | None) -> Draft:
     if sized is None or not uses_auto(sized[0]):
         return draft
     sizing = sized[1]
-    values = {"data.max_length": sizing.max_length, "train.micro_batch_size": sizing.micro_batch_size,
-              "train.grad_accum": sizing.grad_accum}
+    values = {"data.max_length": sizing.max_length, "train.row_length": sizing.row_length,
+              "train.micro_batch_size": sizing.micro_batch_size, "train.grad_accum": sizing.grad_accum}
     return replace(draft, overrides={**draft.overrides, **{k: str(v) for k, v in values.items()}})
 
 

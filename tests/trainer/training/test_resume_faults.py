@@ -203,3 +203,20 @@ def test_a_garbage_config_json_is_one_sentence(stopped_run, tmp_path):
     run_folder.config_path(run_dir).write_text("\x00\x01 not json", encoding="utf-8")
     with pytest.raises(UserError, match=r"config.json is not a readable ft-desk config"):
         run_mod.train(None, ListSink(), resume_dir=run_dir)
+
+
+def test_a_run_saved_before_row_length_existed_resumes_with_the_rows_it_started(stopped_run, tmp_path, one_thread):
+    """Runs written before train.row_length packed rows to data.max_length: their config and checkpoint identity
+    lack the key. The resume reads the old layout back (not the new data-sized rows) and is not refused."""
+    run_dir = _copy(stopped_run, tmp_path)
+    config = json.loads(run_folder.config_path(run_dir).read_text())
+    del config["train"]["row_length"]
+    run_folder.config_path(run_dir).write_text(json.dumps(config))
+    for folder in run_folder.checkpoint_folders(run_dir):
+        meta = json.loads((folder / "trainer_state.json").read_text())
+        del meta["identity"]["config"]["train"]["row_length"]
+        (folder / "trainer_state.json").write_text(json.dumps(meta))
+    assert run_mod.load_run_config(run_dir).train.row_length == config["data"]["max_length"]
+    code, sink = _resume(run_dir)
+    assert code == 0, [e for e in sink.events if e["type"] in ("log", "run_finished")][-3:]
+    assert any(e["type"] == "log" and e["message"] == "resuming from checkpoint step-000004" for e in sink.events)

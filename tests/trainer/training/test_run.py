@@ -97,14 +97,16 @@ def test_an_auto_recipe_is_sized_from_the_data_said_before_step_one_and_saved_fo
     assert code == 0, run_folder.log_path(run_dir).read_text()[-2000:]
     saved = run_mod.load_run_config(run_dir)
     assert all(isinstance(v, int) for v in (saved.train.micro_batch_size, saved.train.grad_accum,
-                                            saved.data.max_length))
+                                            saved.train.row_length, saved.data.max_length))
     recipe = run_folder.read_state(run_dir)["recipe"]
-    assert (recipe["micro_batch_size"], recipe["grad_accum"], recipe["max_length"]) == (
-        saved.train.micro_batch_size, saved.train.grad_accum, saved.data.max_length)
+    assert (recipe["micro_batch_size"], recipe["grad_accum"], recipe["row_length"], recipe["max_length"]) == (
+        saved.train.micro_batch_size, saved.train.grad_accum, saved.train.row_length, saved.data.max_length)
+    # Rows follow the data; the truncation limit stays the model's context (the tiny model's 1024).
+    assert saved.train.row_length < saved.data.max_length == 1024
     types = [e["type"] for e in sink.events]
     said = [i for i, e in enumerate(sink.events) if e["type"] == "log" and e["message"].startswith("recipe: ")]
     assert said and types.index("run_started") < said[0] < types.index("step")
-    assert f"micro-batch {saved.train.micro_batch_size} x {saved.data.max_length} tokens" in sink.events[said[0]][
+    assert f"micro-batch {saved.train.micro_batch_size} x {saved.train.row_length} tokens" in sink.events[said[0]][
         "message"]
 
 
