@@ -253,11 +253,11 @@ async def test_memory_estimate_plans_the_batch_the_checked_data_gives_not_the_au
         assert not any(a.startswith("train.micro_batch_size=") for a in before)  # nothing checked: auto
         app.data_report = checked_report(data, rows=80)
         app.draft_updated()
-        await settle(pilot, until=lambda: "data.max_length=192" in [c[1] for c in backend.calls if c[0] == "plan"][-1])
+        await settle(pilot, until=lambda: "train.row_length=192" in [c[1] for c in backend.calls if c[0] == "plan"][-1])
         sized = [c[1] for c in backend.calls if c[0] == "plan"][-1]
-        assert "data.max_length=192" in sized and any(a.startswith("train.micro_batch_size=") for a in sized)
+        assert "train.row_length=192" in sized and any(a.startswith("train.micro_batch_size=") for a in sized)
         assert "x 192 tokens" in text_of(app, "#recipe-sizing")
-        assert "data.max_length" not in app.draft.overrides  # the user's draft keeps `auto`
+        assert "train.row_length" not in app.draft.overrides  # the user's draft keeps `auto`
 
 
 async def test_ready_to_train_names_the_validation_file_and_the_sized_batch_not_auto(make_app, tmp_path):

@@ -362,12 +362,15 @@ async def test_a_validation_file_is_checked_and_its_rows_are_shown(make_app, bac
         app.draft_updated()
         await settle(pilot)
         field = app.screen.query_one("#valid-file", Input)
+        await pilot.press("ctrl+l")  # one key instead of eight tabs
+        assert field.has_focus
         field.value = str(valid)
-        field.focus()
         await pilot.press("enter")
         await settle(pilot, until=lambda: "validation file" in text_of(app, "#findings"))
         assert ("check_data", str(valid)) in backend.calls
         assert "validation file valid.jsonl: 350 rows, 350 usable · no problems found" in text_of(app, "#findings")
+        # The share of the training file is not used any more: greyed out, not left to look like a setting in force.
+        assert app.screen.query_one("#val-fraction", Input).disabled
     from ft_desk.tui.screens.data import valid_findings
 
     lines = valid_findings("/x/valid.jsonl", {"ok": False, "error": "line 3: not JSON", "hint": "fix line 3"})

@@ -113,6 +113,7 @@ class DataScreen(DeskScreen):
     MAIN = "#browse"  # not the text field: the step keys keep working until the user starts typing
     BINDINGS = [
         Binding("slash", "type_path", "Type a path"),
+        Binding("ctrl+l", "validation_file", "Validation file"),
         Binding("ctrl+k", "check", "Check file"),
         Binding("ctrl+o", "browse", "Browse"),
         Binding("ctrl+d", "use_demo", "Demo data"),
@@ -141,7 +142,7 @@ class DataScreen(DeskScreen):
             yield Button("Demo data", id="demo", compact=True)
             yield Button("Columns…", id="map-columns", compact=True)
         yield Static("/ types a path (→ completes it, enter checks it) · enter on Browse… picks a file · "
-                     "ctrl+d uses the demo data", id="data-summary")
+                     "ctrl+d uses the demo data · ctrl+l a separate validation file", id="data-summary")
         with Horizontal(id="data-main"):
             yield TokenHistogram(id="histogram")
             with VerticalScroll(id="data-findings"):
@@ -175,6 +176,10 @@ class DataScreen(DeskScreen):
             widget = self.query_one(widget_id, Input)
             if not widget.has_focus and widget.value != draft.value(key):
                 widget.value = draft.value(key)
+        # A separate validation file is the whole validation set: the share is not used, so it is greyed out.
+        share = self.query_one("#val-fraction", Input)
+        share.disabled = bool(draft.value("data.valid_file"))
+        share.tooltip = "not used: the separate validation file is the validation set" if share.disabled else None
         if draft.train_file and self._check_key() != self._checked_for:
             self.action_check()
 
@@ -215,6 +220,9 @@ class DataScreen(DeskScreen):
 
     def action_type_path(self) -> None:
         self.query_one("#data-path", Input).focus()
+
+    def action_validation_file(self) -> None:
+        self.query_one("#valid-file", Input).focus()
 
     def action_use_demo(self) -> None:
         self.query_one("#data-path", Input).value = DEMO_DATA_NAME

@@ -117,19 +117,22 @@ def eval_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"[b]base vs tuned on {report.get('examples') or (report.get('data') or {}).get('examples', '?')} "
              "held-out examples[/b]"]
     rows = [m for m in report.get("metrics") or [] if isinstance(m, dict)]
-    width = max((len(str(m.get("label") or m.get("name"))) for m in rows), default=10)
+    cells = []
     for m in rows:
         scale = str(m.get("scale") or "")
+        delta = m.get("delta")
+        sign = "+" if isinstance(delta, (int, float)) and delta > 0 else ""
+        cells.append((str(m.get("label") or m.get("name")), _fmt(m.get("base"), scale), _fmt(m.get("tuned"), scale),
+                      f"{sign}{_fmt(delta, scale)}" if isinstance(delta, (int, float)) else ""))
+    # Columns as wide as their widest value: fixed widths made the longest rows wrap on an 80-column terminal.
+    widths = [max((len(c[i]) for c in cells), default=0) for i in range(4)]
+    for m, (label, base, tuned, change) in zip(rows, cells):
         verdict = str(m.get("verdict") or "-")
         style = VERDICT_STYLE.get(verdict, "")
         few = f" [dim]({escape(interval_text(m))})[/]" if m.get("few") else ""
-        delta = m.get("delta")
-        sign = "+" if isinstance(delta, (int, float)) and delta > 0 else ""
-        change = f"{sign}{_fmt(delta, scale)}" if isinstance(delta, (int, float)) else ""
-        label = escape(str(m.get("label") or m.get("name")))
         verdict_txt = f"[{style}]{escape(verdict)}[/]" if style else escape(verdict)
-        lines.append(f"{label:<{width}}  {_fmt(m.get('base'), scale):>8} → {_fmt(m.get('tuned'), scale):<8} "
-                     f"{change:>8}  {verdict_txt}{few}")
+        lines.append(f"{escape(label.ljust(widths[0]))}  {base:>{widths[1]}} → {tuned:<{widths[2]}}  "
+                     f"{change:>{widths[3]}}  {verdict_txt}{few}")
     retention = report.get("retention")
     if isinstance(retention, dict):
         mark = "[b red]![/] " if retention.get("flagged") else "[green]✓[/] "

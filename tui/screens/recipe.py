@@ -18,7 +18,7 @@ from textual.widgets import Button, Input, Label, Select, Static, Switch
 
 from ft_desk.trainer.config import ConfigError, describe_fields
 from ft_desk.trainer.presets import available_presets, save_preset, shipped_presets_dir
-from ft_desk.trainer.recipe_sizing import lengths_from_counts, size_batches, uses_auto
+from ft_desk.trainer.recipe_sizing import is_auto, lengths_from_counts, size_batches, uses_auto
 from ft_desk.tui.draft import HARDWARE, STRATEGIES, Draft
 from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.widgets.dialogs import Prompt
@@ -291,8 +291,9 @@ def sizing_text(draft, report: dict | None) -> str:
         return ""
     if not checked or not inputs.get("length_counts"):
         if uses_auto(config):
-            return ("[dim]steps and batch: sized from the data when the run starts (check the data in step 2 "
-                    "to see the figures here)[/]")
+            batch_auto = is_auto(config.train.micro_batch_size) or is_auto(config.train.grad_accum)
+            return (f"[dim]steps and {'batch' if batch_auto else 'packed rows'}: sized from the data when the run "
+                    "starts (check the data in step 2 to see the figures here)[/]")
         return ""
     _, sizing = size_batches(config, lengths_from_counts(inputs["length_counts"]), str(inputs.get("device")),
                              inputs.get("context"))

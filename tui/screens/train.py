@@ -13,7 +13,7 @@ from textual.widgets import ProgressBar, RichLog, Static
 
 from ft_desk.trainer.config import ConfigError
 from ft_desk.trainer.events import format_bytes, format_duration
-from ft_desk.trainer.recipe_sizing import uses_auto
+from ft_desk.trainer.recipe_sizing import is_auto
 from ft_desk.tui.screens.base import DeskScreen
 from ft_desk.tui.screens.recipe import sizing_text
 from ft_desk.tui.session import RunSession
@@ -21,6 +21,17 @@ from ft_desk.tui.widgets.loss_chart import LossChart
 
 LEVEL_STYLE = {"warning": "yellow", "error": "bold red", "step": "dim"}
 
+
+
+def batch_text(cfg) -> str:
+    """The recipe's batching in words: numbers where the user set them; "batch autoxauto, max length auto" told
+    nothing, and the sizing line below says what `auto` becomes."""
+    t = cfg.train
+    batch = (f"batch {t.micro_batch_size}x{t.grad_accum}" if not (is_auto(t.micro_batch_size) or is_auto(t.grad_accum))
+             else "batch sized from the data")
+    rows = "rows sized from the data" if is_auto(t.row_length) else f"rows of {t.row_length}"
+    limit = "max length auto" if is_auto(cfg.data.max_length) else f"max length {cfg.data.max_length}"
+    return f"{batch}, {rows}, {limit}"
 
 class TrainScreen(DeskScreen):
     MODE = "train"
@@ -78,11 +89,7 @@ class TrainScreen(DeskScreen):
                 lines.append(f"[red]The recipe is not valid:[/] {escape(str(err))}\nFix it on the Recipe step (3).")
             else:
                 steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"
-                if uses_auto(cfg):  # "batch autoxauto, max length auto" told nothing: the sizing line says it
-                    batch = "batch and max length sized from the data"
-                else:
-                    batch = (f"batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum}, "
-                             f"max length {cfg.data.max_length}")
+                batch = batch_text(cfg)
                 valid = (f"[b]{escape(cfg.data.valid_file)}[/b]" if cfg.data.valid_file else
                          f"{cfg.data.val_fraction:g} of the training rows held out")
                 sizing = sizing_text(draft, self.desk.data_report)
@@ -165,7 +172,7 @@ class TrainScreen(DeskScreen):
         elif h.finished and h.finished.get("status") == "stopped":
             stats.append("[yellow]stopped[/]: r resumes from the checkpoint")
         elif h.finished:
-            stats.append("[green]completed[/]: e evaluates, 6 exports")
+            stats.append("[green]completed[/]: 5 evaluates, 6 exports")
         self.query_one("#run-stats", Static).update("  ·  ".join(stats))
 
         self.query_one(LossChart).show(h)
