@@ -276,7 +276,8 @@ async def test_ready_to_train_names_the_validation_file_and_the_sized_batch_not_
         await settle(pilot)
         shown = " ".join(text_of(app, "#ready-text").split())
         assert "autoxauto" not in shown and "max length auto" not in shown
-        assert f"valid {valid}" in shown and "batch and max length sized from the data" in shown
+        assert f"valid {valid}" in shown
+        assert "batch sized from the data, rows sized from the data, max length: the model's context" in shown
         assert "optimizer steps" in shown and "x 192 tokens" in shown
 
 

@@ -30,7 +30,8 @@ def batch_text(cfg) -> str:
     batch = (f"batch {t.micro_batch_size}x{t.grad_accum}" if not (is_auto(t.micro_batch_size) or is_auto(t.grad_accum))
              else "batch sized from the data")
     rows = "rows sized from the data" if is_auto(t.row_length) else f"rows of {t.row_length}"
-    limit = "max length auto" if is_auto(cfg.data.max_length) else f"max length {cfg.data.max_length}"
+    limit = ("max length: the model's context, up to 2048" if is_auto(cfg.data.max_length)
+             else f"max length {cfg.data.max_length}")
     return f"{batch}, {rows}, {limit}"
 
 class TrainScreen(DeskScreen):
