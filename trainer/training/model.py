@@ -280,9 +280,11 @@ def load_weights(model, cfg: RunConfig, folder: Path) -> None:
         raise ModelError(f"{folder} does not match this model: unexpected tensors {unexpected[:3]}")
 
 
-def with_old_row_length(raw: dict) -> dict:
+def with_old_row_length(raw):
     """A run saved before train.row_length existed packed its rows to data.max_length: keep that on a resume, so
     the batches it continues with are the ones it started."""
+    if not isinstance(raw, dict):
+        return raw  # config_from_dict says what is wrong with it
     train, data = raw.get("train"), raw.get("data")
     if isinstance(train, dict) and isinstance(data, dict) and "row_length" not in train \
             and isinstance(data.get("max_length"), int):
