@@ -196,13 +196,16 @@ def probe_facts(device_type: str) -> DeviceFacts:
 # (up to 32 MiB), so after the first training step every activation tensor comes from the heaps, and the next
 # step's activations do not fit the holes the last one left: peak RSS grew by about one activation set
 # (measured on CPU QLoRA: 11M model 589 -> 741 MiB, 135M model 1.6 -> 2.7 GiB over the first steps).
-# Pinning the threshold at glibc's own starting value stops that growth, at a price: every large tensor is then
-# a fresh mmap whose pages the kernel zero-fills. Measured on 2 cores (SmolLM2-width 8-layer QLoRA, 2 x 512
-# tokens, 6 steps): peak 2020 -> 1348 MiB and wall time 23 -> 30 s at 128 KiB; 1430 MiB and 27.5 s at 1 MiB.
-CPU_MMAP_THRESHOLD = 128 * 1024
-_M_MMAP_THRESHOLD = -3
+# Pinning the threshold stops that growth, at a price: every block above it is a fresh mmap whose pages the
+# kernel zero-fills. At 128 KiB that cost a quarter of the speed (SmolLM2-width 8-layer QLoRA, 2 x 512 tokens:
+# peak 2020 -> 1348 MiB, 23 -> 30 s; the real SmolLM2-135M at its defaults, 96 WikiSQL rows: 60 against 88
+# tok/s). At 1 MiB the weight and MLP-sized blocks still go back and the many small ones stay in the heaps: on
+# the real SmolLM2 run (25 steps of 1 x 192, samples on, two rounds each) peak RSS 1375 / 1451 MiB -> 1250 /
+# 1239; tokens/s 114 / 74 against 129 / 107, within what other load moved them by (a full run: 92 against 88).
+CPU_MMAP_THRESHOLD = 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 # Whether `ft-desk train` calls cap_cpu_allocator() before a CPU run; the planner models the peak accordingly.
-TRAINING_CAPS_CPU_ALLOCATOR = False  # mallopt parameter number in glibc's malloc.h
+TRAINING_CAPS_CPU_ALLOCATOR = True
 
 
 def cap_cpu_allocator(threshold: int = CPU_MMAP_THRESHOLD) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ft_desk.quant.device import DeviceFacts, unified_budget
+from ft_desk.quant.device import CPU_MMAP_THRESHOLD, DeviceFacts, unified_budget
 from ft_desk.quant.policy import four_bit_bytes
 from ft_desk.trainer.errors import ModelError
 
@@ -437,8 +437,13 @@ def _activation_bytes(shape: ModelShape, s: PlanInputs) -> tuple[int, int, int]:
         saved = saved * DTYPE_BYTES.get(s.saved_activations, a) // a
     # Checkpointing or not, every layer's forward allocates its full set once per step (see the allocator note).
     everything = [layer_input] * (shape.num_layers + 2) + layer * shape.num_layers
-    heap = sum(t for t in everything if t < GLIBC_MMAP_THRESHOLD_MAX)
+    heap = sum(t for t in everything if t < _heap_limit(s))
     return saved, working, heap
+
+
+def _heap_limit(s: PlanInputs) -> int:
+    """Blocks below this size come from glibc's heaps, where freed memory stays resident (the allocator note)."""
+    return CPU_MMAP_THRESHOLD if s.cpu_allocator_capped else GLIBC_MMAP_THRESHOLD_MAX
 
 
 def logits_bytes(shape: ModelShape, s: PlanInputs, chunked: bool = True) -> int:
@@ -535,17 +540,19 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
     if step_extra > 0:
         components.append(("optimizer step temporaries above the backward peak", step_extra))
         model_bytes += step_extra
-    if s.device == "cpu" and not s.cpu_allocator_capped:
+    if s.device == "cpu":
         # Note: with glibc's default (growing) mmap threshold, blocks under 32 MiB come from its heaps once the
         # first step has freed some, and the next step's activations do not fit the holes the last step left:
         # peak RSS grew by about the heap-sized part of one step's activations and loss tensors (measured on an
         # 11M and a 135M model: +152 MiB for 139 predicted, +1072 for 1082). With gradient checkpointing the
         # layers still allocate their full activations once per step, transiently, between long-lived layer
         # outputs: the heap grew by 0.6-1.0x of what the run would save without checkpointing (bench/
-        # plan_accuracy.py); 1.0x is taken, the safe side. cap_cpu_allocator removes the whole term.
+        # plan_accuracy.py); 1.0x is taken, the safe side. cap_cpu_allocator leaves only the blocks under its
+        # threshold to this term.
         chunk_tensor = min(s.loss_chunk_tokens, s.tokens) * shape.vocab_size * 4
-        loss_heap = logits_bytes(shape, s) if chunk_tensor < GLIBC_MMAP_THRESHOLD_MAX else 0
-        components.append(("CPU allocator retention (glibc keeps the last step's blocks)", heap + loss_heap))
+        loss_heap = logits_bytes(shape, s) if chunk_tensor < _heap_limit(s) else 0
+        if heap + loss_heap:
+            components.append(("CPU allocator retention (glibc keeps the last step's blocks)", heap + loss_heap))
         model_bytes += heap + loss_heap
     if s.device in ("cpu", "mps"):
         # Note: on a Mac the loader's host-side copies and the Python process live in the same unified memory as

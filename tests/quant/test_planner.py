@@ -88,7 +88,7 @@ def test_the_arithmetic_takes_plain_inputs_without_a_run_config():
     inputs = PlanInputs(device="cuda", method="qlora", compute_dtype="bfloat16", weights_dtype="bfloat16",
                         micro_batch_size=1, max_length=1024, grad_accum=8, gradient_checkpointing=True,
                         packing=False, loss_chunk_tokens=1024, lora_r=16, target_modules=("all-linear",),
-                        lora_dropout=0.0, use_dora=False, double_quant=True, cpu_allocator_capped=False,
+                        lora_dropout=0.0, use_dora=False, double_quant=True, cpu_allocator_capped=True,
                         saved_activations="bfloat16")
     by_hand = plan_memory(LLAMA2_7B, inputs, RTX_3090)
     run = _run("train.device=cuda", "data.max_length=1024", "train.micro_batch_size=1", "train.grad_accum=8",
@@ -320,3 +320,16 @@ def test_naming_lm_head_adds_its_adapter():
     assert planner.lora_params(shape, 16, layers) == planner.lora_params(shape, 16, ("all-linear",))
     assert planner.lora_params(shape, 16, (*layers, "lm_head")) - planner.lora_params(shape, 16, layers) == \
         16 * (576 + 49152)
+
+
+def test_a_capped_cpu_allocator_keeps_only_its_small_blocks_in_the_plan():
+    cpu = DeviceFacts("cpu", total_memory=64 * GIB, free_memory=64 * GIB)
+    run = _run("train.device=cpu", "train.micro_batch_size=1", "train.row_length=192")
+    label = "CPU allocator retention"
+    capped = plan_run(SMOLLM2_135M, run, cpu, cpu_allocator_capped=True)
+    growing = plan_run(SMOLLM2_135M, run, cpu, cpu_allocator_capped=False)
+    # Blocks of 1 MiB and more are mmapped and handed back once the threshold is pinned; smaller ones still stay.
+    assert 0 < capped.component(label) < growing.component(label)
+    assert growing.total_bytes - capped.total_bytes == growing.component(label) - capped.component(label)
+    on_gpu = plan_run(SMOLLM2_135M, _run("train.device=cuda"), RTX_3090)
+    assert on_gpu.component(label) == 0

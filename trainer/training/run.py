@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ft_desk.quant.device import probe_facts, resolve_device
+from ft_desk.quant.device import TRAINING_CAPS_CPU_ALLOCATOR, cap_cpu_allocator, probe_facts, resolve_device
 from ft_desk.quant.mps_probe import watch_cpu_fallbacks
 from ft_desk.quant.policy import torch_dtype
 from ft_desk.trainer import run_folder
@@ -390,6 +390,8 @@ def setup(cfg: RunConfig, run_dir: Path, sink: EventSink, resumed: bool) -> RunS
     import torch  # heavy import: a run really starts here
 
     device = resolve_device(cfg.train.device)
+    if device == "cpu" and TRAINING_CAPS_CPU_ALLOCATOR:
+        cap_cpu_allocator()  # freed activations go back to the OS instead of piling up (quant/device.py)
     threads = apply_threads(cfg.train.threads)  # 0: the cores other work leaves free (training/threads.py)
     log.info("torch uses %d CPU thread(s) (train.threads=%d)", threads, cfg.train.threads)
     torch.manual_seed(cfg.train.seed)

@@ -21,10 +21,14 @@ def _cfg(tiny_model_dir, tmp_path, *overrides):
                                   "eval.max_new_tokens=4", f"output.runs_dir={tmp_path}", *overrides])
 
 
-def test_a_finished_run_leaves_its_final_weights_state_and_samples(tiny_model_dir, tmp_path, one_thread):
+def test_a_finished_run_leaves_its_final_weights_state_and_samples(tiny_model_dir, tmp_path, one_thread,
+                                                                   monkeypatch):
+    capped = []
+    monkeypatch.setattr(run_mod, "cap_cpu_allocator", lambda: capped.append(True) or True)
     sink = ListSink()
     code, run_dir = run_mod.train(_cfg(tiny_model_dir, tmp_path, "output.run_name=done"), sink)
     assert code == 0, run_folder.log_path(run_dir).read_text()[-2000:]
+    assert capped == [True]  # a CPU run pins glibc's mmap threshold once, as the planner assumes
     state = run_folder.read_state(run_dir)
     assert state["status"] == "completed" and state["step"] == 4 and state["exit_code"] == 0
     assert run_folder.checkpoint_folder(run_dir, "best") == run_dir / "adapter"
@@ -113,14 +117,18 @@ def test_an_auto_recipe_is_sized_from_the_data_said_before_step_one_and_saved_fo
 def test_a_plan_that_does_not_fit_gets_its_first_same_result_suggestion(tiny_model_dir, tmp_path, monkeypatch,
                                                                         one_thread):
     from ft_desk.quant.device import DeviceFacts
+    from ft_desk.trainer.planning import plan_run
 
-    def tight(device):  # a device with a little less than the plan needs (841 MiB, activations kept in bf16)
-        return DeviceFacts(type="cpu", total_memory=820 * 2**20, free_memory=820 * 2**20)
-
-    monkeypatch.setattr(run_mod, "probe_facts", tight)
     cfg = _cfg(tiny_model_dir, tmp_path, "data.max_length=2048", "train.micro_batch_size=8",
                "train.grad_accum=1", "train.loss_chunk_tokens=2048")
     model_config = run_mod.read_model_config(tiny_model_dir)
+    roomy = DeviceFacts(type="cpu", total_memory=2**40, free_memory=2**40)
+    need = plan_run(model_config, cfg, roomy).total_bytes
+
+    def tight(device):  # a device with a little less than the plan needs
+        return DeviceFacts(type="cpu", total_memory=int(need * 0.97), free_memory=int(need * 0.97))
+
+    monkeypatch.setattr(run_mod, "probe_facts", tight)
     changed, note = run_mod.fit_memory(cfg, model_config, "cpu")
     assert note.startswith("memory: the plan") and "same result" in note
     moved = {k for k in ("gradient_checkpointing", "micro_batch_size", "grad_accum", "loss_chunk_tokens")
