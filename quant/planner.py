@@ -15,6 +15,8 @@ The estimate describes ft-desk's own training loop (trainer/training/loop.py), c
     chunk x vocab, not batch x length x vocab (the plain-trainer formula is kept in `logits_bytes` for comparison),
   - then the layers' backward (gradients of the widest tensors, one dequantized weight, the recomputed layer):
     it runs after the loss has freed its tensors, so only what it needs beyond the loss peak is added,
+  - on CPU with QLoRA, the training samples (before and after training): generation computes from a dense copy
+    of the 4-bit weights where RAM allows, next to the resident weights and optimizer states,
   - framework overhead (CUDA context, or the Python/torch runtime on CPU); on CPU also the load-time peak (the
     checkpoint is read while weights are converted and quantized) and, unless the trainer caps glibc's
     allocator, the freed activation memory glibc keeps between steps.
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ft_desk.quant.device import CPU_MMAP_THRESHOLD, DeviceFacts, unified_budget
-from ft_desk.quant.policy import four_bit_bytes
+from ft_desk.quant.policy import DENSE_RAM_SHARE, four_bit_bytes
 from ft_desk.trainer.errors import ModelError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -336,6 +338,12 @@ class PlanInputs:
     """Whether a CPU run pins glibc's mmap threshold (quant.device.cap_cpu_allocator); off adds retained heap."""
     saved_activations: str = ""
     """dtype the activations kept for backward are stored in ("": the compute dtype; a CPU run keeps bfloat16)."""
+    sample_prompts: int = 0
+    """Held-out prompts the run answers before and after training (eval.sample_prompts)."""
+    max_new_tokens: int = 0
+    """Tokens each of those answers may take (eval.max_new_tokens)."""
+    available_memory: int = 0
+    """Memory free for the run before it starts (0: unknown); decides whether CPU samples get a dense copy."""
 
     @property
     def tokens(self) -> int:
@@ -513,6 +521,24 @@ def _load_peak(shape: ModelShape, s: PlanInputs, resident: int) -> int:
     return resident + checkpoint + quantizing
 
 
+def _sample_phase(shape: ModelShape, s: PlanInputs, resident: int) -> int:
+    """Model memory while a CPU QLoRA run answers its sample prompts (before and after training), or 0 when that
+    phase has nothing of its own: generation then works from a dense copy of every 4-bit weight in the compute
+    dtype (trainer.generation.inference_weights) next to the resident weights, LoRA and optimizer states, plus
+    the key/value cache of the prompts. The copy is only made where it takes at most DENSE_RAM_SHARE of the RAM
+    left to the run, the rule inference_weights applies at run time (else generation dequantizes per token)."""
+    if s.device != "cpu" or s.method != "qlora" or s.sample_prompts <= 0:
+        return 0
+    dense = shape.linear_params * DTYPE_BYTES[s.compute_dtype]
+    left = s.available_memory - resident - CPU_IMPORT_BYTES - CPU_RUNTIME_BYTES
+    if s.available_memory and dense > DENSE_RAM_SHARE * left:
+        return 0
+    # Generation pads a batch of prompts to the longest; a prompt is at most a training row.
+    positions = s.sample_prompts * (s.max_length + s.max_new_tokens)
+    kv_cache = positions * shape.num_layers * 2 * shape.kv_width * DTYPE_BYTES[s.compute_dtype]
+    return resident + dense + kv_cache
+
+
 def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], int]:
     components = _weights(shape, s)
     label, train_bytes, trainable = _trainable(shape, s)
@@ -540,6 +566,7 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
     if step_extra > 0:
         components.append(("optimizer step temporaries above the backward peak", step_extra))
         model_bytes += step_extra
+    retained = 0
     if s.device == "cpu":
         # Note: with glibc's default (growing) mmap threshold, blocks under 32 MiB come from its heaps once the
         # first step has freed some, and the next step's activations do not fit the holes the last step left:
@@ -551,9 +578,16 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
         # threshold to this term.
         chunk_tensor = min(s.loss_chunk_tokens, s.tokens) * shape.vocab_size * 4
         loss_heap = logits_bytes(shape, s) if chunk_tensor < _heap_limit(s) else 0
-        if heap + loss_heap:
-            components.append(("CPU allocator retention (glibc keeps the last step's blocks)", heap + loss_heap))
-        model_bytes += heap + loss_heap
+        retained = heap + loss_heap
+        if retained:
+            components.append(("CPU allocator retention (glibc keeps the last step's blocks)", retained))
+        model_bytes += retained
+    # After training, what glibc kept of the steps stays resident beside the samples' dense copy.
+    samples = _sample_phase(shape, s, sum(b for _, b in _weights(shape, s)) + train_bytes + retained)
+    if samples > model_bytes:
+        components.append(("samples: dense copy of the 4-bit weights (above training)",
+                           samples - model_bytes))
+        model_bytes = samples
     if s.device in ("cpu", "mps"):
         # Note: on a Mac the loader's host-side copies and the Python process live in the same unified memory as
         # the GPU's tensors, so the CPU rules apply (the MPS figures are not measured on Apple hardware).

@@ -23,6 +23,12 @@ DOUBLE_QUANT_BLOCKSIZE = 256
 PER_TENSOR_BYTES = 256 * 4 + 64  # code table + offset and bookkeeping, only with double quant
 
 
+# Note: the share of the RAM available at the time that generation's dense copy of the 4-bit weights may take on
+# CPU (trainer.generation.inference_weights); above it, generation dequantizes per token (slow, but it never
+# pushes the machine into swap). The memory planner applies the same rule to a run's training samples.
+DENSE_RAM_SHARE = 0.5
+
+
 def four_bit_bytes(n_weights: int, double_quant: bool = True, n_tensors: int = 0) -> int:
     """Bytes that `n_weights` quantized weights occupy in 4-bit, with their scales (and per-tensor tables)."""
     packed = (n_weights + 1) // 2

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ft_desk.quant.policy import DENSE_RAM_SHARE  # the share of free RAM the dense copy may take
+
 log = logging.getLogger("ft_desk.generation")
 
 Progress = Callable[[int, int], None]  # (prompts done, total)
@@ -83,9 +85,6 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
-# Note: the share of the RAM available now that the dense inference copy of the 4-bit weights may take. Above
-# it, generation keeps dequantizing per token (slow, but it never pushes the machine into swap).
-DENSE_RAM_SHARE = 0.5
 # Note: the dtype of the dense copy. "compute" (the default): the layer's compute dtype, the training path's math
 # bit for bit. "auto": bf16 on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16) when the layer computes in
 # fp32, the fp32 output layer in bf16 too - half the bytes read per token, but on SmolLM2 on 2 busy cores it did

@@ -78,6 +78,9 @@ def plan_inputs(run: RunConfig, device: DeviceFacts | None, cpu_allocator_capped
         double_quant=run.quant.double_quant,
         cpu_allocator_capped=TRAINING_CAPS_CPU_ALLOCATOR if cpu_allocator_capped is None else cpu_allocator_capped,
         saved_activations=saved_activations_dtype(run.train.saved_activations, compute),
+        sample_prompts=run.eval.sample_prompts if run.data.valid_file or run.data.val_fraction > 0 else 0,
+        max_new_tokens=run.eval.max_new_tokens,
+        available_memory=device.free_memory,
     )
 
 

@@ -89,7 +89,8 @@ def test_the_arithmetic_takes_plain_inputs_without_a_run_config():
                         micro_batch_size=1, max_length=1024, grad_accum=8, gradient_checkpointing=True,
                         packing=False, loss_chunk_tokens=1024, lora_r=16, target_modules=("all-linear",),
                         lora_dropout=0.0, use_dora=False, double_quant=True, cpu_allocator_capped=True,
-                        saved_activations="bfloat16")
+                        saved_activations="bfloat16", sample_prompts=3, max_new_tokens=64,
+                        available_memory=24 * GIB)
     by_hand = plan_memory(LLAMA2_7B, inputs, RTX_3090)
     run = _run("train.device=cuda", "data.max_length=1024", "train.micro_batch_size=1", "train.grad_accum=8",
                "train.gradient_checkpointing=true", "train.loss_chunk_tokens=1024", "lora.r=16",
@@ -333,3 +334,25 @@ def test_a_capped_cpu_allocator_keeps_only_its_small_blocks_in_the_plan():
     assert growing.total_bytes - capped.total_bytes == growing.component(label) - capped.component(label)
     on_gpu = plan_run(SMOLLM2_135M, _run("train.device=cuda"), RTX_3090)
     assert on_gpu.component(label) == 0
+
+
+def test_cpu_samples_plan_the_dense_copy_generation_makes_where_ram_allows():
+    label = "samples: dense copy"
+    run = _run("train.device=cpu", "train.micro_batch_size=1", "train.row_length=192")
+    roomy = plan_run(SMOLLM2_135M, run, DeviceFacts("cpu", total_memory=64 * GIB, free_memory=64 * GIB))
+    # After training: the resident weights, LoRA + AdamW, what glibc kept, the dense fp32 copy of the 4-bit
+    # linears (30 layers of SmolLM2: 106.2M weights) and the samples' key/value cache, above the training peak.
+    dense = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) * 4
+    kv = 3 * (192 + 64) * 30 * 2 * 192 * 4
+    resident = sum(roomy.component(c) for c in ("4-bit weights", "embeddings", "LoRA r=", "CPU allocator"))
+    training = resident + sum(roomy.component(c) for c in ("activations", "loss:"))
+    assert roomy.component(label) == resident + dense + kv - training > 0
+    # inference_weights skips the copy where it would take over half the RAM left to the run: so does the plan.
+    tight = plan_run(SMOLLM2_135M, run, DeviceFacts("cpu", total_memory=2 * GIB, free_memory=int(1.2 * GIB)))
+    assert tight.component(label) == 0
+    assert roomy.total_bytes - tight.total_bytes == roomy.component(label)
+    for no_samples in ("eval.sample_prompts=0", "data.val_fraction=0"):  # the prompts are validation rows
+        plan = plan_run(SMOLLM2_135M, _run("train.device=cpu", "train.row_length=192", no_samples),
+                        DeviceFacts("cpu", total_memory=64 * GIB, free_memory=64 * GIB))
+        assert plan.component(label) == 0, no_samples
+    assert plan_run(SMOLLM2_135M, _run("train.device=cuda"), RTX_3090).component(label) == 0
