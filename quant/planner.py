@@ -533,14 +533,15 @@ def _sample_phase(shape: ModelShape, s: PlanInputs, resident: int) -> int:
     left = s.available_memory - resident - CPU_IMPORT_BYTES - CPU_RUNTIME_BYTES
     if s.available_memory and dense > DENSE_RAM_SHARE * left:
         return 0
-    # Generation pads a batch of prompts to the longest; a prompt is at most a training row.
-    positions = s.sample_prompts * (s.max_length + s.max_new_tokens)
+    # The samples are generated one prompt at a time (no padding); a prompt is at most a training row.
+    positions = s.max_length + s.max_new_tokens
     kv_cache = positions * shape.num_layers * 2 * shape.kv_width * DTYPE_BYTES[s.compute_dtype]
     return resident + dense + kv_cache
 
 
 def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], int]:
     components = _weights(shape, s)
+    resident = sum(b for _, b in components)  # the weights as loaded, before anything trains
     label, train_bytes, trainable = _trainable(shape, s)
     components.append((label, train_bytes))
     saved, working, heap = _activation_bytes(shape, s)
@@ -583,7 +584,7 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
             components.append(("CPU allocator retention (glibc keeps the last step's blocks)", retained))
         model_bytes += retained
     # After training, what glibc kept of the steps stays resident beside the samples' dense copy.
-    samples = _sample_phase(shape, s, sum(b for _, b in _weights(shape, s)) + train_bytes + retained)
+    samples = _sample_phase(shape, s, resident + train_bytes + retained)
     if samples > model_bytes:
         components.append(("samples: dense copy of the 4-bit weights (above training)",
                            samples - model_bytes))
@@ -591,7 +592,6 @@ def _estimate(shape: ModelShape, s: PlanInputs) -> tuple[list[tuple[str, int]], 
     if s.device in ("cpu", "mps"):
         # Note: on a Mac the loader's host-side copies and the Python process live in the same unified memory as
         # the GPU's tensors, so the CPU rules apply (the MPS figures are not measured on Apple hardware).
-        resident = sum(b for _, b in _weights(shape, s))
         load = _load_peak(shape, s, resident)
         if load > model_bytes:
             components.append(("loading peak above training (checkpoint read while converting)", load - model_bytes))
